@@ -1,0 +1,126 @@
+"""Videos and prompts from a folder: ``metadata.jsonl`` with one ``{"file_name": ..., "prompt": ...}`` per line.
+
+This is the layout of the Hugging Face ``videofolder`` convention. Every entry is checked when the dataset is built
+(the file exists and lies inside the root), so training never starts on a partial dataset; a file that fails to
+decode later raises an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from lit_videoalign.video_io import read_video
+
+
+def resolve_inside(root: Path, relative: str, what: str) -> Path:
+    """Resolve ``relative`` under ``root`` and refuse anything that escapes it (``..``, absolute paths, links)."""
+    if not isinstance(relative, str) or not relative:
+        raise ValueError(f"{what}: expected a non-empty relative path string, got {relative!r}")
+    root = root.resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"{what}: path {relative!r} escapes the dataset root {root}")
+    return path
+
+
+def resize_video(video: Tensor, height: int, width: int) -> Tensor:
+    """Centre-crop ``[T, C, H, W]`` to the target aspect ratio, then resize with antialiasing."""
+    _, _, h, w = video.shape
+    target = width / height
+    if w / h > target:  # too wide
+        new_w = round(h * target)
+        video = video[..., (w - new_w) // 2:(w - new_w) // 2 + new_w]
+    elif w / h < target:  # too tall
+        new_h = round(w / target)
+        video = video[..., (h - new_h) // 2:(h - new_h) // 2 + new_h, :]
+    if video.shape[-2:] != (height, width):
+        video = F.interpolate(video, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return video.clamp(0, 1)  # bilinear overshoot only
+
+
+class VideoFolderDataset(Dataset):
+    """Text-video pairs from ``root/metadata.jsonl``.
+
+    Args:
+        root: dataset folder.
+        num_frames: frames per clip (the first ``num_frames`` of each file; shorter files are an error).
+        height: output height.
+        width: output width.
+        metadata: name of the JSONL manifest inside ``root``.
+    """
+
+    def __init__(self, root: str, num_frames: int, height: int, width: int, metadata: str = "metadata.jsonl") -> None:
+        self.root = Path(root)
+        manifest = self.root / metadata
+        if not manifest.is_file():
+            raise FileNotFoundError(f"no manifest {manifest}; expected JSONL lines like "
+                                    '{"file_name": "clip.mp4", "prompt": "..."}')
+        self.entries: list[tuple[Path, str]] = []
+        for lineno, line in enumerate(manifest.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{manifest}:{lineno}"
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err})") from err
+            if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+                raise ValueError(f"{where}: expected an object with 'file_name' and a string 'prompt', got {entry!r}")
+            path = resolve_inside(self.root, entry.get("file_name"), where)
+            if not path.is_file():
+                raise FileNotFoundError(f"{where}: video file {entry['file_name']!r} not found under {self.root}")
+            self.entries.append((path, entry["prompt"]))
+        if not self.entries:
+            raise ValueError(f"manifest {manifest} has no entries")
+        self.num_frames, self.height, self.width = num_frames, height, width
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        path, prompt = self.entries[index]
+        video = resize_video(read_video(path, num_frames=self.num_frames), self.height, self.width)
+        return {"video": video, "prompt": prompt}
+
+
+class VideoFolderDataModule(L.LightningDataModule):
+    """Serves a :class:`VideoFolderDataset` for training (and an optional second folder for validation).
+
+    Args:
+        root: training folder with ``metadata.jsonl``.
+        num_frames: frames per clip.
+        height: frame height.
+        width: frame width.
+        batch_size: clips per batch.
+        val_root: optional validation folder.
+        num_workers: data-loader processes.
+        seed: shuffling seed.
+    """
+
+    def __init__(self, root: str, num_frames: int, height: int, width: int, batch_size: int = 1,
+                 val_root: str | None = None, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        self.root, self.val_root = root, val_root
+        self.num_frames, self.height, self.width = num_frames, height, width
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+
+    def setup(self, stage: str) -> None:
+        self.train_set = VideoFolderDataset(self.root, self.num_frames, self.height, self.width)
+        self.val_set = (VideoFolderDataset(self.val_root, self.num_frames, self.height, self.width)
+                        if self.val_root else None)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.seed), drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            return []
+        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)

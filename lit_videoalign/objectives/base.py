@@ -1,0 +1,195 @@
+"""``AlignmentModule``: the plumbing every objective shares, and no method-specific maths.
+
+It owns the backbone, optional LoRA, the optimizer and scheduler callables (so YAML configs pick them), the
+reference model (the adapter-disabled base under LoRA, a frozen copy otherwise, built only when an objective asks
+for it), prompt dropout for classifier-free guidance, and the Euler ODE sampler with guidance that lets every
+objective generate videos.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lit_videoalign.backbones.base import Conditioning, VideoBackbone
+from lit_videoalign.schedules.flow import euler_sample, sampling_sigmas
+
+# The frozen VAE and text encoder stay in eval mode on purpose (no dropout, fixed norms); Lightning's generic
+# warning about eval-mode modules at the start of fit says nothing useful here.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+
+
+def _default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+
+class AlignmentModule(L.LightningModule):
+    """Base LightningModule of every post-training objective.
+
+    Args:
+        backbone: the video model, e.g. a :class:`~lit_videoalign.backbones.diffusers.DiffusersVideoBackbone`.
+        optimizer: callable ``params -> Optimizer`` (LightningCLI fills it from ``optimizer:`` in YAML).
+        lr_scheduler: optional callable ``optimizer -> LRScheduler``.
+        lora_rank: attach a peft LoRA adapter of this rank and train only it; None trains the full denoiser.
+        lora_alpha: LoRA alpha; defaults to the rank.
+        lora_target_modules: module names to adapt; defaults to the backbone family's attention projections.
+        num_frames: frames of generated videos.
+        height: height of generated videos.
+        width: width of generated videos.
+        num_inference_steps: Euler steps of the sampler.
+        guidance_scale: classifier-free guidance scale at sampling (1.0 disables it).
+        sampling_shift: sigma shift of the sampling grid.
+        negative_prompt: the unconditional prompt for guidance and prompt dropout.
+    """
+
+    requires_reference: bool = False  # objectives that need the reference policy set this
+
+    def __init__(
+        self,
+        backbone: VideoBackbone,
+        optimizer: OptimizerCallable = _default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lora_rank: int | None = None,
+        lora_alpha: float | None = None,
+        lora_target_modules: list[str] | None = None,
+        num_frames: int = 16,
+        height: int = 32,
+        width: int = 32,
+        num_inference_steps: int = 40,
+        guidance_scale: float = 1.0,
+        sampling_shift: float = 1.0,
+        negative_prompt: str = "",
+    ) -> None:
+        super().__init__()
+        if not isinstance(backbone, VideoBackbone):
+            raise TypeError(f"backbone must be a VideoBackbone, got {type(backbone).__name__}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be non-negative, got {guidance_scale}")
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        self.backbone = backbone
+        self.optimizer_fn, self.lr_scheduler_fn = optimizer, lr_scheduler
+        backbone.latent_shape(num_frames, height, width)  # fail early on an impossible video size
+        if lora_rank is not None:
+            backbone.add_lora(lora_rank, lora_alpha, lora_target_modules)
+        self._reference_denoiser: nn.Module | None = None
+        if self.requires_reference and not backbone.has_lora:
+            self._reference_denoiser = copy.deepcopy(backbone.denoiser).requires_grad_(False).eval()
+
+    # -- optimisation ---------------------------------------------------------------------------------------------
+    @override
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError("no trainable parameters: every weight of the backbone is frozen")
+        optimizer = self.optimizer_fn(params)
+        if self.lr_scheduler_fn is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_fn(optimizer),
+                                                          "interval": "step"}}
+
+    # -- conditioning ---------------------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str], dropout: float = 0.0) -> Conditioning:
+        """Encode prompts, replacing each with the negative prompt with probability ``dropout`` (for CFG)."""
+        prompts = list(prompts)
+        if dropout > 0:
+            drop = (torch.rand(len(prompts)) < dropout).tolist()
+            prompts = [self.hparams.negative_prompt if d else p for p, d in zip(prompts, drop)]
+        return self.backbone.encode_prompts(prompts)
+
+    # -- reference model ------------------------------------------------------------------------------------------
+    def reference_velocity(self, latents: Tensor, sigma: float | Tensor, cond: Conditioning) -> Tensor:
+        """Velocity of the frozen reference policy (no gradients)."""
+        with torch.no_grad():
+            if self.backbone.has_lora:
+                with self.backbone.adapters_disabled():
+                    return self.backbone.predict_velocity(latents, sigma, cond)
+            if self._reference_denoiser is None:
+                raise RuntimeError(f"{type(self).__name__} did not ask for a reference model (requires_reference)")
+            return self.backbone.predict_velocity(latents, sigma, cond, denoiser=self._reference_denoiser)
+
+    @override
+    def state_dict(self, *args, **kwargs):
+        # The frozen reference copy is rebuilt from the backbone at init; do not store it twice in checkpoints.
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        for key in [k for k in state if k.startswith(prefix + "_reference_denoiser.")]:
+            del state[key]
+        return state
+
+    @override
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self._reference_denoiser is not None:
+            ref = {f"_reference_denoiser.{k}": v for k, v in self._reference_denoiser.state_dict().items()}
+            state_dict = {**ref, **state_dict}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # -- sampling -------------------------------------------------------------------------------------------------
+    def initial_noise(self, seeds: Sequence[int], num_frames: int | None = None, height: int | None = None,
+                      width: int | None = None) -> Tensor:
+        """One latent-noise tensor per seed, drawn on CPU so a seed gives the same video on every device."""
+        hp = self.hparams
+        shape = self.backbone.latent_shape(num_frames or hp.num_frames, height or hp.height, width or hp.width)
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.stack(noise).to(self.device)
+
+    def guided_velocity_fn(self, cond: Conditioning, guidance_scale: float,
+                           uncond: Conditioning | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+        """``(x, sigma) -> velocity`` with classifier-free guidance ``v_u + g * (v_c - v_u)`` in one batched call."""
+        if guidance_scale == 1.0:
+            return lambda x, s: self.backbone.predict_velocity(x, s, cond)
+        if uncond is None:
+            uncond = self.backbone.encode_prompts([self.hparams.negative_prompt] * len(cond))
+        both = Conditioning.cat([cond, uncond])
+
+        def velocity(x: Tensor, s: Tensor) -> Tensor:
+            v_c, v_u = self.backbone.predict_velocity(torch.cat([x, x]), torch.cat([s, s]), both).chunk(2)
+            return v_u + guidance_scale * (v_c - v_u)
+
+        return velocity
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        return_latents: bool = False,
+    ) -> Tensor:
+        """Sample videos with the Euler ODE sampler.
+
+        Args:
+            prompts: one prompt per video.
+            seeds: one seed per video (default ``0 .. n-1``); the same seed gives the same video.
+            num_inference_steps: overrides the module default.
+            guidance_scale: overrides the module default.
+            return_latents: return final latents instead of decoded pixels.
+
+        Returns:
+            Pixel videos ``[B, T, C, H, W]`` in ``[0, 1]`` (or latents ``[B, C, T', H', W']``).
+        """
+        prompts = list(prompts)
+        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; expected one seed per prompt")
+        steps = num_inference_steps or self.hparams.num_inference_steps
+        scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
+        was_training = self.training
+        self.eval()
+        try:
+            cond = self.backbone.encode_prompts(prompts)
+            noise = self.initial_noise(seeds)
+            sigmas = sampling_sigmas(steps, shift=self.hparams.sampling_shift)
+            latents = euler_sample(self.guided_velocity_fn(cond, scale), noise, sigmas)
+            return latents if return_latents else self.backbone.decode_latents(latents)
+        finally:
+            self.train(was_training)

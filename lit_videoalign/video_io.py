@@ -1,0 +1,152 @@
+"""Video files in and out: MP4 through PyAV (its wheel bundles FFmpeg with libx264), GIF and PNG grids through Pillow.
+
+Every function takes or returns pixel videos in the project convention: ``Tensor[T, C, H, W]`` (one video) or
+``Tensor[B, T, C, H, W]``, float32 RGB in ``[0, 1]``. Writes are atomic: a file appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def check_video(video: Tensor, *, batched: bool, name: str = "video") -> None:
+    """Raise a clear error unless ``video`` is a float tensor of the right rank with 3 channels in ``[0, 1]``."""
+    rank, layout = (5, "[B, T, C, H, W]") if batched else (4, "[T, C, H, W]")
+    if not isinstance(video, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(video).__name__}")
+    if video.ndim != rank:
+        raise ValueError(f"{name} must have shape {layout}, got shape {tuple(video.shape)}")
+    if not video.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor with values in [0, 1], got dtype {video.dtype}")
+    if video.shape[-3] != 3:
+        raise ValueError(f"{name} must be RGB with 3 channels at dim -3 of {layout}, got shape {tuple(video.shape)}")
+    if video.numel() and not torch.isfinite(video).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if video.numel():
+        lo, hi = float(video.min()), float(video.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"{name} values must lie in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+
+
+def to_uint8_frames(video: Tensor) -> np.ndarray:
+    """``[T, C, H, W]`` in ``[0, 1]`` -> ``uint8`` array ``[T, H, W, C]``."""
+    check_video(video, batched=False)
+    return (video.detach().float().cpu().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_mp4(video: Tensor, path: str | os.PathLike, fps: int = 8, upscale: int = 1) -> Path:
+    """Write one video as H.264 MP4 (yuv444p, near-lossless, so small toy frames keep their colours).
+
+    Args:
+        video: ``[T, C, H, W]`` in ``[0, 1]``.
+        path: output file.
+        fps: frames per second.
+        upscale: nearest-neighbour upscaling factor, for viewing tiny videos.
+    """
+    import av
+
+    frames = to_uint8_frames(video)
+    if upscale > 1:
+        frames = frames.repeat(upscale, axis=1).repeat(upscale, axis=2)
+    t, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"H.264 needs even frame sizes, got {h}x{w}; pass upscale=2")
+    with atomic_path(path) as tmp:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv444p"
+            stream.options = {"crf": "8"}
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+    return Path(path)
+
+
+def read_video(path: str | os.PathLike, num_frames: int | None = None) -> Tensor:
+    """Decode a video file with PyAV into ``[T, C, H, W]`` float32 in ``[0, 1]``.
+
+    Args:
+        path: the file.
+        num_frames: if given, the file must hold at least this many frames and only the first ones are returned.
+    """
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video file not found: {path}")
+    try:
+        with av.open(str(path)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    except (av.error.FFmpegError, IndexError, ValueError) as err:
+        raise ValueError(f"cannot decode video {path}: {err}") from err
+    if not frames:
+        raise ValueError(f"video {path} has no frames")
+    if num_frames is not None:
+        if len(frames) < num_frames:
+            raise ValueError(f"video {path} has {len(frames)} frames, expected at least {num_frames}")
+        frames = frames[:num_frames]
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def write_gif(video: Tensor, path: str | os.PathLike, fps: int = 8, upscale: int = 4) -> Path:
+    """Write one video ``[T, C, H, W]`` (or a grid made by :func:`video_grid`) as a looping GIF."""
+    from PIL import Image
+
+    frames = to_uint8_frames(video)
+    if upscale > 1:
+        frames = frames.repeat(upscale, axis=1).repeat(upscale, axis=2)
+    images = [Image.fromarray(f) for f in frames]
+    with atomic_path(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return Path(path)
+
+
+def video_grid(videos: Tensor | Sequence[Tensor], ncols: int | None = None, pad: int = 1) -> Tensor:
+    """Tile videos ``[B, T, C, H, W]`` into one video ``[T, C, H', W']`` with a white ``pad`` between tiles."""
+    videos = torch.stack(list(videos)) if not isinstance(videos, Tensor) else videos
+    check_video(videos, batched=True, name="videos")
+    b, t, c, h, w = videos.shape
+    ncols = ncols or b
+    nrows = (b + ncols - 1) // ncols
+    grid = torch.ones(t, c, nrows * (h + pad) + pad, ncols * (w + pad) + pad)
+    for i in range(b):
+        r, col = divmod(i, ncols)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, :, y:y + h, x:x + w] = videos[i]
+    return grid
+
+
+def write_frames_png(video: Tensor, path: str | os.PathLike, upscale: int = 4) -> Path:
+    """Write every frame of ``[T, C, H, W]`` side by side as one PNG strip (a still for READMEs and reviews)."""
+    from PIL import Image
+
+    frames = to_uint8_frames(video)
+    strip = np.concatenate(list(frames), axis=1)
+    if upscale > 1:
+        strip = strip.repeat(upscale, axis=0).repeat(upscale, axis=1)
+    with atomic_path(path) as tmp:
+        Image.fromarray(strip).save(tmp, format="PNG")
+    return Path(path)
