@@ -68,6 +68,8 @@ class VideoBackbone(nn.Module):
     denoiser: nn.Module
     # Default LoRA targets; families override (the attention projections of diffusers' attention modules).
     default_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # Sigma shift of the sampling grid the model was trained for (diffusers keeps it in the scheduler config).
+    default_sampling_shift: float = 1.0
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         raise NotImplementedError

@@ -318,13 +318,14 @@ class ToyWorldDataset(Dataset):
     """``size`` clean toy-world examples; item ``i`` is generated from seed ``seed + i``.
 
     Items are ``{"video": Tensor[T, C, H, W], "prompt": str}``, which the default collate batches into
-    ``[B, T, C, H, W]`` and a list of prompts.
+    ``[B, T, C, H, W]`` and a list of prompts; with ``prompts_only`` they are ``{"prompt": str}`` (for online
+    methods such as GRPO that generate their own videos).
     """
 
-    def __init__(self, world: ToyWorld, size: int, seed: int) -> None:
+    def __init__(self, world: ToyWorld, size: int, seed: int, prompts_only: bool = False) -> None:
         if size < 1:
             raise ValueError(f"dataset size must be positive, got {size}")
-        self.world, self.size, self.seed = world, size, seed
+        self.world, self.size, self.seed, self.prompts_only = world, size, seed, prompts_only
 
     def __len__(self) -> int:
         return self.size
@@ -333,6 +334,8 @@ class ToyWorldDataset(Dataset):
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for a dataset of {self.size}")
         example = self.world.example(self.seed + index)
+        if self.prompts_only:
+            return {"prompt": example.prompt}
         return {"video": example.video, "prompt": example.prompt}
 
 
@@ -353,6 +356,7 @@ class ToyWorldDataModule(L.LightningDataModule):
         batch_size: videos per batch.
         seed: base seed; train, validation and test splits use disjoint seed ranges.
         num_workers: data-loader worker processes.
+        prompts_only: serve only prompts (online objectives generate their own videos).
     """
 
     def __init__(
@@ -366,20 +370,68 @@ class ToyWorldDataModule(L.LightningDataModule):
         batch_size: int = 16,
         seed: int = 0,
         num_workers: int = 0,
+        prompts_only: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.world = ToyWorld(num_frames, height, width, max_balls=max_balls)
         self.train_size, self.val_size, self.batch_size = train_size, val_size, batch_size
-        self.seed, self.num_workers = seed, num_workers
+        self.seed, self.num_workers, self.prompts_only = seed, num_workers, prompts_only
 
     def train_dataloader(self) -> DataLoader:
-        dataset = ToyWorldDataset(self.world, self.train_size, self.seed + TRAIN_SEED_OFFSET)
+        dataset = ToyWorldDataset(self.world, self.train_size, self.seed + TRAIN_SEED_OFFSET, self.prompts_only)
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, generator=generator,
                           num_workers=self.num_workers, drop_last=True, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        dataset = ToyWorldDataset(self.world, self.val_size, self.seed + VAL_SEED_OFFSET)
+        dataset = ToyWorldDataset(self.world, self.val_size, self.seed + VAL_SEED_OFFSET, self.prompts_only)
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+
+
+# -- reading videos back: what a generated toy-world video shows ------------------------------------------------------
+@dataclass
+class Observation:
+    """What a single-ball toy-world video shows, measured from its pixels."""
+
+    colour: str  # nearest palette colour of the foreground
+    centroid: Tensor  # (t, 2) x, y of the foreground per frame (NaN where a frame is empty)
+    area: Tensor  # (t,) foreground pixels per frame
+
+
+def observe(video: Tensor, threshold: float = 0.25) -> Observation:
+    """Segment the foreground of ``[T, C, H, W]`` against the background colour and measure it per frame."""
+    if video.ndim != 4:
+        raise ValueError(f"video must have shape [T, C, H, W], got {tuple(video.shape)}")
+    diff = (video - torch.tensor(BACKGROUND, device=video.device).view(1, 3, 1, 1)).abs().sum(1)  # (t, h, w)
+    mask = (diff > threshold).float()
+    area = mask.sum((1, 2))
+    ys = torch.arange(video.shape[-2], device=video.device, dtype=torch.float32).view(1, -1, 1)
+    xs = torch.arange(video.shape[-1], device=video.device, dtype=torch.float32).view(1, 1, -1)
+    cx = (mask * xs).sum((1, 2)) / area
+    cy = (mask * ys).sum((1, 2)) / area
+    fg = video.permute(1, 0, 2, 3)[:, mask.bool()]  # (3, n)
+    mean = fg.mean(1) if fg.shape[1] else torch.zeros(3)
+    colour = min(COLOURS, key=lambda c: float((torch.tensor(COLOURS[c]) - mean.cpu()).abs().sum()))
+    return Observation(colour, torch.stack([cx, cy], dim=1), area)
+
+
+def prompt_agreement(video: Tensor, prompt: str) -> dict[str, bool]:
+    """Does a single-ball video show what its prompt says? Colour, horizontal direction, and falling under gravity.
+
+    ``falls`` checks that the ball accelerates downwards over the first half of the clip (positive mean second
+    difference of its height), which holds for every toy-world trajectory before its first bounce.
+    """
+    words = prompt.split()
+    if prompt.count("ball") != 1 or len(words) < 4:
+        raise ValueError(f"prompt_agreement takes single-ball toy-world prompts, got {prompt!r}")
+    obs = observe(video)
+    x, y = obs.centroid[:, 0], obs.centroid[:, 1]
+    half = max(4, video.shape[0] // 2)
+    dx = float(x[half - 1] - x[0])
+    direction = " ".join(words[3:5]) if words[3] == "moves" else words[3]
+    direction_ok = {"falls": abs(dx) < 2.0, "moves left": dx < -1.0, "moves right": dx > 1.0}[direction]
+    accel = y[2:half] - 2 * y[1:half - 1] + y[:half - 2]
+    return {"colour": obs.colour == words[1], "direction": direction_ok,
+            "falls": bool(torch.nan_to_num(accel, nan=-1.0).mean() > 0)}

@@ -45,7 +45,7 @@ class AlignmentModule(L.LightningModule):
         width: width of generated videos.
         num_inference_steps: Euler steps of the sampler.
         guidance_scale: classifier-free guidance scale at sampling (1.0 disables it).
-        sampling_shift: sigma shift of the sampling grid.
+        sampling_shift: sigma shift of the sampling grid; None takes the backbone's (its scheduler config's).
         negative_prompt: the unconditional prompt for guidance and prompt dropout.
     """
 
@@ -64,7 +64,7 @@ class AlignmentModule(L.LightningModule):
         width: int = 32,
         num_inference_steps: int = 40,
         guidance_scale: float = 1.0,
-        sampling_shift: float = 1.0,
+        sampling_shift: float | None = None,
         negative_prompt: str = "",
     ) -> None:
         super().__init__()
@@ -83,6 +83,11 @@ class AlignmentModule(L.LightningModule):
         self._reference_denoiser: nn.Module | None = None
         if self.requires_reference and not backbone.has_lora:
             self._reference_denoiser = copy.deepcopy(backbone.denoiser).requires_grad_(False).eval()
+
+    @property
+    def sampling_shift(self) -> float:
+        shift = self.hparams.sampling_shift
+        return self.backbone.default_sampling_shift if shift is None else shift
 
     # -- optimisation ---------------------------------------------------------------------------------------------
     @override
@@ -188,7 +193,7 @@ class AlignmentModule(L.LightningModule):
         try:
             cond = self.backbone.encode_prompts(prompts)
             noise = self.initial_noise(seeds)
-            sigmas = sampling_sigmas(steps, shift=self.hparams.sampling_shift)
+            sigmas = sampling_sigmas(steps, shift=self.sampling_shift)
             latents = euler_sample(self.guided_velocity_fn(cond, scale), noise, sigmas)
             return latents if return_latents else self.backbone.decode_latents(latents)
         finally:

@@ -44,7 +44,8 @@ class SFT(AlignmentModule):
 
     Args:
         sigma_sampling: ``"uniform"`` or ``"logit_normal"``.
-        sigma_shift: shift applied to training sigmas (``> 1`` favours noisy steps, as for high resolutions).
+        sigma_shift: shift applied to training sigmas (``> 1`` favours noisy steps, as for high resolutions); None
+            takes the backbone's (its scheduler config's), so training and sampling agree.
         logit_mean: mean of the logit-normal.
         logit_std: standard deviation of the logit-normal.
         prompt_dropout: probability of replacing a prompt by the negative prompt (classifier-free guidance).
@@ -55,7 +56,7 @@ class SFT(AlignmentModule):
         self,
         *args,
         sigma_sampling: str = "logit_normal",
-        sigma_shift: float = 1.0,
+        sigma_shift: float | None = None,
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
         prompt_dropout: float = 0.1,
@@ -66,7 +67,7 @@ class SFT(AlignmentModule):
             raise ValueError(f"sigma_sampling must be one of {list(SIGMA_MODES)}, got {sigma_sampling!r}")
         if not 0.0 <= prompt_dropout < 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1), got {prompt_dropout}")
-        if sigma_shift <= 0:
+        if sigma_shift is not None and sigma_shift <= 0:
             raise ValueError(f"sigma_shift must be positive, got {sigma_shift}")
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
 
@@ -85,7 +86,8 @@ class SFT(AlignmentModule):
         if len(prompts) != x0.shape[0]:
             raise ValueError(f"batch has {len(prompts)} prompts for {x0.shape[0]} videos")
         cond = self.encode_prompts(prompts, dropout=hp.prompt_dropout if dropout is None else dropout)
-        sigma = sample_training_sigmas(x0.shape[0], mode=hp.sigma_sampling, shift=hp.sigma_shift,
+        shift = self.backbone.default_sampling_shift if hp.sigma_shift is None else hp.sigma_shift
+        sigma = sample_training_sigmas(x0.shape[0], mode=hp.sigma_sampling, shift=shift,
                                        generator=generator, logit_mean=hp.logit_mean, logit_std=hp.logit_std)
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0)
         sigma = sigma.to(x0.device)

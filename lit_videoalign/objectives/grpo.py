@@ -1,0 +1,392 @@
+"""Flow-GRPO (Liu et al., arXiv 2505.05470) and DanceGRPO (Xue et al., arXiv 2505.07818): online RL for flow models.
+
+The deterministic flow ODE is turned into a reverse SDE with the same marginals, so every denoising step is a
+Gaussian policy with a log-probability. For each prompt a group of K videos is sampled with that SDE, scored by a
+reward, and each video's advantage is its reward standardised within its group (GRPO: no value network). The policy
+is updated with PPO's clipped surrogate on the recorded steps, plus an optional KL term to the reference policy,
+which between two Gaussian steps of equal variance is ``||mean - mean_ref||^2 / (2 std^2)``. MixGRPO's sliding
+window (arXiv 2507.21802) and DanceGRPO's shared group noise and best/worst-k selection are options.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lit_videoalign.backbones.base import Conditioning
+from lit_videoalign.objectives.base import AlignmentModule
+from lit_videoalign.schedules.flow import euler_step, sampling_sigmas, sde_step_with_logprob
+
+
+# -- pure losses --------------------------------------------------------------------------------------------------------
+def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4, valid: Tensor | None = None) -> Tensor:
+    """Standardise rewards within each group: ``(r - group mean) / (group std + eps)``, std with ``unbiased=False``.
+
+    Args:
+        rewards: ``Tensor[N]`` laid out group by group (``N = num_groups * group_size``).
+        group_size: samples per group (per prompt).
+        eps: added to the std, so a group of equal rewards gets zero advantages rather than NaN.
+        valid: optional ``Tensor[N]`` bool; invalid samples (e.g. a NaN reward) are left out of their group's
+            statistics and get advantage 0.
+
+    Returns:
+        ``Tensor[N]`` advantages.
+    """
+    if rewards.ndim != 1 or group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be Tensor[N] with N a multiple of group_size={group_size}, "
+                         f"got shape {tuple(rewards.shape)}")
+    r = rewards.float().view(-1, group_size)  # (groups, k)
+    if valid is None:
+        mean = r.mean(1, keepdim=True)
+        std = r.std(1, unbiased=False, keepdim=True)
+        return ((r - mean) / (std + eps)).flatten()
+    v = valid.view(-1, group_size).float()
+    r = torch.where(v.bool(), r, torch.zeros_like(r))
+    count = v.sum(1, keepdim=True).clamp(min=1)
+    mean = (r * v).sum(1, keepdim=True) / count
+    std = (((r - mean) ** 2) * v).sum(1, keepdim=True).div(count).sqrt()
+    return (((r - mean) / (std + eps)) * v).flatten()
+
+
+def grpo_policy_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float) -> Tensor:
+    """PPO clipped surrogate: ``mean(max(-A * ratio, -A * clip(ratio, 1 - c, 1 + c)))``, ``ratio = exp(lp - old)``."""
+    if not (log_prob.shape == old_log_prob.shape == advantages.shape):
+        raise ValueError(f"log_prob, old_log_prob and advantages must share a shape, got {tuple(log_prob.shape)}, "
+                         f"{tuple(old_log_prob.shape)}, {tuple(advantages.shape)}")
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped).mean()
+
+
+def gaussian_kl(mean: Tensor, mean_ref: Tensor, std: Tensor | float) -> Tensor:
+    """KL between two Gaussian steps of equal std, per sample: ``mean(||mean - mean_ref||^2) / (2 std^2)``."""
+    if mean.shape != mean_ref.shape:
+        raise ValueError(f"mean and mean_ref must share a shape, got {tuple(mean.shape)} and {tuple(mean_ref.shape)}")
+    sq = (mean.float() - mean_ref.float()).pow(2).flatten(1).mean(1)  # (b,)
+    std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+    if std.ndim:
+        std = std.reshape(std.shape[0], -1)[:, 0]  # one std per sample
+    return sq / (2 * std**2)
+
+
+# -- the module ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    """A batch of SDE trajectories with everything the update needs."""
+
+    latents: Tensor  # (n, s + 1, c, t, h, w) x at every sigma
+    log_probs: Tensor  # (n, s) log-prob of each step under the rollout policy
+    sigmas: Tensor  # (s + 1,)
+    sde_steps: list[int]  # steps that were stochastic (and can be trained)
+    cond: Conditioning
+    uncond: Conditioning | None  # negative-prompt conditioning when guidance is on
+    prompts: list[str]
+    rewards: dict[str, Tensor]  # per dimension, (n,)
+    valid: Tensor  # (n,) bool: the reward was finite
+    advantages: Tensor  # (n,)
+
+
+class GRPO(AlignmentModule):
+    """Flow-GRPO with manual optimisation: roll out groups, score, then update on the recorded steps.
+
+    Each training batch is ``{"prompt": list[str]}``; every prompt gets ``group_size`` rollouts.
+
+    Args:
+        reward: a ``reward_zoo`` reward (or ``CompositeReward``); its ``"overall"`` is the training signal.
+        group_size: rollouts per prompt (K).
+        num_sampling_steps: denoising steps of a rollout.
+        noise_level: the SDE's ``a`` (0.7 in Flow-GRPO).
+        rollout_guidance_scale: classifier-free guidance during rollouts and updates; None uses ``guidance_scale``.
+        same_noise_per_group: start every rollout of a group from the same noise (DanceGRPO).
+        train_fraction: fraction of the SDE steps trained on per inner epoch, drawn at random (Flow-GRPO).
+        sde_window: if set, only this many consecutive steps are stochastic and trained, the rest are ODE steps
+            (MixGRPO); the window moves one step later every ``window_shift_every`` updates and wraps around.
+        window_shift_every: updates between window moves.
+        inner_epochs: passes over each rollout batch.
+        micro_batch_size: samples per forward/backward in the update (gradients accumulate); None = all at once.
+        clip_range: PPO ratio clip (small, since log-probs are averaged over elements).
+        adv_clip_max: advantages are clipped to ``[-adv_clip_max, adv_clip_max]``.
+        kl_beta: weight of the KL to the reference policy; 0 skips the reference forward entirely.
+        per_prompt_stats: standardise with each prompt's running reward history instead of its current group.
+        history_size: rewards kept per prompt for ``per_prompt_stats``.
+        top_bottom_k: keep only the best and worst k rollouts of each group in the loss (DanceGRPO).
+        max_grad_norm: gradient clipping before each optimizer step (None to skip).
+        **kwargs: :class:`AlignmentModule` arguments (backbone, optimizer, LoRA, sampling).
+    """
+
+    requires_reference = True
+
+    def __init__(
+        self,
+        *args,
+        reward,
+        group_size: int = 8,
+        num_sampling_steps: int = 10,
+        noise_level: float = 0.7,
+        rollout_guidance_scale: float | None = None,
+        same_noise_per_group: bool = False,
+        train_fraction: float = 1.0,
+        sde_window: int | None = None,
+        window_shift_every: int = 1,
+        inner_epochs: int = 1,
+        micro_batch_size: int | None = None,
+        clip_range: float = 1e-4,
+        adv_clip_max: float = 5.0,
+        kl_beta: float = 0.0,
+        per_prompt_stats: bool = False,
+        history_size: int = 32,
+        top_bottom_k: int | None = None,
+        max_grad_norm: float | None = 1.0,
+        **kwargs,
+    ) -> None:
+        from reward_zoo.base import RewardModel
+
+        self.requires_reference = kl_beta > 0  # no reference copy or forward when the KL term is off
+        super().__init__(*args, **kwargs)
+        if not isinstance(reward, RewardModel):
+            raise TypeError(f"reward must be a reward_zoo RewardModel, got {type(reward).__name__}")
+        if group_size < 2:
+            raise ValueError(f"group_size must be at least 2 for group-relative advantages, got {group_size}")
+        if not 0.0 < train_fraction <= 1.0:
+            raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
+        if sde_window is not None and not 1 <= sde_window <= num_sampling_steps:
+            raise ValueError(f"sde_window must be in [1, num_sampling_steps={num_sampling_steps}], got {sde_window}")
+        if top_bottom_k is not None and not 1 <= 2 * top_bottom_k <= group_size:
+            raise ValueError(f"top_bottom_k must satisfy 1 <= 2k <= group_size={group_size}, got {top_bottom_k}")
+        if kl_beta < 0 or clip_range <= 0 or noise_level <= 0:
+            raise ValueError(f"need kl_beta >= 0, clip_range > 0, noise_level > 0; got {kl_beta}, {clip_range}, "
+                             f"{noise_level}")
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "reward"])
+        self.automatic_optimization = False
+        self.reward = reward.requires_grad_(False).eval()
+        self.prompt_history: dict[str, deque] = {}
+        self.num_updates = 0
+
+    @override
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.reward.eval()  # rewards are judges, never in training mode
+        return self
+
+    # -- rollouts -----------------------------------------------------------------------------------------------
+    @property
+    def rollout_guidance(self) -> float:
+        g = self.hparams.rollout_guidance_scale
+        return self.hparams.guidance_scale if g is None else g
+
+    def sde_steps(self) -> list[int]:
+        """The stochastic (trainable) steps of the next rollout."""
+        s, w = self.hparams.num_sampling_steps, self.hparams.sde_window
+        if w is None:
+            return list(range(s))
+        start = (self.num_updates // self.hparams.window_shift_every) % (s - w + 1)
+        return list(range(start, start + w))
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[str], generator: torch.Generator | None = None) -> Rollout:
+        """Sample ``group_size`` videos per prompt with the SDE, record the trajectory, score and standardise."""
+        hp = self.hparams
+        k = hp.group_size
+        was_training = self.training
+        self.eval()
+        try:
+            group_prompts = [p for p in prompts for _ in range(k)]
+            cond = self.backbone.encode_prompts(group_prompts)
+            shape = self.backbone.latent_shape(hp.num_frames, hp.height, hp.width)
+            n_noise = len(prompts) if hp.same_noise_per_group else len(group_prompts)
+            noise = torch.randn((n_noise, *shape), generator=generator).to(self.device)
+            if hp.same_noise_per_group:
+                noise = noise.repeat_interleave(k, dim=0)
+            sigmas = sampling_sigmas(hp.num_sampling_steps, shift=self.sampling_shift).to(self.device)
+            steps = self.sde_steps()
+            uncond = self._uncond(len(group_prompts))
+            velocity = self.guided_velocity_fn(cond, self.rollout_guidance, uncond)
+            x, latents = noise, [noise]
+            log_probs = torch.zeros(len(group_prompts), hp.num_sampling_steps, device=self.device)
+            for i in range(hp.num_sampling_steps):
+                s, s_next = sigmas[i].expand(len(x)), sigmas[i + 1].expand(len(x))
+                v = velocity(x, s)
+                if i in steps:
+                    x, log_probs[:, i], _, _ = sde_step_with_logprob(x, v, s, s_next, noise_level=hp.noise_level,
+                                                                     generator=generator)
+                else:
+                    x = euler_step(x, v, s, s_next)
+                latents.append(x)
+            videos = self.backbone.decode_latents(x)
+            rewards, valid = self.score(videos, group_prompts)
+            advantages = self.advantages(rewards["overall"], valid, group_prompts)
+        finally:
+            self.train(was_training)
+        return Rollout(torch.stack(latents, dim=1), log_probs, sigmas, steps, cond, uncond, group_prompts, rewards,
+                       valid, advantages)
+
+    def score(self, videos: Tensor, prompts: list[str]) -> tuple[dict[str, Tensor], Tensor]:
+        """Reward every video; samples whose reward is NaN, or all samples if the reward raises, are masked out."""
+        n = videos.shape[0]
+        try:
+            try:
+                scores = self.reward(videos, prompts)
+            except FloatingPointError:  # some samples scored NaN: keep the finite ones
+                scores = self.reward.forward(videos, prompts)
+        except Exception as err:  # a failing judge must never crash the run or reach the weights
+            rank_zero_warn(f"GRPO: the reward raised {type(err).__name__}: {err}; this rollout batch is skipped")
+            nan = torch.full((n,), float("nan"), device=videos.device)
+            return {"overall": nan}, torch.zeros(n, dtype=torch.bool, device=videos.device)
+        scores = {k: v.detach().float() for k, v in scores.items()}
+        valid = torch.isfinite(scores["overall"])
+        return scores, valid
+
+    def advantages(self, rewards: Tensor, valid: Tensor, prompts: list[str]) -> Tensor:
+        hp = self.hparams
+        if hp.per_prompt_stats:
+            adv = torch.zeros_like(rewards)
+            for i, (r, ok, p) in enumerate(zip(rewards.tolist(), valid.tolist(), prompts)):
+                if ok:
+                    self.prompt_history.setdefault(p, deque(maxlen=hp.history_size)).append(r)
+            for i, (r, ok, p) in enumerate(zip(rewards.tolist(), valid.tolist(), prompts)):
+                if ok:
+                    hist = torch.tensor(list(self.prompt_history[p]))
+                    adv[i] = (r - hist.mean()) / (hist.std(unbiased=False) + 1e-4)
+        else:
+            adv = group_advantages(rewards, hp.group_size, valid=valid)
+        adv = adv.clamp(-hp.adv_clip_max, hp.adv_clip_max)
+        if hp.top_bottom_k is not None:
+            k = hp.top_bottom_k
+            groups = adv.view(-1, hp.group_size)
+            keep = torch.zeros_like(groups, dtype=torch.bool)
+            order = groups.argsort(dim=1)
+            keep.scatter_(1, order[:, :k], True)
+            keep.scatter_(1, order[:, -k:], True)
+            adv = torch.where(keep.flatten(), adv, torch.zeros_like(adv))
+        return adv * valid
+
+    # -- update -------------------------------------------------------------------------------------------------
+    def step_log_prob(self, rollout: Rollout, idx: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Recompute one recorded step under the current policy: ``(log_prob, mean, std)``, with gradients."""
+        x = rollout.latents[idx, step]
+        s = rollout.sigmas[step].expand(len(idx))
+        s_next = rollout.sigmas[step + 1].expand(len(idx))
+        uncond = rollout.uncond.index(idx) if rollout.uncond is not None else None
+        v = self.guided_velocity_fn(rollout.cond.index(idx), self.rollout_guidance, uncond)(x, s)
+        _, log_prob, mean, std = sde_step_with_logprob(x, v, s, s_next, noise_level=self.hparams.noise_level,
+                                                       prev_sample=rollout.latents[idx, step + 1])
+        return log_prob, mean, std
+
+    def _uncond(self, n: int) -> Conditioning | None:
+        if self.rollout_guidance == 1.0:
+            return None
+        return self.backbone.encode_prompts([self.hparams.negative_prompt] * n)
+
+    def reference_mean(self, rollout: Rollout, idx: Tensor, step: int) -> Tensor:
+        x = rollout.latents[idx, step]
+        s = rollout.sigmas[step].expand(len(idx))
+        s_next = rollout.sigmas[step + 1].expand(len(idx))
+        cond, g = rollout.cond.index(idx), self.rollout_guidance
+        with torch.no_grad():
+            v_c = self.reference_velocity(x, s, cond)
+            if rollout.uncond is not None:
+                v_u = self.reference_velocity(x, s, rollout.uncond.index(idx))
+                v_c = v_u + g * (v_c - v_u)
+            _, _, mean, _ = sde_step_with_logprob(x, v_c, s, s_next, noise_level=self.hparams.noise_level,
+                                                  prev_sample=rollout.latents[idx, step + 1])
+        return mean
+
+    @override
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        hp = self.hparams
+        prompts = list(batch["prompt"])
+        rollout = self.rollout(prompts)
+        n = len(rollout.prompts)
+        self._log_rollout(rollout)
+        opt = self.optimizers()
+        mb = hp.micro_batch_size or n
+        last_loss = torch.zeros((), device=self.device)
+        if not bool(rollout.valid.any()):
+            return last_loss  # nothing to learn from; weights untouched
+        for epoch in range(hp.inner_epochs):
+            n_train = max(1, round(hp.train_fraction * len(rollout.sde_steps)))
+            pick = torch.randperm(len(rollout.sde_steps))[:n_train].tolist()
+            steps = sorted(rollout.sde_steps[i] for i in pick)
+            order = torch.randperm(n, device=self.device)
+            chunks = [order[i:i + mb] for i in range(0, n, mb)]
+            stats = {"ratio": [], "clipfrac": [], "kl": [], "approx_kl": [], "policy": []}
+            opt.zero_grad()
+            for idx in chunks:
+                adv = rollout.advantages[idx]
+                for step in steps:
+                    log_prob, mean, std = self.step_log_prob(rollout, idx, step)
+                    old = rollout.log_probs[idx, step]
+                    policy = grpo_policy_loss(log_prob, old, adv, hp.clip_range)
+                    loss = policy
+                    if hp.kl_beta > 0:
+                        kl = gaussian_kl(mean, self.reference_mean(rollout, idx, step), std).mean()
+                        loss = loss + hp.kl_beta * kl
+                        stats["kl"].append(kl.detach())
+                    self.manual_backward(loss * len(idx) / n / len(steps))
+                    ratio = torch.exp(log_prob.detach() - old)
+                    stats["ratio"].append(ratio)
+                    stats["clipfrac"].append(((ratio - 1).abs() > hp.clip_range).float())
+                    stats["approx_kl"].append(0.5 * (log_prob.detach() - old) ** 2)
+                    stats["policy"].append(policy.detach())
+                    last_loss = loss.detach()
+            if hp.max_grad_norm is not None:
+                self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+            grads_finite = all(torch.isfinite(p.grad).all() for p in self.parameters() if p.grad is not None)
+            if grads_finite:
+                opt.step()
+            else:
+                rank_zero_warn("GRPO: non-finite gradients; the optimizer step is skipped")
+            self.num_updates += 1
+            ratio = torch.cat(stats["ratio"])
+            if epoch == 0:  # on-policy check: nothing has moved yet, so the ratio must be 1
+                self.log("train/ratio_first_max_dev", (ratio - 1).abs().max(), batch_size=n)
+            self.log_dict({"train/ratio_mean": ratio.mean(), "train/ratio_min": ratio.min(),
+                           "train/ratio_max": ratio.max(), "train/clipfrac": torch.cat(stats["clipfrac"]).mean(),
+                           "train/approx_kl": torch.cat(stats["approx_kl"]).mean(),
+                           "train/policy_loss": torch.stack(stats["policy"]).mean()}, batch_size=n)
+            if stats["kl"]:
+                self.log("train/kl", torch.stack(stats["kl"]).mean(), batch_size=n)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        return last_loss
+
+    def _log_rollout(self, rollout: Rollout) -> None:
+        n = len(rollout.prompts)
+        valid = rollout.valid
+        self.log("train/masked_samples", (~valid).sum().float(), batch_size=n)
+        for dim, values in rollout.rewards.items():
+            finite = values[valid]
+            if finite.numel():
+                self.log(f"train/reward/{dim}", finite.mean(), prog_bar=dim == "overall", batch_size=n)
+        if valid.any():
+            self.log("train/reward_std", rollout.rewards["overall"][valid].std(unbiased=False), batch_size=n)
+
+    # -- evaluation ---------------------------------------------------------------------------------------------
+    @override
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Deterministic ODE samples of held-out prompts, scored by the training reward."""
+        prompts = list(batch["prompt"])
+        seeds = [batch_idx * 1000 + i for i in range(len(prompts))]
+        videos = self.generate(prompts, seeds)
+        scores = self.reward(videos, prompts)
+        for dim, values in scores.items():
+            self.log(f"val/reward/{dim}", values.mean(), batch_size=len(prompts), prog_bar=dim == "overall")
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["grpo_state"] = {"num_updates": self.num_updates,
+                                    "prompt_history": {p: list(h) for p, h in self.prompt_history.items()}}
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("grpo_state", {})
+        self.num_updates = state.get("num_updates", 0)
+        self.prompt_history = {p: deque(h, maxlen=self.hparams.history_size)
+                               for p, h in state.get("prompt_history", {}).items()}

@@ -1,0 +1,206 @@
+"""``RewardModel``: the base class of every reward in the zoo.
+
+A reward maps pixel videos ``[B, T, C, H, W]`` in ``[0, 1]`` (plus optional prompts and references) to a dict of
+per-video scores ``{dimension: Tensor[B]}`` that always holds ``"overall"``. The base class owns everything that is
+the same for every reward, so a family file only writes ``forward``:
+
+- **input checks** in ``__call__`` (rank, channels, dtype, range, NaN, frame count, resolution, prompts and
+  references present and batch-aligned) before ``forward`` runs;
+- **score checks** after ``forward`` (exactly the declared dimensions plus ``"overall"``, each ``Tensor[B]``,
+  no NaN or infinity, naming the offending dimension);
+- **Hub I/O** through ``PyTorchModelHubMixin``: ``config.json`` is exactly the init arguments (the same dictionary
+  as the YAML ``init_args``), weights are ``model.safetensors`` loaded with strict key and shape checks, and the
+  model card records the reward class so ``create_reward("hf-hub:org/repo")`` knows what to build.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
+from huggingface_hub.utils import is_jsonable
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from lit_videoalign.video_io import check_video
+
+
+class RewardModel(nn.Module, PyTorchModelHubMixin, library_name="reward_zoo", tags=["reward-model", "video"]):
+    """A video reward: ``reward(videos, prompts=None, references=None) -> {dimension: Tensor[B]}``.
+
+    Subclasses set the class attributes below and implement ``forward`` with the same signature as ``__call__``.
+    Call the module (``reward(videos, prompts)``), not ``forward``, so the checks run. Every ``__init__`` argument
+    must be JSON-serialisable (numbers, strings, booleans, ``None``, lists and dicts of those): the init arguments
+    are the Hub ``config.json`` and the YAML ``init_args``.
+
+    Attributes:
+        dimensions: named scores ``forward`` returns besides ``"overall"``.
+        differentiable: gradients flow from the scores to the input videos.
+        requires_prompts: ``prompts`` must be given (text-alignment rewards).
+        requires_references: ``references`` must be given (identity rewards).
+        input_frames: the exact number of frames the reward expects, or None for any.
+        input_size: the exact ``(height, width)`` the reward expects, or None for any.
+        min_frames: the fewest frames the reward can score (e.g. 3 for a second temporal difference).
+        license: licence of the reward's code and weights (Hub licence id), written to the model card.
+        family: the reward family (``physics``, ``temporal``, ...); ``register_reward`` fills it from the module.
+    """
+
+    dimensions: ClassVar[tuple[str, ...]] = ()
+    differentiable: ClassVar[bool] = False
+    requires_prompts: ClassVar[bool] = False
+    requires_references: ClassVar[bool] = False
+    input_frames: int | None = None
+    input_size: tuple[int, int] | None = None
+    min_frames: int = 1
+    license: ClassVar[str | None] = None
+    family: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Check the init defaults are JSON-serialisable and record the class in the Hub model-card metadata."""
+        super().__init_subclass__(**kwargs)
+        for param in cls._hub_mixin_init_parameters.values():
+            if param.default is not inspect.Parameter.empty and not is_jsonable(param.default):
+                raise TypeError(f"{cls.__qualname__}.__init__ default for {param.name!r} must be JSON-serialisable, "
+                                f"got {type(param.default).__name__}")
+        card = cls._hub_mixin_info.model_card_data
+        card.reward_class = f"{cls.__module__}.{cls.__qualname__}"
+        if cls.license is not None:
+            card.license = cls.license
+
+    def __new__(cls, *args, **kwargs):
+        """Record the init arguments as the config, refusing any that ``config.json`` could not hold."""
+        instance = super().__new__(cls, *args, **kwargs)
+        names = [name for name in cls._hub_mixin_init_parameters if name != "self"]
+        passed = {**dict(zip(names, args)), **kwargs}
+        config = dict(cls._hub_mixin_jsonable_default_values)
+        for key, value in passed.items():
+            value = cls._encode_init_arg(key, value)
+            if not is_jsonable(value):
+                raise TypeError(f"{cls.__qualname__} init argument {key!r} must be JSON-serialisable (it becomes "
+                                f"config.json and the YAML init_args), got {type(value).__name__}")
+            config[key] = value
+        instance._hub_mixin_config = json.loads(json.dumps(config))  # exactly what config.json will hold
+        return instance
+
+    @classmethod
+    def _encode_init_arg(cls, name: str, value: Any) -> Any:
+        """Hook for subclasses whose init takes objects with a JSON form (``CompositeReward`` takes rewards)."""
+        return value
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The init arguments: what ``save_pretrained`` writes to ``config.json`` (a copy, safe to edit)."""
+        return copy.deepcopy(self._hub_mixin_config)
+
+    # -- checks ---------------------------------------------------------------------------------------------
+    def __call__(self, videos: Tensor, prompts: list[str] | None = None,
+                 references: Tensor | None = None) -> dict[str, Tensor]:
+        """Check the inputs, run ``forward``, check the scores."""
+        self.check_inputs(videos, prompts, references)
+        scores = super().__call__(videos, prompts, references)
+        self.check_scores(scores, batch_size=videos.shape[0])
+        return scores
+
+    def check_inputs(self, videos: Tensor, prompts: list[str] | None, references: Tensor | None) -> None:
+        """Raise a clear error unless the inputs are what ``forward`` is promised."""
+        name = type(self).__name__
+        check_video(videos.detach() if isinstance(videos, Tensor) else videos, batched=True, name="videos")
+        b, t, _, h, w = videos.shape
+        if b == 0:
+            raise ValueError(f"{name} got an empty batch of videos, shape {tuple(videos.shape)}")
+        if t < self.min_frames:
+            raise ValueError(f"{name} needs at least {self.min_frames} frames, got videos of shape "
+                             f"{tuple(videos.shape)}")
+        if self.input_frames is not None and t != self.input_frames:
+            raise ValueError(f"{name} expects {self.input_frames} frames, got {t} (videos shape {tuple(videos.shape)})")
+        if self.input_size is not None and (h, w) != tuple(self.input_size):
+            raise ValueError(f"{name} expects frames of size {tuple(self.input_size)} (height, width), got {(h, w)}")
+        if prompts is None:
+            if self.requires_prompts:
+                raise ValueError(f"{name} scores text alignment and needs prompts, got prompts=None")
+        else:
+            if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+                raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+            if len(prompts) != b:
+                raise ValueError(f"batch size mismatch: videos has {b} items but prompts has {len(prompts)}")
+        if references is None:
+            if self.requires_references:
+                raise ValueError(f"{name} compares against references and needs them, got references=None")
+        else:
+            if not isinstance(references, Tensor):
+                raise TypeError(f"references must be a torch.Tensor, got {type(references).__name__}")
+            if references.ndim == 0 or references.shape[0] != b:
+                raise ValueError(f"batch size mismatch: videos has {b} items but references has shape "
+                                 f"{tuple(references.shape)}")
+            if references.ndim == 5:
+                check_video(references.detach(), batched=True, name="references")
+            elif references.ndim == 4:  # images [B, C, H, W] have the layout of one video [T, C, H, W]
+                check_video(references.detach(), batched=False, name="references (images [B, C, H, W])")
+            else:
+                raise ValueError(f"references must be images [B, C, H, W] or videos [B, T, C, H, W], "
+                                 f"got shape {tuple(references.shape)}")
+
+    def check_scores(self, scores: dict[str, Tensor], batch_size: int) -> None:
+        """Raise unless ``scores`` holds exactly the declared dimensions plus ``"overall"``, each finite ``[B]``."""
+        name = type(self).__name__
+        if not isinstance(scores, dict):
+            raise TypeError(f"{name}.forward must return a dict of scores, got {type(scores).__name__}")
+        expected = set(self.dimensions) | {"overall"}
+        if set(scores) != expected:
+            raise KeyError(f"{name}.forward returned dimensions {sorted(scores)}, expected {sorted(expected)} "
+                           f"(the declared dimensions plus 'overall')")
+        for key, value in scores.items():
+            if not isinstance(value, Tensor) or value.shape != (batch_size,):
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"{name} score {key!r} must be a Tensor of shape ({batch_size},), got {shape}")
+            bad = ~torch.isfinite(value)
+            if bad.any():
+                raise FloatingPointError(f"{name} produced NaN or infinite scores for dimension {key!r} "
+                                         f"at batch items {bad.nonzero().flatten().tolist()}")
+
+    # -- Hub I/O --------------------------------------------------------------------------------------------
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
+                         force_download: bool, local_files_only: bool, token: str | bool | None,
+                         map_location: str = "cpu", **model_kwargs) -> RewardModel:
+        """Build the reward from its config and load ``model.safetensors`` strictly (no pickle fallback)."""
+        model = cls(**model_kwargs)
+        if os.path.isdir(model_id):
+            weights = os.path.join(model_id, constants.SAFETENSORS_SINGLE_FILE)
+            if not os.path.isfile(weights):
+                raise FileNotFoundError(f"no {constants.SAFETENSORS_SINGLE_FILE} in {model_id}; reward checkpoints "
+                                        f"are safetensors only")
+        else:
+            weights = hf_hub_download(model_id, constants.SAFETENSORS_SINGLE_FILE, revision=revision,
+                                      cache_dir=cache_dir, force_download=force_download,
+                                      local_files_only=local_files_only, token=token)
+        load_weights(model, weights, map_location=map_location)
+        return model.eval()
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load a safetensors file into ``model`` strictly: every key present, no extra key, every shape equal.
+
+    Raises:
+        ValueError: naming the first missing, unexpected or mis-shaped key.
+    """
+    state = load_file(str(path), device=str(map_location))
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        first = (f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}")
+        raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: {first} "
+                         f"({len(missing)} missing, {len(unexpected)} unexpected)")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: key {key!r} has shape "
+                             f"{tuple(tensor.shape)} in the checkpoint but {tuple(expected[key].shape)} in the model")
+    model.load_state_dict(state, strict=True)
+    return model

@@ -1,0 +1,323 @@
+"""The ``reward-zoo`` command: train learned rewards, score video files with any reward, list the zoo.
+
+    reward-zoo fit --config configs/rewards/quality.yaml          # RewardTraining on preference pairs
+    reward-zoo validate --config configs/rewards/quality.yaml
+    reward-zoo score --reward quality --videos clips/ --prompts_file prompts.txt --output_dir scores
+    reward-zoo list
+
+``fit/validate/test`` are LightningCLI's, reading ``model:`` (a :class:`~reward_zoo.training.RewardTraining`),
+``data:`` and ``trainer:`` from the YAML. ``score`` and ``list`` are tools that build no trainer: ``score`` decodes
+MP4 files (PyAV) and writes a JSON and a CSV table of per-dimension scores; ``list`` prints every registered reward
+with its family, dimensions, differentiability, licence and whether weights ship with the package.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import torch
+from jsonargparse import ActionYesNo
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from typing_extensions import override
+
+from reward_zoo.training import RewardTraining
+
+# Subcommands that build no model, datamodule or trainer; their arguments are their method's signature.
+TOOL_SUBCOMMANDS = ("score", "list")
+# Arguments that take several space-separated values (``--videos A B C``), added by hand to the parser.
+MULTI_VALUE_ARGS = {"score": {
+    "videos": (str, "video files and/or folders (every video file inside, sorted by name)"),
+    "prompts": (str, "one prompt per video, in order (or use --prompts_file)"),
+    "references": (str, "one reference image (PNG/JPG) per video, for identity rewards"),
+}}
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
+
+
+class RewardZooCLI(LightningCLI):
+    """LightningCLI for :class:`RewardTraining` (optimizers as callables in its config) plus ``score`` and ``list``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(RewardTraining, None, *args, **kwargs)
+
+    @staticmethod
+    @override
+    def subcommands() -> dict[str, set[str]]:
+        subcommands = LightningCLI.subcommands()
+        subcommands.pop("predict")  # a reward is scored with `score`, not Trainer.predict
+        return {**subcommands, **{name: set() for name in TOOL_SUBCOMMANDS}}
+
+    @override
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
+        from lightning.pytorch.cli import _get_short_description
+
+        self._subcommand_parsers = {}
+        subcommands = parser.add_subcommands()
+        for name in self.subcommands():
+            klass = type(self) if name in TOOL_SUBCOMMANDS else self.trainer_class
+            description = _get_short_description(getattr(klass, name))
+            sub_kwargs = {"description": description, **kwargs.get(name, {})}
+            if name in TOOL_SUBCOMMANDS:  # no model/data/trainer groups: only the method's own arguments
+                sub_parser = self.init_parser(**sub_kwargs)
+                skip = set(MULTI_VALUE_ARGS.get(name, {})) | {"pretrained"}
+                self._subcommand_method_arguments[name] = sub_parser.add_method_arguments(klass, name, skip=skip)
+                for arg, (kind, help_text) in MULTI_VALUE_ARGS.get(name, {}).items():
+                    sub_parser.add_argument(f"--{arg}", nargs="+", type=kind, default=None, help=help_text)
+                    self._subcommand_method_arguments[name].append(arg)
+                if name == "score":
+                    sub_parser.add_argument("--pretrained", action=ActionYesNo, default=None,
+                                            help="load shipped weights for a registered name (default: when they "
+                                                 "exist); --no_pretrained builds it untrained")
+                    self._subcommand_method_arguments[name].append("pretrained")
+            else:
+                sub_parser = self._prepare_subcommand_parser(klass, name, **sub_kwargs)
+            self._subcommand_parsers[name] = sub_parser
+            subcommands.add_subcommand(name, sub_parser, help=description)
+
+    @override
+    def _set_seed(self) -> None:
+        if self.subcommand not in TOOL_SUBCOMMANDS:
+            super()._set_seed()
+
+    @override
+    def instantiate_classes(self) -> None:
+        if self.subcommand in TOOL_SUBCOMMANDS:
+            self.config_init = self.parser.instantiate_classes(self.config)
+            self.model = self.datamodule = self.trainer = None
+            return
+        super().instantiate_classes()
+
+    @override
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand in TOOL_SUBCOMMANDS:
+            config = self.config_init[subcommand]
+            getattr(self, subcommand)(**{k: config[k] for k in self._subcommand_method_arguments[subcommand]})
+        else:
+            super()._run_subcommand(subcommand)
+
+    def before_fit(self) -> None:
+        if self.datamodule is None:
+            raise ValueError("fit needs a 'data:' section in the config (a LightningDataModule of preference pairs, "
+                             "e.g. lit_videoalign.data.toyworld_pairs.ToyWorldPairsDataModule)")
+
+    # -- tools --------------------------------------------------------------------------------------------------
+    def score(
+        self,
+        reward: str,
+        videos: list[str] | None = None,
+        pretrained: bool | None = None,
+        prompts: list[str] | None = None,
+        prompts_file: str | None = None,
+        references: list[str] | None = None,
+        num_frames: int | None = None,
+        output_dir: str = "outputs/scores",
+        device: str = "cpu",
+    ) -> list[dict]:
+        """Score video files with a reward and write scores.json and scores.csv (one row per video).
+
+        Args:
+            reward: a registered reward name, ``hf-hub:org/repo``, or a folder written by ``save_pretrained``.
+            videos: video files (MP4, ...) and/or folders (every video file inside, sorted by name).
+            pretrained: for a registered name, load its shipped weights (default: when they ship).
+            prompts: one prompt per video, in order.
+            prompts_file: a text file with one prompt per line, or a ``metadata.jsonl`` of ``{"file_name",
+                "prompt"}`` lines (the videofolder layout; a folder given in ``videos`` uses its own one by default).
+            references: one reference image (PNG/JPG) per video, for identity rewards.
+            num_frames: score only the first ``num_frames`` frames of each video (every video must have them).
+            output_dir: where scores.json and scores.csv go.
+            device: torch device to score on.
+        """
+        rows = score_files(reward, videos or [], pretrained=pretrained, prompts=prompts, prompts_file=prompts_file,
+                           references=references, num_frames=num_frames, device=device)
+        json_path, csv_path = write_scores(rows, output_dir)
+        print(format_table(rows))
+        print(f"wrote {json_path} and {csv_path}")
+        return rows
+
+    def list(self, family: str | None = None, output: str | None = None) -> list[dict]:
+        """List the registered rewards: family, dimensions, differentiable, licence, shipped weights.
+
+        Args:
+            family: only this family (``physics``, ``temporal``, ``identity``, ``quality``, ...).
+            output: also write the table to this ``.json`` or ``.csv`` file.
+        """
+        rows = zoo_table(family)
+        print(format_table(rows))
+        if output is not None:
+            _write_rows(rows, Path(output))
+            print(f"wrote {output}")
+        return rows
+
+
+# -- score / list helpers (plain functions, so they are usable without the CLI) ---------------------------------
+def zoo_table(family: str | None = None) -> list[dict]:
+    """One row per registered reward: name, family, dimensions, differentiable, licence, shipped weights."""
+    from huggingface_hub import ModelCard
+
+    from reward_zoo import registry
+
+    rows = []
+    for name in registry.list_rewards(family):
+        entry = registry._REWARDS[name]  # the registered class or factory (the registry has no public accessor)
+        is_class = isinstance(entry, type)
+        folder = registry.PRETRAINED_DIR / name
+        shipped = (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+        licence = getattr(entry, "license", None) if is_class else None
+        if shipped and (folder / "README.md").is_file():
+            licence = ModelCard.load(folder / "README.md").data.to_dict().get("license", licence)
+        rows.append({
+            "name": name,
+            "family": getattr(entry, "family", None) or entry.__module__.rsplit(".", 1)[-1],
+            "dimensions": " ".join((*entry.dimensions, "overall")) if is_class else "?",
+            "differentiable": entry.differentiable if is_class else "?",
+            "license": licence or "?",
+            "weights": "yes" if shipped else "no",
+        })
+    return rows
+
+
+def collect_videos(paths: list[str]) -> list[Path]:
+    """Expand files and folders into a list of video files; raises on a missing path or an empty folder."""
+    if not paths:
+        raise ValueError("no videos given; pass --videos FILE_OR_FOLDER [...]")
+    files = []
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"folder {path} holds no video files ({', '.join(VIDEO_SUFFIXES)})")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"video file or folder not found: {path}")
+    return files
+
+
+def read_prompts(prompts_file: str | Path, files: list[Path]) -> list[str]:
+    """Prompts for ``files`` from a text file (one per line) or a ``metadata.jsonl`` (matched by file name)."""
+    path = Path(prompts_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    if path.suffix == ".jsonl":
+        by_name = {}
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                entry = json.loads(line)
+                if not isinstance(entry, dict) or "file_name" not in entry or not isinstance(entry.get("prompt"), str):
+                    raise ValueError(f"{path}:{lineno}: expected {{\"file_name\": ..., \"prompt\": ...}}, got {line!r}")
+                by_name[Path(entry["file_name"]).name] = entry["prompt"]
+        missing = [f.name for f in files if f.name not in by_name]
+        if missing:
+            raise ValueError(f"{path} has no prompt for video {missing[0]!r}")
+        return [by_name[f.name] for f in files]
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def score_files(
+    reward: str,
+    videos: list[str],
+    pretrained: bool | None = None,
+    prompts: list[str] | None = None,
+    prompts_file: str | None = None,
+    references: list[str] | None = None,
+    num_frames: int | None = None,
+    device: str = "cpu",
+) -> list[dict]:
+    """Score video files with a reward; one row ``{"video", "prompt", <dimension>: float, ...}`` per video.
+
+    Videos are decoded with PyAV and scored one at a time (they may differ in size and length); learned rewards
+    resize frames to their own input size.
+    """
+    from lit_videoalign.video_io import read_video
+    from reward_zoo import create_reward, registry
+
+    files = collect_videos(videos)
+    if prompts is not None and prompts_file is not None:
+        raise ValueError("pass prompts either with --prompts or with --prompts_file, not both")
+    if prompts_file is None and prompts is None:  # a single folder in the videofolder layout brings its prompts
+        folders = [Path(v) for v in videos if Path(v).is_dir() and (Path(v) / "metadata.jsonl").is_file()]
+        if len(folders) == 1 and len(videos) == 1:
+            prompts_file = str(folders[0] / "metadata.jsonl")
+    if prompts_file is not None:
+        prompts = read_prompts(prompts_file, files)
+    if prompts is not None and len(prompts) != len(files):
+        raise ValueError(f"got {len(prompts)} prompts for {len(files)} videos; expected one prompt per video")
+    if references is not None and len(references) != len(files):
+        raise ValueError(f"got {len(references)} references for {len(files)} videos; expected one per video")
+
+    is_name = not reward.startswith(registry.HUB_PREFIX) and not Path(reward).is_dir()
+    if is_name and pretrained is None:
+        pretrained = (registry.PRETRAINED_DIR / reward / "config.json").is_file()
+    model = create_reward(reward, pretrained=bool(pretrained) if is_name else False).to(device).eval()
+
+    rows = []
+    for i, file in enumerate(files):
+        video = read_video(file, num_frames=num_frames)[None].contiguous().to(device)  # (1, t, c, h, w)
+        prompt = None if prompts is None else [prompts[i]]
+        ref = None if references is None else _read_image(references[i])[None].to(device)  # (1, c, h, w)
+        with torch.no_grad():
+            scores = model(video, prompt, ref)
+        row = {"video": str(file), "prompt": prompt[0] if prompt else ""}
+        row.update({dim: float(scores[dim][0]) for dim in ("overall", *model.dimensions)})
+        rows.append(row)
+    return rows
+
+
+def _read_image(path: str) -> torch.Tensor:
+    """An image file as ``[C, H, W]`` float RGB in [0, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"reference image not found: {path}")
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0
+
+
+def write_scores(rows: list[dict], output_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``scores.json`` and ``scores.csv`` (columns: video, prompt, overall, then each dimension)."""
+    out = Path(output_dir)
+    return _write_rows(rows, out / "scores.json"), _write_rows(rows, out / "scores.csv")
+
+
+def _write_rows(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows, indent=2) + "\n")
+    elif path.suffix == ".csv":
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        raise ValueError(f"output file must end in .json or .csv, got {path}")
+    return path
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows as an aligned plain-text table (floats with 4 decimals)."""
+    if not rows:
+        return "(nothing to show)"
+    cells = [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()] for row in rows]
+    header = list(rows[0])
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths)) for cell in cells]
+    return "\n".join(lines)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``reward-zoo`` console script."""
+    RewardZooCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

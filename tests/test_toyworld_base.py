@@ -1,0 +1,46 @@
+"""The shipped toy-world base: a real diffusers pipeline under 20 MB whose samples do what the prompt says."""
+
+import json
+
+import pytest
+import torch
+
+from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
+from lit_videoalign.data.toyworld import prompt_agreement
+from lit_videoalign.objectives.sft import SFT
+from lit_videoalign.pretrained import TOYWORLD_BASE
+
+PROMPTS = ["a red ball falls", "a blue ball moves left", "a green ball moves right", "a yellow ball falls",
+           "a white ball moves left", "a red ball moves right", "a blue ball falls", "a green ball moves left",
+           "a yellow ball moves right", "a white ball falls", "a red ball moves left and bounces",
+           "a blue ball moves right and bounces"]
+
+
+def test_shipped_folder_is_small_safetensors_with_a_card():
+    files = [p for p in TOYWORLD_BASE.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 20 * 2**20
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    card = (TOYWORLD_BASE / "README.md").read_text()
+    assert "held-out" in card and "pretrain.yaml" in card
+    assert json.loads((TOYWORLD_BASE / "model_index.json").read_text())["vae"] == [None, None]
+
+
+@pytest.fixture(scope="module")
+def samples():
+    model = SFT(DiffusersVideoBackbone("builtin:toyworld-base", max_sequence_length=24), guidance_scale=2.0,
+                num_inference_steps=40)
+    return model.generate(PROMPTS, seeds=list(range(len(PROMPTS))))
+
+
+def test_samples_follow_the_prompt_and_fall(samples):
+    """Colour, direction and falling are read back from the pixels of the generated videos."""
+    agree = [prompt_agreement(v, p) for v, p in zip(samples, PROMPTS)]
+    rates = {k: sum(a[k] for a in agree) / len(agree) for k in ("colour", "direction", "falls")}
+    assert rates["colour"] >= 0.8 and rates["direction"] >= 0.6 and rates["falls"] >= 0.75, rates
+
+
+def test_samples_are_not_static_or_empty(samples):
+    assert samples.shape == (len(PROMPTS), 16, 3, 32, 32)
+    motion = (samples[:, 1:] - samples[:, :-1]).abs().mean((1, 2, 3, 4))
+    assert (motion > 1e-3).all()
+    assert torch.isfinite(samples).all()
