@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     grid = write_gif(video_grid(list(before) + list(after), ncols=len(PROMPTS)), out / "before_after.gif")
 
     print(f"\nheld-out flow-matching loss: {loss_before:.4f} (base) -> {loss_after:.4f} (LoRA, "
-          f"{args.max_steps} steps, {minutes:.1f} CPU-minutes)")
+          f"{args.max_steps} steps, {minutes:.1f} minutes)")
     print(f"samples: {out / 'before'} and {out / 'after'} (MP4), {grid} (top row base, bottom row fine-tuned)")
     print(f"merged pipeline: {out / 'pipeline'} (load it with DiffusersVideoBackbone('{out / 'pipeline'}'))")
 

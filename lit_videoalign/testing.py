@@ -209,3 +209,23 @@ def tiny_hunyuan_pipeline(path: str | os.PathLike, *, seed: int = 0) -> Path:
         "vae": ["diffusers", "AutoencoderKLHunyuanVideo"],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
     })
+
+
+def write_tiny_clip(path: str | os.PathLike, seed: int = 0, image_size: int = 32):
+    """Save a tiny random ``CLIPModel`` and a word-level tokenizer over the toy-world vocabulary to ``path``."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_word_tokenizer(model_max_length=32)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=1),  # pooled at the first </s>, which the word tokenizer appends
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=8),
+        projection_dim=16,
+    )
+    model = CLIPModel(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model

@@ -30,6 +30,10 @@ from torch import Tensor, nn
 
 from lit_videoalign.video_io import check_video
 
+# Keyword arguments of ``from_pretrained`` itself; an init argument of the same name would be swallowed by it.
+HUB_LOADING_ARGS = ("revision", "cache_dir", "force_download", "local_files_only", "token", "map_location",
+                    "proxies", "resume_download")
+
 
 class RewardModel(nn.Module, PyTorchModelHubMixin, library_name="reward_zoo", tags=["reward-model", "video"]):
     """A video reward: ``reward(videos, prompts=None, references=None) -> {dimension: Tensor[B]}``.
@@ -64,6 +68,10 @@ class RewardModel(nn.Module, PyTorchModelHubMixin, library_name="reward_zoo", ta
     def __init_subclass__(cls, **kwargs) -> None:
         """Check the init defaults are JSON-serialisable and record the class in the Hub model-card metadata."""
         super().__init_subclass__(**kwargs)
+        reserved = sorted(set(cls._hub_mixin_init_parameters) & set(HUB_LOADING_ARGS))
+        if reserved:
+            raise TypeError(f"{cls.__qualname__}.__init__ uses {reserved}, which from_pretrained takes for Hub "
+                            f"loading; rename them (e.g. 'model_revision')")
         for param in cls._hub_mixin_init_parameters.values():
             if param.default is not inspect.Parameter.empty and not is_jsonable(param.default):
                 raise TypeError(f"{cls.__qualname__}.__init__ default for {param.name!r} must be JSON-serialisable, "

@@ -33,8 +33,8 @@ class IdentityReward(RewardModel, paper_url=DREAMBOOTH):
     - ``overall``: ``(1 - worst_weight) * mean + worst_weight * worst``, so a single broken frame costs more than
       its share of the mean.
 
-    The defaults are the shipped toy-world encoder (a tiny timm ConvNeXt trained on toy-world pairs to ignore motion
-    and image damage and to notice colour and size changes). For real footage use a self-supervised ViT:
+    The defaults are the shipped toy-world encoder (timm's tiny ``test_resnet``, trained on toy-world pairs to ignore
+    motion and image damage and to notice colour and size changes). For real footage use a self-supervised ViT:
     ``create_reward("identity", encoder="vit_small_patch14_dinov2.lvd142m", pretrained_encoder=True,
     frame_size=None)`` (frames are resized to the encoder's input size; DINOv2 weights are Apache-2.0).
 
@@ -53,7 +53,7 @@ class IdentityReward(RewardModel, paper_url=DREAMBOOTH):
 
     def __init__(
         self,
-        encoder: str = "test_convnext",
+        encoder: str = "test_resnet",
         pretrained_encoder: bool = False,
         encoder_kwargs: dict | None = None,
         frame_size: list[int] | None = (32, 32),

@@ -116,7 +116,7 @@ def create_reward(name_or_hub_id: str, pretrained: bool = False, **kwargs) -> Re
     reward = _REWARDS[name_or_hub_id](**kwargs)
     if not isinstance(reward, RewardModel):
         raise TypeError(f"registered reward {name_or_hub_id!r} built a {type(reward).__name__}, not a RewardModel")
-    return reward
+    return reward.eval()  # rewards are judges: no dropout, frozen norms
 
 
 def load_reward(path_or_repo_id: str, **kwargs) -> RewardModel:
@@ -130,7 +130,9 @@ def load_reward(path_or_repo_id: str, **kwargs) -> RewardModel:
         if not os.path.isfile(card_file):
             raise FileNotFoundError(f"no {constants.REPOCARD_NAME} in {path_or_repo_id}; it names the reward class")
     else:
-        card_file = hf_hub_download(path_or_repo_id, constants.REPOCARD_NAME)
+        hub_args = ("revision", "cache_dir", "force_download", "local_files_only", "token")
+        card_file = hf_hub_download(path_or_repo_id, constants.REPOCARD_NAME,
+                                    **{k: kwargs[k] for k in hub_args if k in kwargs})
     class_path = ModelCard.load(card_file).data.to_dict().get("reward_class")
     if class_path is None:
         raise ValueError(f"the model card of {path_or_repo_id} has no 'reward_class' entry; was it written by "

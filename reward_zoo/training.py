@@ -22,7 +22,9 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -370,6 +372,9 @@ class RewardTraining(L.LightningModule):
             text = model_card_text(self.reward, name, self.metrics, data_description, training_description)
             ModelCard(f"---\n{card.data.to_yaml()}\n---\n\n{text}").save(tmp / "README.md")
             (tmp / "metrics.json").write_text(json.dumps(self.metrics, indent=2, sort_keys=True) + "\n")
+            for file in tmp.iterdir():  # mkdtemp and safetensors create private files; a checkpoint is for sharing
+                file.chmod(0o644)
+            tmp.chmod(0o755)
             if dirpath.exists():
                 shutil.rmtree(dirpath)
             os.replace(tmp, dirpath)
@@ -466,11 +471,18 @@ class ExportReward(L.Callback):
 
     def __init__(self, dirpath: str, name: str | None = None) -> None:
         self.dirpath, self.name = Path(dirpath), name
+        self._started: tuple[float, float] | None = None
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = (time.perf_counter(), time.process_time())
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not isinstance(pl_module, RewardTraining):
             raise TypeError(f"ExportReward works with RewardTraining, got {type(pl_module).__name__}")
+        took = None if self._started is None else (time.perf_counter() - self._started[0],
+                                                   time.process_time() - self._started[1])
         if trainer.is_global_zero:
             dm = trainer.datamodule
             if dm is None:
@@ -483,6 +495,12 @@ class ExportReward(L.Callback):
                         + (f" (k = {pl_module.tie_k})" if pl_module.loss_name == "bt_ties" else "")
                         + f", score scale {pl_module.score_scale}, {trainer.global_step} optimizer steps; "
                         f"trained dimensions: {dims}.")
+            if took is not None:
+                wall, cpu = took
+                training += (f" Training took {wall / 60:.1f} min wall clock, {cpu / 60:.1f} min CPU time "
+                             f"({torch.get_num_threads()} torch threads, {trainer.accelerator.__class__.__name__}).")
+            if Path(sys.argv[0]).name == "reward-zoo":
+                training += f"\n\nCommand: `reward-zoo {' '.join(sys.argv[1:])}`"
             describe = getattr(dm, "describe", None)
             pl_module.save_pretrained(self.dirpath, self.name, describe() if callable(describe) else "", training)
             rank_zero_info(f"ExportReward: wrote {self.dirpath} ({_headline(pl_module.metrics)})")

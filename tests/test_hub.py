@@ -101,7 +101,7 @@ def test_create_reward_downloads_config_card_and_weights(hub, tmp_path):
 
 def test_reward_with_weights_and_a_hub_backbone(hub, tmp_path):
     """laion_aesthetic: its head comes from the reward repo, its CLIP from another repo, both through the server."""
-    from test_reward_alignment import write_tiny_clip
+    from lit_videoalign.testing import write_tiny_clip
 
     write_tiny_clip(tmp_path / "clip", seed=5)
     clip_sha = hub.commit("org/tiny-clip", tmp_path / "clip", "tiny clip")

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from test_reward_alignment import write_tiny_clip
 from torch import nn
 from transformers import CLIPModel
 
+from lit_videoalign.testing import write_tiny_clip
 from reward_zoo import create_reward, list_rewards
 from reward_zoo.aesthetic import LaionAesthetic, laion_key_map
 from reward_zoo.alignment import CLIP_MEAN, CLIP_STD, clip_pixel_values

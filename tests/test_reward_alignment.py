@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+from transformers import CLIPImageProcessor, CLIPModel
 
 from lit_videoalign.data.toyworld import TEST_SEED_OFFSET, ToyWorld
-from lit_videoalign.testing import build_word_tokenizer
+from lit_videoalign.testing import write_tiny_clip
 from reward_zoo import CompositeReward, create_reward, list_rewards
 from reward_zoo.alignment import (
     CLIP_MEAN,
@@ -25,24 +24,6 @@ from reward_zoo.alignment import (
 
 WORLD = ToyWorld(max_balls=1)
 HELD_OUT = range(TEST_SEED_OFFSET + 41_000_000, TEST_SEED_OFFSET + 41_000_040)
-
-
-def write_tiny_clip(path: str | os.PathLike, seed: int = 0, image_size: int = 32) -> CLIPModel:
-    """Save a tiny random ``CLIPModel`` and a word-level tokenizer over the toy-world vocabulary to ``path``."""
-    torch.manual_seed(seed)
-    tokenizer = build_word_tokenizer(model_max_length=32)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=1),  # pooled at the first </s>, which the word tokenizer appends
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=image_size, patch_size=8),
-        projection_dim=16,
-    )
-    model = CLIPModel(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return model
 
 
 def contrastive_finetune(model: CLIPModel, tokenizer, steps: int = 120, seed: int = 0) -> CLIPModel:

@@ -582,6 +582,7 @@ class DiffusersVideoBackbone(VideoBackbone):
             denoiser.unload_lora()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a pipeline folder is ordinary data
         try:
             denoiser.save_pretrained(tmp / "transformer", safe_serialization=True)
             for te, tok in self.family.text_pairs:

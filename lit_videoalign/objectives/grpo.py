@@ -21,9 +21,10 @@ from typing_extensions import override
 from lit_videoalign.backbones.base import Conditioning
 from lit_videoalign.objectives.base import AlignmentModule
 from lit_videoalign.schedules.flow import euler_step, sampling_sigmas, sde_step_with_logprob
+from reward_zoo.base import RewardModel
 
 
-# -- pure losses --------------------------------------------------------------------------------------------------------
+# -- pure losses -----------------------------------------------------------------------------------------------------
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4, valid: Tensor | None = None) -> Tensor:
     """Standardise rewards within each group: ``(r - group mean) / (group std + eps)``, std with ``unbiased=False``.
 
@@ -75,7 +76,7 @@ def gaussian_kl(mean: Tensor, mean_ref: Tensor, std: Tensor | float) -> Tensor:
     return sq / (2 * std**2)
 
 
-# -- the module ---------------------------------------------------------------------------------------------------------
+# -- the module ------------------------------------------------------------------------------------------------------
 @dataclass
 class Rollout:
     """A batch of SDE trajectories with everything the update needs."""
@@ -125,7 +126,7 @@ class GRPO(AlignmentModule):
     def __init__(
         self,
         *args,
-        reward,
+        reward: RewardModel,
         group_size: int = 8,
         num_sampling_steps: int = 10,
         noise_level: float = 0.7,
@@ -145,8 +146,6 @@ class GRPO(AlignmentModule):
         max_grad_norm: float | None = 1.0,
         **kwargs,
     ) -> None:
-        from reward_zoo.base import RewardModel
-
         self.requires_reference = kl_beta > 0  # no reference copy or forward when the KL term is off
         super().__init__(*args, **kwargs)
         if not isinstance(reward, RewardModel):
