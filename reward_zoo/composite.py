@@ -128,3 +128,19 @@ class CompositeReward(RewardModel):
             overall = overall + self.weights[name] * score
         out["overall"] = overall
         return out
+
+
+def default_toyworld_composite() -> CompositeReward:
+    """The default toy-world composite: physics (``newton``), learned quality and motion, z-scored within the batch.
+
+    ``dynamic_degree`` is in it because physics and consistency scores alone can be maximised by a frozen or empty
+    video; with it, a frozen copy of a video never beats the original.
+    """
+    from reward_zoo.registry import create_reward
+
+    return CompositeReward(
+        {"newton": create_reward("newton"), "quality": create_reward("quality", pretrained=True),
+         "motion": create_reward("dynamic_degree")},
+        {"newton": 1.0, "quality": 1.0, "motion": 0.5},
+        normalize="zscore",
+    ).eval()
