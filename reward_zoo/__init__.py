@@ -8,7 +8,15 @@ them with ``list_rewards("physics")``, combine them with ``CompositeReward``. Se
 from reward_zoo.base import RewardModel, load_weights
 from reward_zoo.composite import CompositeReward
 from reward_zoo.losses import bradley_terry_loss, bradley_terry_ties_loss
-from reward_zoo.registry import create_reward, list_rewards, load_reward, register_reward
+from reward_zoo.registry import (
+    create_reward,
+    get_reward_class,
+    is_reward,
+    list_rewards,
+    load_reward,
+    register_reward,
+    reward_info,
+)
 
 __all__ = [
     "CompositeReward",
@@ -16,8 +24,11 @@ __all__ = [
     "bradley_terry_loss",
     "bradley_terry_ties_loss",
     "create_reward",
+    "get_reward_class",
+    "is_reward",
     "list_rewards",
     "load_reward",
     "load_weights",
     "register_reward",
+    "reward_info",
 ]

@@ -157,26 +157,18 @@ class RewardZooCLI(LightningCLI):
 # -- score / list helpers (plain functions, so they are usable without the CLI) ---------------------------------
 def zoo_table(family: str | None = None) -> list[dict]:
     """One row per registered reward: name, family, dimensions, differentiable, licence, shipped weights."""
-    from huggingface_hub import ModelCard
-
-    from reward_zoo import registry
+    from reward_zoo.registry import list_rewards, reward_info
 
     rows = []
-    for name in registry.list_rewards(family):
-        entry = registry._REWARDS[name]  # the registered class or factory (the registry has no public accessor)
-        is_class = isinstance(entry, type)
-        folder = registry.PRETRAINED_DIR / name
-        shipped = (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
-        licence = getattr(entry, "license", None) if is_class else None
-        if shipped and (folder / "README.md").is_file():
-            licence = ModelCard.load(folder / "README.md").data.to_dict().get("license", licence)
+    for name in list_rewards(family):
+        info = reward_info(name)
         rows.append({
             "name": name,
-            "family": getattr(entry, "family", None) or entry.__module__.rsplit(".", 1)[-1],
-            "dimensions": " ".join((*entry.dimensions, "overall")) if is_class else "?",
-            "differentiable": entry.differentiable if is_class else "?",
-            "license": licence or "?",
-            "weights": "yes" if shipped else "no",
+            "family": info["family"],
+            "dimensions": "?" if info["dimensions"] is None else " ".join((*info["dimensions"], "overall")),
+            "differentiable": "?" if info["differentiable"] is None else info["differentiable"],
+            "license": info["license"] or "?",
+            "weights": "yes" if info["pretrained"] else "no",
         })
     return rows
 

@@ -1,4 +1,5 @@
-"""Reward registry and factory, timm-style: ``register_reward``, ``create_reward``, ``list_rewards``.
+"""Reward registry and factory, timm-style: ``register_reward``, ``create_reward``, ``list_rewards``,
+``get_reward_class`` and ``reward_info``.
 
 A family file (``physics.py``, ``temporal.py``, ...) registers each reward with one decorator line; the family is
 the module's name. The family modules listed in ``FAMILY_MODULES`` are imported the first time the registry is
@@ -80,6 +81,59 @@ def list_rewards(family: str | None = None) -> list[str]:
     return sorted(name for name, fam in _FAMILIES.items() if fam == family)
 
 
+def _unknown_reward(name: str) -> ValueError:
+    close = difflib.get_close_matches(name, list(_REWARDS), n=3, cutoff=0.5)
+    hint = f"did you mean {close}? " if close else ""
+    return ValueError(f"unknown reward {name!r}; {hint}available: {sorted(_REWARDS)} "
+                      f"(or pass 'hf-hub:org/repo' or a local checkpoint folder)")
+
+
+def is_reward(name: str) -> bool:
+    """Whether ``name`` is a registered reward (timm's ``is_model``)."""
+    _import_families()
+    return name in _REWARDS
+
+
+def get_reward_class(name: str) -> Callable[..., RewardModel]:
+    """The class (or factory function) registered under ``name`` (timm's ``model_entrypoint``).
+
+    Raises:
+        ValueError: unknown name (the message lists close matches).
+    """
+    _import_families()
+    if name not in _REWARDS:
+        raise _unknown_reward(name)
+    return _REWARDS[name]
+
+
+def reward_info(name: str) -> dict:
+    """What the zoo knows about a registered reward without building it, as a JSON-serialisable dict.
+
+    Keys: ``name``, ``family``, ``dimensions`` (without ``"overall"``), ``differentiable``, ``requires_prompts``,
+    ``requires_references``, ``min_frames``, ``license``, ``paper_url`` and ``pretrained`` (whether weights ship
+    under ``reward_zoo/pretrained/<name>/``; their model card's licence then wins). A reward registered by a factory
+    function reveals only its name, family and shipped weights; the other entries are None.
+
+    Raises:
+        ValueError: unknown name (the message lists close matches).
+    """
+    entry = get_reward_class(name)
+    is_class = isinstance(entry, type)
+    folder = PRETRAINED_DIR / name
+    shipped = (folder / constants.CONFIG_NAME).is_file() and (folder / constants.SAFETENSORS_SINGLE_FILE).is_file()
+    licence = entry.license if is_class else None
+    if shipped and (folder / constants.REPOCARD_NAME).is_file():
+        licence = ModelCard.load(folder / constants.REPOCARD_NAME).data.to_dict().get("license", licence)
+    attrs = ("dimensions", "differentiable", "requires_prompts", "requires_references", "min_frames")
+    values = {a: getattr(entry, a, None) if is_class else None for a in attrs}
+    values = {a: None if isinstance(v, property) else v for a, v in values.items()}  # known per instance only
+    if values["dimensions"] is not None:
+        values["dimensions"] = list(values["dimensions"])
+    info = {"name": name, "family": _FAMILIES[name], **values}
+    paper = entry._hub_mixin_info.paper_url if is_class else None
+    return {**info, "license": licence, "paper_url": paper, "pretrained": shipped}
+
+
 def create_reward(name_or_hub_id: str, pretrained: bool = False, **kwargs) -> RewardModel:
     """Build a reward from the registry, a Hub repository or a local folder.
 
@@ -100,12 +154,7 @@ def create_reward(name_or_hub_id: str, pretrained: bool = False, **kwargs) -> Re
         return load_reward(name_or_hub_id[len(HUB_PREFIX):], **kwargs)
     if os.path.isdir(name_or_hub_id):
         return load_reward(name_or_hub_id, **kwargs)
-    _import_families()
-    if name_or_hub_id not in _REWARDS:
-        close = difflib.get_close_matches(name_or_hub_id, list(_REWARDS), n=3, cutoff=0.5)
-        hint = f"did you mean {close}? " if close else ""
-        raise ValueError(f"unknown reward {name_or_hub_id!r}; {hint}available: {sorted(_REWARDS)} "
-                       f"(or pass 'hf-hub:org/repo' or a local checkpoint folder)")
+    factory = get_reward_class(name_or_hub_id)
     if pretrained:
         folder = PRETRAINED_DIR / name_or_hub_id
         if not (folder / constants.CONFIG_NAME).is_file():
@@ -113,7 +162,7 @@ def create_reward(name_or_hub_id: str, pretrained: bool = False, **kwargs) -> Re
                                     f"{folder / constants.CONFIG_NAME}); use pretrained=False, or load a checkpoint "
                                     f"with create_reward('hf-hub:org/repo') or a local folder")
         return load_reward(str(folder), **kwargs)
-    reward = _REWARDS[name_or_hub_id](**kwargs)
+    reward = factory(**kwargs)
     if not isinstance(reward, RewardModel):
         raise TypeError(f"registered reward {name_or_hub_id!r} built a {type(reward).__name__}, not a RewardModel")
     return reward.eval()  # rewards are judges: no dropout, frozen norms

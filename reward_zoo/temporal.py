@@ -7,6 +7,9 @@ reward) in a ``CompositeReward``.
 The defaults are cheap, download-free pixel features so the rewards run offline and on the toy world; for real
 footage pass a timm backbone (``backbone="vit_small_patch16_224.dino"`` as in VBench) or ``flow_model="raft_small"``.
 Pretrained backbone weights carry their own licences (torchvision's RAFT weights: BSD-3-Clause).
+
+How often each ranks clean toy-world videos above flicker, noise, blur and frozen copies on held-out seeds:
+``benchmarks/results/reward_zoo.md`` (``python -m benchmarks.reward_zoo``).
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ class TemporalFlicker(RewardModel, paper_url=VBENCH):
     def forward(self, videos: Tensor, prompts: list[str] | None = None,
                 references: Tensor | None = None) -> dict[str, Tensor]:
         b, t = videos.shape[:2]
-        low = F.adaptive_avg_pool2d(videos.flatten(0, 1), self.grid).view(b, t, -1)  # (b, t, c * grid * grid)
+        low = F.adaptive_avg_pool2d(videos.flatten(0, 1), self.grid).reshape(b, t, -1)  # (b, t, c * grid * grid)
         high = low[:, 2:] - 2 * low[:, 1:-1] + low[:, :-2]  # (b, t-2, ...) second temporal difference, in [-2, 2]
         score = 1 - high.abs().mean((1, 2)) / 2
         return {"flicker": score, "overall": score}

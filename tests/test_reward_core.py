@@ -19,11 +19,15 @@ from reward_zoo import (
     bradley_terry_loss,
     bradley_terry_ties_loss,
     create_reward,
+    get_reward_class,
+    is_reward,
     list_rewards,
     register_reward,
     registry,
+    reward_info,
 )
 from reward_zoo.composite import batch_rank, zscore
+from reward_zoo.physics import NewtonReward
 
 
 class Brightness(RewardModel):
@@ -170,6 +174,36 @@ def test_list_rewards_by_family():
     assert list_rewards("temporal") == ["dynamic_degree", "flicker", "subject_consistency"]
     with pytest.raises(ValueError, match="unknown reward family 'phyics'; known families: .*'physics'"):
         list_rewards("phyics")
+
+
+def test_reward_info_and_get_reward_class(tmp_path, monkeypatch):
+    """The public, timm-style view of the registry (what ``reward-zoo list`` prints)."""
+    assert get_reward_class("newton") is NewtonReward and is_reward("newton") and not is_reward("newtonn")
+    info = reward_info("newton")
+    assert json.loads(json.dumps(info)) == info  # JSON-serialisable
+    assert info == {"name": "newton", "family": "physics",
+                    "dimensions": ["acceleration", "continuity", "mass", "energy"], "differentiable": True,
+                    "requires_prompts": False, "requires_references": False, "min_frames": 4,
+                    "license": "apache-2.0", "paper_url": "https://arxiv.org/abs/2512.00425", "pretrained": False}
+    assert reward_info("quality")["requires_prompts"] and reward_info("quality")["pretrained"]
+    create_reward("flicker").save_pretrained(tmp_path / "flicker")  # shipped weights: the model card's licence wins
+    card = tmp_path / "flicker" / "README.md"
+    card.write_text(card.read_text().replace("license: apache-2.0", "license: mit"))
+    monkeypatch.setattr(registry, "PRETRAINED_DIR", tmp_path)
+    assert reward_info("flicker")["pretrained"] and reward_info("flicker")["license"] == "mit"
+    for lookup in (get_reward_class, reward_info):
+        with pytest.raises(ValueError, match=r"unknown reward 'flickr'; did you mean \['flicker'"):
+            lookup("flickr")
+
+
+def test_reward_info_of_a_factory(scratch_registry):
+    @register_reward("test_factory_info")
+    def factory(**kwargs):
+        return Brightness(**kwargs)
+
+    assert get_reward_class("test_factory_info") is factory
+    info = reward_info("test_factory_info")
+    assert info["family"] == __name__.rsplit(".", 1)[-1] and info["dimensions"] is None and not info["pretrained"]
 
 
 def test_create_reward_by_name_and_close_matches():
@@ -386,4 +420,5 @@ def test_bradley_terry_ties_loss_checks():
 
 def test_package_exports():
     assert set(reward_zoo.__all__) >= {"RewardModel", "register_reward", "create_reward", "list_rewards",
+                                       "get_reward_class", "reward_info",
                                        "CompositeReward", "bradley_terry_loss", "bradley_terry_ties_loss"}
