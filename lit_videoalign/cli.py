@@ -1,27 +1,41 @@
-"""The ``videoalign`` command: LightningCLI's ``fit/validate/test/predict`` plus ``generate``.
+"""The ``videoalign`` command: LightningCLI's ``fit/validate/test/predict`` plus ``generate`` and ``evaluate``.
 
     videoalign fit --config configs/toyworld/sft.yaml
     videoalign generate --config configs/toyworld/sft.yaml --prompts "a red ball falls" --output_dir outputs/gen
+    videoalign evaluate --videos outputs/gen --output_dir outputs/eval                      # score a video folder
+    videoalign evaluate --config configs/toyworld/sft.yaml --ckpt_path last.ckpt --prompts_file prompts.txt \
+        --baseline_ckpt_path base.ckpt --output_dir outputs/eval                           # two models, win rates
 
 Every subcommand reads the same YAML (``model:``, ``data:``, ``trainer:``); extra subcommands are methods of
-:class:`VideoAlignCLI` whose signature becomes their arguments.
+:class:`VideoAlignCLI` whose signature becomes their arguments. ``fit`` shows a Rich progress bar with the objective's
+key metrics and ends with a table of where its outputs went.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from lit_videoalign.objectives.base import AlignmentModule
 
-EXTRA_SUBCOMMANDS = {"generate": {"model", "datamodule", "prompts", "seeds"}}
+EXTRA_SUBCOMMANDS = {"generate": {"model", "datamodule", "prompts", "seeds"},
+                     "evaluate": {"model", "datamodule", "prompts", "seeds", "rewards"}}
 # Arguments that take several space-separated values (``--prompts P [P ...]``), added by hand to the parser.
-MULTI_VALUE_ARGS = {"generate": {"prompts": str, "seeds": int}}
+MULTI_VALUE_ARGS = {"generate": {"prompts": str, "seeds": int},
+                    "evaluate": {"prompts": str, "seeds": int, "rewards": str}}
+MULTI_VALUE_HELP = {"prompts": "prompts, one video each (and/or --prompts_file)",
+                    "seeds": "one seed per prompt (default 0, 1, ...)",
+                    "rewards": "reward names, hf-hub:org/repo ids or folders (default: the toy-world set)"}
+# Subcommands whose model is optional (``evaluate`` can score a folder of videos without any model).
+OPTIONAL_MODEL = {"evaluate"}
 
 
 def load_weights(model: AlignmentModule, ckpt_path: str | os.PathLike) -> None:
@@ -88,9 +102,19 @@ class VideoAlignCLI(LightningCLI):
 
     @override
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in OPTIONAL_MODEL:
+            parser = self.init_parser(**kwargs)
+            self.add_default_arguments_to_parser(parser)
+            parser.add_lightning_class_args(self.trainer_class, "trainer")
+            parser.add_lightning_class_args(self._model_class, "model", subclass_mode=True, required=False)
+            parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=True, required=False)
+            self.link_optimizers_and_lr_schedulers(parser)
+            skip = set(self.subcommands()[subcommand])
+            self._subcommand_method_arguments[subcommand] = parser.add_method_arguments(klass, subcommand, skip=skip)
+        else:
+            parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         for name, kind in MULTI_VALUE_ARGS.get(subcommand, {}).items():
-            parser.add_argument(f"--{name}", nargs="+", type=kind, default=None)
+            parser.add_argument(f"--{name}", nargs="+", type=kind, default=None, help=MULTI_VALUE_HELP.get(name))
             self._subcommand_method_arguments[subcommand].append(name)
         return parser
 
@@ -100,6 +124,25 @@ class VideoAlignCLI(LightningCLI):
             getattr(self, subcommand)(**self._prepare_subcommand_kwargs(subcommand))
         else:
             super()._run_subcommand(subcommand)
+
+    @override
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
+        # fit: a Rich progress bar with the objective's key metrics (unless disabled or another bar is configured)
+        # and a summary of where the outputs went.
+        if self.subcommand == "fit":
+            from lightning.pytorch.callbacks import ProgressBar
+
+            from lit_videoalign.callbacks.progress_bar import VideoAlignProgressBar
+            from lit_videoalign.callbacks.run_summary import RunSummary
+
+            given = config.get("callbacks") or []
+            given = given if isinstance(given, list) else [given]
+            extra = [] if any(isinstance(cb, RunSummary) for cb in [*given, *callbacks]) else [RunSummary()]
+            if config.get("enable_progress_bar", True) is not False and not any(
+                    isinstance(cb, ProgressBar) for cb in [*given, *callbacks]):
+                extra.append(VideoAlignProgressBar())
+            callbacks = [*callbacks, *extra]
+        return super()._instantiate_trainer(config, callbacks)
 
     def before_fit(self) -> None:
         if self.datamodule is None:
@@ -119,12 +162,22 @@ class VideoAlignCLI(LightningCLI):
         batch_size: int = 8,
         fps: int = 8,
         gif: bool = True,
+        device: str | None = None,
+        reward: str | None = None,
+        best_of_n: int = 1,
+        noise_search_nfe: int | None = None,
+        reward_guidance: float = 0.0,
     ) -> list[Path]:
-        """Generate videos for prompts and seeds and write one MP4 (and GIF) per video.
+        """Generate videos for prompts and seeds: one MP4 (and GIF) per video and a ``metadata.jsonl`` manifest.
+
+        With ``--reward`` the samples are aligned at inference time (``lit_videoalign.inference``), without touching
+        the weights: ``--best_of_n N`` keeps the best of N seeds, ``--noise_search_nfe B`` searches initial noises
+        within B denoiser evaluations per video, ``--reward_guidance S`` nudges every step up the reward's gradient.
+        The scores and denoiser evaluations spent go to ``inference.json`` beside the videos.
 
         Args:
-            prompts: prompts to generate (or use ``prompts_file``).
-            prompts_file: a text file with one prompt per line.
+            prompts: prompts to generate (and/or use ``prompts_file``).
+            prompts_file: a text file with one prompt per line (``#`` lines skipped).
             seeds: one seed per prompt (default 0, 1, ...).
             ckpt_path: trained weights (``.ckpt`` from ``fit`` or ``.safetensors``); default: the config's model.
             num_inference_steps: sampler steps (default: the model's).
@@ -133,37 +186,289 @@ class VideoAlignCLI(LightningCLI):
             batch_size: videos generated at once.
             fps: frames per second of the written files.
             gif: also write a GIF beside each MP4.
+            device: torch device to generate on (default: CUDA when available, else CPU).
+            reward: a zoo reward name (shipped weights loaded when they exist), ``hf-hub:`` id or folder, for the
+                inference-time options below.
+            best_of_n: candidates per prompt, the reward's best kept (1 = plain sampling).
+            noise_search_nfe: denoiser-evaluation budget per video for a greedy search over initial noises.
+            reward_guidance: reward-gradient guidance scale (a differentiable reward is required; 0 = off).
         """
-        from lit_videoalign.video_io import write_gif, write_mp4
-
-        if prompts_file is not None:
-            lines = Path(prompts_file).read_text().splitlines()
-            prompts = (prompts or []) + [line.strip() for line in lines if line.strip()]
-        if not prompts:
-            raise ValueError("no prompts given; pass --prompts P [P ...] or --prompts_file FILE")
-        seeds = list(range(len(prompts))) if seeds is None else seeds
-        if len(seeds) != len(prompts):
-            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; expected one seed per prompt")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        prompts, seeds = resolve_prompts(prompts, prompts_file, seeds)
+        sampler, log = inference_sampler(reward, best_of_n, noise_search_nfe, reward_guidance,
+                                         num_inference_steps, guidance_scale)
         if ckpt_path is not None:
             load_weights(model, ckpt_path)
+        model.to(resolve_device(device))
+        _, files = generate_videos(model, prompts, seeds, output_dir, num_inference_steps=num_inference_steps,
+                                   guidance_scale=guidance_scale, batch_size=batch_size, fps=fps, gif=gif,
+                                   sampler=sampler)
+        if log is not None:
+            (Path(output_dir) / "inference.json").write_text(json.dumps(log, indent=2))
+        print(f"wrote {len(files)} files and metadata.jsonl to {output_dir}")
+        return files
+
+    def evaluate(
+        self,
+        model: AlignmentModule | None = None,
+        datamodule=None,
+        videos: str | None = None,
+        baseline_videos: str | None = None,
+        prompts: list[str] | None = None,
+        prompts_file: str | None = None,
+        seeds: list[int] | None = None,
+        ckpt_path: str | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        baseline_ckpt_path: str | None = None,
+        baseline_num_inference_steps: int | None = None,
+        baseline_guidance_scale: float | None = None,
+        rewards: list[str] | None = None,
+        name: str = "model",
+        baseline_name: str = "baseline",
+        num_frames: int | None = None,
+        tie_tolerance: float = 0.0,
+        ci: str = "wilson",
+        output_dir: str = "outputs/evaluate",
+        batch_size: int = 8,
+        device: str | None = None,
+    ) -> dict:
+        """Score videos with zoo rewards: per-dimension tables (JSON, CSV, Markdown) and plots (PNG); given a baseline,
+        per-reward win rates with 95% confidence intervals.
+
+        The videos are a folder with a ``metadata.jsonl`` (``--videos``, as ``generate`` writes), or are generated from
+        the config's model (``--ckpt_path`` for trained weights) for ``--prompts``/``--prompts_file`` and ``--seeds``
+        into ``output_dir/videos/NAME``. The baseline is another folder (``--baseline_videos``), or the same model
+        generated again with any of ``--baseline_ckpt_path``, ``--baseline_guidance_scale``,
+        ``--baseline_num_inference_steps`` (without a baseline checkpoint, the config's own weights); pairs are
+        matched by prompt and seed.
+
+        Args:
+            videos: folder of videos with ``metadata.jsonl``.
+            baseline_videos: folder of baseline videos with ``metadata.jsonl``.
+            prompts: prompts to generate for (and/or ``prompts_file``).
+            prompts_file: a text file with one prompt per line.
+            seeds: one seed per prompt (default 0, 1, ...).
+            ckpt_path: trained weights of the model.
+            num_inference_steps: sampler steps of the model (default: its own).
+            guidance_scale: guidance of the model (default: its own).
+            baseline_ckpt_path: weights of the baseline.
+            baseline_num_inference_steps: sampler steps of the baseline (default: the model's ``num_inference_steps``).
+            baseline_guidance_scale: guidance of the baseline (default: the model's ``guidance_scale``).
+            rewards: reward names, ``hf-hub:org/repo`` ids or folders; default the toy-world set ``newton quality
+                dynamic_degree physics_learned subject_consistency flicker`` (shipped weights loaded when they exist).
+            name: label of the model in tables and plots.
+            baseline_name: label of the baseline.
+            num_frames: score only the first frames of each video file.
+            tie_tolerance: score differences up to this count as ties (half a win).
+            ci: ``wilson`` or ``bootstrap`` interval for win rates.
+            output_dir: where the tables, plots and generated videos go.
+            batch_size: videos generated at once.
+            device: torch device (default: CUDA when available, else CPU).
+        """
+        from lit_videoalign.evaluation import DEFAULT_REWARDS, build_rewards, evaluate_sets, read_video_folder
+
         out = Path(output_dir)
-        written = []
+        wants_baseline_model = any(v is not None for v in (baseline_ckpt_path, baseline_num_inference_steps,
+                                                            baseline_guidance_scale))
+        if baseline_videos is not None and wants_baseline_model:
+            raise ValueError("give the baseline either as --baseline_videos or as baseline model settings "
+                             "(--baseline_ckpt_path/--baseline_guidance_scale/--baseline_num_inference_steps), "
+                             "not both")
+        if (videos is None or wants_baseline_model) and model is None:
+            raise ValueError("evaluate needs --videos FOLDER, or --config with a model to generate videos from")
+        dev = resolve_device(device)
+        if videos is not None:
+            if prompts is not None or prompts_file is not None:
+                raise ValueError("--videos brings its own prompts (metadata.jsonl); do not pass --prompts or "
+                                 "--prompts_file")
+            model_set = read_video_folder(videos, name=name, num_frames=num_frames)
+            prompts, seeds = model_set.prompts, model_set.seeds
+        else:
+            prompts, seeds = resolve_prompts(prompts, prompts_file, seeds)
+        initial = None
+        if model is not None:
+            model.to(dev)
+            if ckpt_path is not None:
+                if wants_baseline_model and baseline_ckpt_path is None:  # the baseline is the config's own weights
+                    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                load_weights(model, ckpt_path)
+        if videos is None:
+            model_set = generate_set(model, name, prompts, seeds, out / "videos" / name, num_inference_steps,
+                                     guidance_scale, batch_size)
+        baseline_set = None
+        if baseline_videos is not None:
+            baseline_set = read_video_folder(baseline_videos, name=baseline_name, num_frames=num_frames)
+        elif wants_baseline_model:
+            if baseline_ckpt_path is not None:
+                load_weights(model, baseline_ckpt_path)
+            elif initial is not None:
+                model.load_state_dict(initial)
+            baseline_seeds = seeds if seeds is not None else list(range(len(prompts)))
+            steps = num_inference_steps if baseline_num_inference_steps is None else baseline_num_inference_steps
+            guidance = guidance_scale if baseline_guidance_scale is None else baseline_guidance_scale
+            baseline_set = generate_set(model, baseline_name, prompts, baseline_seeds, out / "videos" / baseline_name,
+                                        steps, guidance, batch_size)
+        reward_models = build_rewards(rewards, DEFAULT_REWARDS)
+        for reward in reward_models.values():
+            reward.to(dev)
+        sets = [model_set] if baseline_set is None else [model_set, baseline_set]
+        result = evaluate_sets(sets, reward_models, out, tie_tolerance=tie_tolerance, ci=ci)
+        print_evaluation(result)
+        return result
+
+
+# -- helpers of the subcommands (plain functions, usable without the CLI) -------------------------------------------
+
+def resolve_device(device: str | None) -> torch.device:
+    """``device``, or CUDA when available, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_prompts(prompts: list[str] | None, prompts_file: str | None,
+                    seeds: list[int] | None) -> tuple[list[str], list[int]]:
+    """Prompts from arguments and/or a file, and one seed per prompt (default ``0 .. n-1``)."""
+    from lit_videoalign.data.prompts import read_prompt_file
+
+    prompts = list(prompts or [])
+    if prompts_file is not None:
+        prompts += read_prompt_file(prompts_file)
+    if not prompts:
+        raise ValueError("no prompts given; pass --prompts P [P ...] or --prompts_file FILE")
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; expected one seed per prompt")
+    return prompts, seeds
+
+
+def generate_videos(model: AlignmentModule, prompts: list[str], seeds: list[int], output_dir: str | os.PathLike,
+                    num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                    batch_size: int = 8, fps: int = 8, gif: bool = True, description: str = "generating",
+                    sampler: Callable | None = None) -> tuple[torch.Tensor, list[Path]]:
+    """Generate in batches under a Rich progress bar; write MP4s (GIFs) and ``metadata.jsonl`` into ``output_dir``.
+
+    ``sampler(model, prompts, seeds)`` replaces ``model.generate`` (an inference-time alignment method).
+
+    Returns:
+        The videos ``[B, T, C, H, W]`` in ``[0, 1]`` on CPU, and the written files (MP4, then GIF, per video).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lit_videoalign.callbacks.video_sample_logger import slug, viewing_upscale
+    from lit_videoalign.evaluation import write_manifest
+    from lit_videoalign.video_io import write_gif, write_mp4
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    out = Path(output_dir)
+    written, entries, chunks = [], [], []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns) as progress:
+        task = progress.add_task(description, total=len(prompts))
+        plain = not progress.console.is_terminal  # log files get one line per batch instead of a live bar
         for start in range(0, len(prompts), batch_size):
             chunk, chunk_seeds = prompts[start:start + batch_size], seeds[start:start + batch_size]
-            videos = model.generate(chunk, chunk_seeds, num_inference_steps=num_inference_steps,
-                                    guidance_scale=guidance_scale)
+            if sampler is not None:
+                videos = sampler(model, chunk, chunk_seeds).float().cpu()
+            else:
+                videos = model.generate(chunk, chunk_seeds, num_inference_steps=num_inference_steps,
+                                        guidance_scale=guidance_scale).float().cpu()
+            chunks.append(videos)
             for i, (prompt, seed, video) in enumerate(zip(chunk, chunk_seeds, videos)):
-                stem = f"{start + i:04d}_seed{seed}_" + "".join(c if c.isalnum() else "_" for c in prompt)[:60]
-                h, w = video.shape[-2:]
-                upscale = 4 if min(h, w) < 128 else (2 if h % 2 or w % 2 else 1)  # tiny videos are viewed bigger
+                stem = f"{start + i:04d}_seed{seed}_{slug(prompt)}"
+                upscale = viewing_upscale(*video.shape[-2:])  # tiny videos are viewed bigger
                 written.append(write_mp4(video, out / f"{stem}.mp4", fps=fps, upscale=upscale))
+                entries.append({"file_name": f"{stem}.mp4", "prompt": prompt, "seed": int(seed), "upscale": upscale})
                 if gif:
-                    write_gif(video, out / f"{stem}.gif", fps=fps)
-                print(f"wrote {written[-1]}")
-        print(f"{len(written)} videos in {out}")
-        return written
+                    written.append(write_gif(video, out / f"{stem}.gif", fps=fps))
+            progress.advance(task, len(chunk))
+            if plain:
+                print(f"{description}: {start + len(chunk)}/{len(prompts)} videos", flush=True)
+    write_manifest(out, entries)
+    return torch.cat(chunks), written
+
+
+def inference_sampler(reward: str | None, best_of_n: int, noise_search_nfe: int | None, reward_guidance: float,
+                      num_inference_steps: int | None,
+                      guidance_scale: float | None) -> tuple[Callable | None, dict | None]:
+    """The sampler ``generate`` uses for its inference-time options, and the log it fills (None, None when off)."""
+    chosen = [name for name, on in [("--best_of_n", best_of_n != 1), ("--noise_search_nfe", noise_search_nfe),
+                                    ("--reward_guidance", reward_guidance != 0)] if on]
+    if best_of_n < 1:
+        raise ValueError(f"best_of_n must be at least 1, got {best_of_n}")
+    if len(chosen) > 1:
+        raise ValueError(f"choose one inference-time method, got {' and '.join(chosen)}")
+    if not chosen:
+        if reward is not None:
+            raise ValueError("--reward is only used with --best_of_n, --noise_search_nfe or --reward_guidance")
+        return None, None
+    if reward is None:
+        raise ValueError(f"{chosen[0]} needs --reward (a zoo reward name, hf-hub: id or folder)")
+    from lit_videoalign import inference
+    from lit_videoalign.evaluation import build_rewards
+
+    judge = next(iter(build_rewards([reward]).values()))
+    common = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+    log = {"method": chosen[0].removeprefix("--"), "reward": reward, "scores": [], "nfe_per_video": None}
+    if reward_guidance:
+        inference.require_differentiable(judge, "--reward_guidance")
+
+    def sample(model: AlignmentModule, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        judge.to(model.device)
+        if best_of_n != 1:
+            result = inference.best_of_n(model, prompts, judge, best_of_n, seeds, **common)
+        elif noise_search_nfe:
+            result = inference.noise_search(model, prompts, judge, noise_search_nfe, seeds, **common)
+        else:
+            result = inference.reward_guided_sample(model, prompts, judge, seeds, scale=reward_guidance, **common)
+        log["scores"] += [float(x) for x in result.scores]
+        log["nfe_per_video"] = result.nfe
+        return result.videos
+
+    return sample, log
+
+
+def generate_set(model: AlignmentModule, name: str, prompts: list[str], seeds: list[int],
+                 output_dir: str | os.PathLike, num_inference_steps: int | None, guidance_scale: float | None,
+                 batch_size: int):
+    """Generate a :class:`~lit_videoalign.evaluation.VideoSet` (videos kept in memory, files written for viewing)."""
+    from lit_videoalign.evaluation import VideoSet
+
+    videos, files = generate_videos(model, prompts, seeds, output_dir, num_inference_steps=num_inference_steps,
+                                    guidance_scale=guidance_scale, batch_size=batch_size, gif=False,
+                                    description=f"generating {name}")
+    return VideoSet(name=name, videos=videos, prompts=list(prompts), seeds=list(seeds),
+                    files=[str(f) for f in files])
+
+
+def print_evaluation(result: dict) -> None:
+    """The per-dimension table (and win rates) as a Rich table, then the written files."""
+    from rich.console import Console
+    from rich.table import Table
+
+    summary, wins = result["summary"], result["win_rates"]
+    models = list(dict.fromkeys(r["model"] for r in summary))
+    table = Table(title="reward per dimension: mean [95% CI]")
+    for column in ("reward", "dimension", *models):
+        table.add_column(column)
+    if wins:
+        table.add_column(f"win rate {wins[0]['model']} vs {wins[0]['baseline']} [95% CI]")
+    cells = {(r["model"], r["reward"], r["dimension"]): r for r in summary}
+    by_dim = {(w["reward"], w["dimension"]): w for w in wins}
+    for reward, dim in dict.fromkeys((r["reward"], r["dimension"]) for r in summary):
+        row = [reward, dim]
+        for m in models:
+            c = cells.get((m, reward, dim))
+            row.append("" if c is None else f"{c['mean']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}]")
+        if wins:
+            w = by_dim.get((reward, dim))
+            row.append("" if w is None else f"{w['win_rate']:.2f} [{w['ci_low']:.2f}, {w['ci_high']:.2f}]")
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    for path in result["files"]:
+        console.print(f"wrote {path}")
 
 
 def main(args: list[str] | None = None) -> None:

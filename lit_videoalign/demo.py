@@ -1,64 +1,153 @@
-"""``make demo``: fine-tune the shipped toy-world base with LoRA for about a minute on CPU and show the result.
+"""``make demo``: a few CPU-minutes of Flow-GRPO on the shipped toy-world base, and what it changed.
 
-It builds the run from ``configs/toyworld/sft.yaml`` through the same CLI a user calls, measures the held-out
-flow-matching loss before and after, and writes sample videos (MP4 per prompt and a before/after GIF grid) to
-``outputs/demo/``.
+It builds the run from ``configs/toyworld/grpo.yaml`` through the same CLI a user calls (LoRA on the shipped base,
+rewarded by the verifiable ``newton`` physics reward plus the learned ``quality`` reward), then:
+
+1. samples held-out prompts (the toy world's test seed range, never seen in training) from the base and scores them
+   with the training reward and with rewards the run never optimises (the learned ``physics_learned`` judge and
+   the prompt checks of :func:`~lit_videoalign.data.toyworld.prompt_agreement`);
+2. trains for ``--max_steps`` GRPO steps, recording the training reward per step;
+3. samples and scores the same prompts and seeds again, and writes to ``outputs/demo/``: MP4s before and after, a
+   before/after GIF grid, a reward-curve PNG and ``heldout.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
+import lightning as L
+import torch
+from typing_extensions import override
+
 from lit_videoalign.cli import VideoAlignCLI
+from lit_videoalign.data.toyworld import TEST_SEED_OFFSET, ToyWorld, prompt_agreement
+from lit_videoalign.objectives.base import AlignmentModule
 from lit_videoalign.video_io import video_grid, write_gif, write_mp4
+from reward_zoo import create_reward
+from reward_zoo.base import RewardModel
 
-PROMPTS = [
-    "a red ball falls and bounces",
-    "a blue ball moves left and bounces",
-    "a green ball moves right and bounces",
-    "a yellow ball falls",
-]
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toyworld" / "sft.yaml"
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toyworld" / "grpo.yaml"
 
 
-def main(argv: list[str] | None = None) -> None:
+def heldout_prompts(n: int) -> list[str]:
+    """``n`` single-ball prompts from the toy world's test seed range."""
+    world = ToyWorld(max_balls=1)
+    return [world.example(TEST_SEED_OFFSET + i).prompt for i in range(n)]
+
+
+@torch.no_grad()
+def heldout_scores(model: AlignmentModule, prompts: list[str], seeds: list[int],
+                   rewards: dict[str, RewardModel]) -> tuple[dict[str, float], torch.Tensor]:
+    """Deterministic samples of ``prompts`` and their mean scores: each reward's overall, and prompt agreement."""
+    videos = model.generate(prompts, seeds)  # (b, t, c, h, w)
+    scores = {name: reward(videos, prompts)["overall"].mean().item() for name, reward in rewards.items()}
+    agree = [prompt_agreement(v, p) for v, p in zip(videos, prompts)]
+    for key in agree[0]:
+        scores[f"prompt_{key}"] = sum(a[key] for a in agree) / len(agree)
+    return scores, videos
+
+
+class RewardHistory(L.Callback):
+    """Keeps the training reward of every GRPO step, for the curve."""
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self.keys, self.history = keys, {k: [] for k in keys}
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        for key in self.keys:
+            value = trainer.callback_metrics.get(key)
+            if value is not None:
+                self.history[key].append(float(value))
+
+
+def plot_curve(history: dict[str, list[float]], before: dict[str, float], after: dict[str, float],
+               path: Path) -> Path:
+    """One panel per training reward (per step, with a 5-step moving average), then the held-out change."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {k: v for k, v in history.items() if v}
+    fig, axes = plt.subplots(1, len(curves) + 1, figsize=(4 * (len(curves) + 1), 3.4), squeeze=False)
+    for ax, (key, values) in zip(axes[0], curves.items()):
+        ax.plot(values, alpha=0.35, color="tab:blue")
+        if len(values) >= 5:
+            smooth = torch.tensor(values).unfold(0, 5, 1).mean(1)
+            ax.plot(range(4, len(values)), smooth, color="tab:blue", label="5-step mean")
+            ax.legend(fontsize=8)
+        ax.set_xlabel("GRPO step")
+        ax.set_title(f"training reward: {key.removeprefix('train/reward/').removesuffix('/overall')}", fontsize=10)
+    ax = axes[0][-1]
+    names = [k for k in before if k in after]
+    deltas = [after[k] - before[k] for k in names]
+    ax.barh(range(len(names)), deltas, color=["tab:green" if d >= 0 else "tab:red" for d in deltas])
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.invert_yaxis()
+    ax.set_title("held-out prompts: after - base", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="outputs/demo")
-    parser.add_argument("--max_steps", type=int, default=100)
+    parser.add_argument("--max_steps", type=int, default=12)
+    parser.add_argument("--num_heldout", type=int, default=16, help="held-out prompts scored before and after")
     parser.add_argument("--config", default=str(CONFIG))
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)  # the rest are CLI overrides, e.g. --model.init_args.group_size=4
     out = Path(args.output_dir)
 
     cli = VideoAlignCLI(args=["--config", args.config, f"--trainer.max_steps={args.max_steps}",
-                              f"--trainer.default_root_dir={out / 'run'}",
-                              f"--trainer.callbacks.init_args.dirpath={out / 'pipeline'}"], run=False)
+                              f"--trainer.default_root_dir={out / 'run'}", "--trainer.val_check_interval=null",
+                              "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false",
+                              f"--trainer.callbacks.init_args.dirpath={out / 'pipeline'}", *overrides], run=False)
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
-    seeds = list(range(len(PROMPTS)))
+    history = RewardHistory(tuple(f"train/reward/{k}/overall" for k in getattr(model.reward, "rewards", {}))
+                            or ("train/reward/overall",))
+    trainer.callbacks.append(history)
+    judges = {"newton (trained on)": create_reward("newton"),
+              "physics_learned (held out)": create_reward("physics_learned", pretrained=True)}
+    prompts = heldout_prompts(args.num_heldout)
+    seeds = list(range(len(prompts)))
 
-    print("\n[1/3] sampling the shipped base and measuring its held-out loss")
-    before = model.generate(PROMPTS, seeds)
-    loss_before = trainer.validate(model, datamodule=data, verbose=False)[0]["val/loss"]
+    print(f"\n[1/3] sampling {len(prompts)} held-out prompts from the shipped base")
+    before, videos_before = heldout_scores(model, prompts, seeds, judges)
 
-    print(f"[2/3] LoRA fine-tuning for {args.max_steps} steps on toy-world videos")
+    print(f"[2/3] Flow-GRPO with LoRA for {args.max_steps} steps "
+          f"({model.hparams.group_size} rollouts per prompt, {data.batch_size} prompts per step)")
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     minutes = (time.perf_counter() - start) / 60
-    loss_after = trainer.callback_metrics["val/loss"].item()
 
-    print("[3/3] sampling the fine-tuned model")
-    after = model.generate(PROMPTS, seeds)
-    for i, prompt in enumerate(PROMPTS):
-        stem = prompt.replace(" ", "_")
-        write_mp4(before[i], out / "before" / f"{stem}.mp4", upscale=4)
-        write_mp4(after[i], out / "after" / f"{stem}.mp4", upscale=4)
-    grid = write_gif(video_grid(list(before) + list(after), ncols=len(PROMPTS)), out / "before_after.gif")
+    print("[3/3] sampling the same prompts and seeds from the aligned model")
+    after, videos_after = heldout_scores(model, prompts, seeds, judges)
 
-    print(f"\nheld-out flow-matching loss: {loss_before:.4f} (base) -> {loss_after:.4f} (LoRA, "
-          f"{args.max_steps} steps, {minutes:.1f} minutes)")
-    print(f"samples: {out / 'before'} and {out / 'after'} (MP4), {grid} (top row base, bottom row fine-tuned)")
-    print(f"merged pipeline: {out / 'pipeline'} (load it with DiffusersVideoBackbone('{out / 'pipeline'}'))")
+    for i, prompt in enumerate(prompts[:8]):
+        stem = f"{i:02d}_{prompt.replace(' ', '_').replace(',', '')}"
+        write_mp4(videos_before[i], out / "before" / f"{stem}.mp4", upscale=4)
+        write_mp4(videos_after[i], out / "after" / f"{stem}.mp4", upscale=4)
+    grid = write_gif(video_grid(list(videos_before[:8]) + list(videos_after[:8]), ncols=8), out / "before_after.gif")
+    curve = plot_curve(history.history, before, after, out / "reward_curve.png")
+    result = {"max_steps": args.max_steps, "cpu_minutes": minutes, "heldout_prompts": len(prompts),
+              "before": before, "after": after, "train_reward": history.history}
+    (out / "heldout.json").write_text(json.dumps(result, indent=2))
+
+    print(f"\nheld-out scores, {len(prompts)} prompts, base -> after {args.max_steps} GRPO steps "
+          f"({minutes:.1f} min on this machine):")
+    for key in before:
+        print(f"  {key:32s} {before[key]:8.3f} -> {after[key]:8.3f}")
+    print(f"samples: {out / 'before'} and {out / 'after'} (MP4), {grid} (top row base, bottom row after GRPO)")
+    print(f"reward curve: {curve}; merged pipeline: {out / 'pipeline'}")
+    return result
 
 
 if __name__ == "__main__":

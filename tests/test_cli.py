@@ -54,6 +54,17 @@ def tiny_overrides(config: str, tmp: Path, tiny_pipeline: str, video_folder: Pat
     if "objectives.grpo.GRPO" in text:
         args += ["--model.init_args.group_size=2", "--model.init_args.num_sampling_steps=2",
                  "--model.init_args.num_inference_steps=2", "--data.init_args.batch_size=1"]
+    if "objectives.reward_gradient.RewardGradient" in text:
+        args += ["--model.init_args.num_sampling_steps=2", "--model.init_args.truncation_steps=1",
+                 "--model.init_args.num_inference_steps=2", "--data.init_args.batch_size=1"]
+    if "objectives.rejection_sft.RejectionSFT" in text:
+        args += ["--model.init_args.num_candidates=2", "--model.init_args.candidate_steps=2",
+                 "--model.init_args.num_inference_steps=2", "--model.init_args.train_batch_size=2",
+                 "--data.init_args.batch_size=1"]
+    if "objectives.dmd.DMD" in text:
+        args += ["--model.init_args.critic_updates=1"]
+    if "objectives.consistency.ConsistencyDistillation" in text:
+        args += ["--model.init_args.num_inference_steps=2"]
     if "pretrained_model_name_or_path: outputs/" in text:  # a later stage of the toy base: start from the shipped one
         args.append("--model.init_args.backbone.init_args.pretrained_model_name_or_path=builtin:toyworld-base")
     elif "builtin:toyworld-base" not in text:  # a real Hub model: swap in the tiny random pipeline of its family
@@ -72,6 +83,37 @@ def tiny_overrides(config: str, tmp: Path, tiny_pipeline: str, video_folder: Pat
     if "video_folder.VideoFolderDataModule" in text:
         args += [f"--data.init_args.root={video_folder}", "--data.init_args.num_frames=9",
                  "--data.init_args.height=32", "--data.init_args.width=32", "--data.init_args.batch_size=1"]
+    if "objectives.dpo.DPO" in text:
+        args += ["--model.init_args.num_inference_steps=2"]
+        if "num_candidates" in text:  # online pairs
+            args += ["--model.init_args.num_candidates=2", "--model.init_args.candidate_steps=2",
+                     "--model.init_args.pairs_per_step=2"]
+        if "toyworld_pairs.ToyWorldPairsDataModule" in text:
+            args += ["--data.init_args.batch_size=2", "--data.init_args.val_size=2"]
+        if "data.preference.PreferenceDataModule" in text:  # the two clips of the video folder as two pairs
+            (video_folder / "pairs.jsonl").write_text("".join(json.dumps(
+                {"prompt": "a red ball falls", "chosen": f"clip{i}.mp4", "rejected": f"clip{1 - i}.mp4"}) + "\n"
+                for i in range(2)))
+            args += [f"--data.init_args.root={video_folder}", "--data.init_args.manifest=pairs.jsonl",
+                     "--data.init_args.num_frames=9", "--data.init_args.height=32", "--data.init_args.width=32",
+                     "--data.init_args.batch_size=1"]
+    if "hunyuanvideo-community/" in text or "Lightricks/LTX-Video" in text:  # the tiny pipeline of the config's family
+        from lit_videoalign.testing import TINY_HUNYUAN_PROMPT_TEMPLATE, tiny_hunyuan_pipeline, tiny_ltx_pipeline
+
+        bb = "--model.init_args.backbone.init_args."
+        if "hunyuanvideo-community/" in text:
+            args += [f"{bb}pretrained_model_name_or_path={tiny_hunyuan_pipeline(tmp / 'hunyuan')}",
+                     f"{bb}family_options={json.dumps({'prompt_template': TINY_HUNYUAN_PROMPT_TEMPLATE})}"]
+        else:  # the tiny LTX VAE compresses 32x32 pixels to one latent: 64x64 frames
+            args += [f"{bb}pretrained_model_name_or_path={tiny_ltx_pipeline(tmp / 'ltx')}",
+                     "--model.init_args.height=64", "--model.init_args.width=64"]
+            if "VideoFolderDataModule" in text or "PreferenceDataModule" in text:
+                args += ["--data.init_args.height=64", "--data.init_args.width=64"]
+    if "class_path: lightning.pytorch.strategies.ModelParallelStrategy" in text:  # FSDP2 on one in-process rank
+        args += ["--trainer.devices=1", "--trainer.strategy.init_args.data_parallel_size=1"]
+    if "strategies.BlockFSDPStrategy" in text or "strategies.FSDPStrategy" in text:  # CUDA only: run it unsharded
+        args += ["--trainer.strategy=auto", "--trainer.devices=1"]
+        args += ["--model.init_args.lora_rank=null"] if "lora_rank: null" in text else []
     return args
 
 
@@ -103,6 +145,19 @@ def test_fit_then_generate_writes_mp4_and_gif(tmp_path, monkeypatch):
     assert len(mp4s) == 2 and len(gifs) == 2 and "seed3" in mp4s[0].name
     video = read_video(mp4s[0])
     assert video.shape == (16, 3, 128, 128)  # tiny videos are upscaled 4x for viewing
+
+
+def test_generate_from_a_prompts_file_writes_a_manifest(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# toy prompts\na red ball falls\n\na green ball moves right\n")
+    out = tmp_path / "gen"
+    main(["generate", "--config", "configs/toyworld/sft.yaml", "--prompts_file", str(prompts), "--seeds", "7", "8",
+          "--num_inference_steps", "1", "--guidance_scale", "1.0", "--gif", "false", "--output_dir", str(out)])
+    entries = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [(e["prompt"], e["seed"], e["upscale"]) for e in entries] == [("a red ball falls", 7, 4),
+                                                                          ("a green ball moves right", 8, 4)]
+    assert sorted(p.name for p in out.iterdir()) == sorted([e["file_name"] for e in entries] + ["metadata.jsonl"])
 
 
 def test_generate_rejects_bad_requests(tmp_path, monkeypatch):
@@ -152,3 +207,24 @@ def test_failed_run_leaves_no_partial_export(tmp_path, monkeypatch):
               f"--trainer.callbacks.init_args.dirpath={tmp_path / 'pipe'}", "--data.init_args.batch_size=0"])
     assert not (tmp_path / "pipe").exists()
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
+
+
+def test_generate_best_of_n_keeps_the_best_candidate_and_logs_its_cost(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    base = ["generate", "--config", "configs/toyworld/sft.yaml", "--prompts", "a red ball falls", "--seeds", "5",
+            "--num_inference_steps", "2", "--gif", "false"]
+    main([*base, "--output_dir", str(tmp_path / "plain")])
+    main([*base, "--output_dir", str(tmp_path / "best"), "--reward", "dynamic_degree", "--best_of_n", "3"])
+    log = json.loads((tmp_path / "best" / "inference.json").read_text())
+    assert log["method"] == "best_of_n" and log["nfe_per_video"] == 3 * 2 * 2  # candidates x steps x CFG branches
+    from reward_zoo import create_reward
+    judge = create_reward("dynamic_degree")
+    plain = read_video(next((tmp_path / "plain").glob("*.mp4")))[None]
+    best = read_video(next((tmp_path / "best").glob("*.mp4")))[None]
+    assert log["scores"][0] >= judge(plain.float())["overall"].item() - 0.02  # read back through lossy MP4
+    with pytest.raises(ValueError, match="needs --reward"):
+        main([*base, "--output_dir", str(tmp_path / "x"), "--best_of_n", "2"])
+    with pytest.raises(ValueError, match="choose one"):
+        main([*base, "--output_dir", str(tmp_path / "x"), "--reward", "newton", "--best_of_n", "2",
+              "--reward_guidance", "0.1"])
+    assert best.shape == plain.shape

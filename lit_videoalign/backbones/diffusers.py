@@ -377,6 +377,27 @@ def _scheduler_shift(root: Path) -> float:
     return float(config.get("flow_shift") or config.get("shift") or 1.0)
 
 
+_QUANTIZATIONS = ("nf4", "fp4")
+
+
+def _load_quantized(transformer_cls: type, root: Path, quant_type: str, dtype: torch.dtype) -> nn.Module:
+    """Load the transformer with its linear layers in 4 bits (bitsandbytes through diffusers' quantizer)."""
+    from diffusers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=dtype,
+                                bnb_4bit_use_double_quant=True)
+    # One whole copy per process on its own device (Lightning starts one process per device, LOCAL_RANK each).
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    model = transformer_cls.from_pretrained(root, subfolder="transformer", torch_dtype=dtype,
+                                            quantization_config=config, device_map={"": device})
+    for layer in model.modules():
+        # bitsandbytes >= 0.49 repacks 4-bit weights for its CPU inference kernel on the first eval-mode call; the
+        # repacked layout then breaks training steps (in-place bias add on a leaf view). Keep the training layout.
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False
+    return model
+
+
 class DiffusersVideoBackbone(VideoBackbone):
     """A diffusers text-to-video pipeline (Wan, LTX-Video, HunyuanVideo) as a :class:`VideoBackbone`.
 
@@ -395,6 +416,11 @@ class DiffusersVideoBackbone(VideoBackbone):
         gradient_checkpointing: recompute transformer blocks in the backward pass.
         family_options: family settings that are pipeline call arguments in diffusers, e.g. ``{"frame_rate": 24}``
             (LTX) or ``{"guidance_scale": 1.0, "prompt_template": {...}}`` (HunyuanVideo); see the family classes.
+        quantization: ``"nf4"`` or ``"fp4"`` loads the denoiser's linear layers in 4 bits through diffusers'
+            ``BitsAndBytesConfig`` (computing in ``torch_dtype``) as the frozen base of a LoRA adapter (QLoRA,
+            arXiv 2305.14314); None loads full weights. Needs bitsandbytes; diffusers loads it on an accelerator.
+        compile_blocks: ``torch.compile`` the transformer blocks when training starts (in ``configure_model``, after
+            any sharding).
     """
 
     def __init__(
@@ -407,8 +433,16 @@ class DiffusersVideoBackbone(VideoBackbone):
         reinit_denoiser: bool = False,
         gradient_checkpointing: bool = False,
         family_options: dict[str, Any] | None = None,
+        quantization: str | None = None,
+        compile_blocks: bool = False,
     ) -> None:
         super().__init__()
+        if quantization is not None and quantization not in _QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {list(_QUANTIZATIONS)} or None, got {quantization!r}")
+        if quantization is not None and reinit_denoiser:
+            raise ValueError("quantization needs pretrained weights to quantize; it cannot be combined with "
+                             "reinit_denoiser=True")
+        self.compile_blocks = compile_blocks
         for key, value in (("torch_dtype", torch_dtype), ("frozen_dtype", frozen_dtype)):
             if value not in _DTYPES:
                 raise ValueError(f"{key} must be one of {list(_DTYPES)}, got {value!r}")
@@ -435,6 +469,8 @@ class DiffusersVideoBackbone(VideoBackbone):
             self.denoiser = transformer_cls.from_config(config)
             if dtype != torch.float32:
                 self.denoiser = self.denoiser.to(dtype)
+        elif quantization is not None:
+            self.denoiser = _load_quantized(transformer_cls, root, quantization, dtype)
         else:
             self.denoiser = transformer_cls.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
         self.default_lora_targets = self.family.lora_targets
@@ -458,6 +494,11 @@ class DiffusersVideoBackbone(VideoBackbone):
     @property
     def pixel_space(self) -> bool:
         return self.vae is None
+
+    @property
+    def is_quantized(self) -> bool:
+        """Whether the denoiser's base weights are bitsandbytes-quantized (train only LoRA on it)."""
+        return bool(getattr(self.denoiser, "is_quantized", False))
 
     @property
     def text_encoders(self) -> list[nn.Module]:

@@ -74,7 +74,7 @@ class AlignmentModule(L.LightningModule):
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be non-negative, got {guidance_scale}")
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "reward", "critic_optimizer"])
         self.backbone = backbone
         self.optimizer_fn, self.lr_scheduler_fn = optimizer, lr_scheduler
         backbone.latent_shape(num_frames, height, width)  # fail early on an impossible video size
@@ -100,6 +100,32 @@ class AlignmentModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_fn(optimizer),
                                                           "interval": "step"}}
+
+    # -- distribution ---------------------------------------------------------------------------------------------
+    @override
+    def configure_model(self) -> None:
+        """Called by the Trainer at the start of ``fit``/``validate``/``test``, after ``setup`` and before the optimizer
+        is created.
+
+        Under Lightning's ``ModelParallelStrategy`` (``self.device_mesh`` is set) it shards every copy of the denoiser
+        (trainable, frozen reference, teacher, critic) with FSDP2, block by block
+        (:func:`~lit_videoalign.strategies.apply_fsdp2`); with ``trainer.precision: bf16-mixed`` the gathered
+        parameters compute in bf16 and gradients reduce in float32. It then compiles the transformer blocks when the
+        backbone asks for it (``compile_blocks``). Under other strategies sharding is the strategy's job
+        (``BlockFSDPStrategy``). An objective that builds extra models keeps all of this by building them in
+        ``__init__`` (or calling ``super().configure_model()`` after building them here).
+        """
+        from lit_videoalign.strategies import apply_fsdp2, compile_blocks
+
+        if getattr(self.backbone, "is_quantized", False) and not self.backbone.has_lora:
+            raise ValueError("the denoiser is quantized (backbone quantization=...), so only a LoRA adapter can be "
+                             "trained on it; set lora_rank")
+        if self.device_mesh is not None:
+            precision = str(self.trainer.precision) if self._trainer is not None else ""
+            mixed = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+            apply_fsdp2(self, self.device_mesh, param_dtype=mixed, reduce_dtype=torch.float32 if mixed else None)
+        if getattr(self.backbone, "compile_blocks", False):
+            compile_blocks(self)
 
     # -- conditioning ---------------------------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str], dropout: float = 0.0) -> Conditioning:

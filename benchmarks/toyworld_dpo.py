@@ -1,0 +1,161 @@
+"""Evaluate a DPO-trained toy-world model against its base: held-out physics score, win rate and before/after GIFs.
+
+    python -m benchmarks.toyworld_dpo --pipeline outputs/dpo/pipeline            # a PipelineExport folder
+    python -m benchmarks.toyworld_dpo --ckpt outputs/dpo/.../last.ckpt            # or a LoRA/full checkpoint
+
+Prompts come from held-out toy-world scenes (the test seed range, never used for training pairs), one ball each.
+The base and the trained model sample every prompt from the same seeds (paired comparison). Scores:
+
+- ``physics_learned`` (the shipped learned physics reward, ``reward_zoo/pretrained/physics_learned``): the held-out
+  physics score. It ranks neither the offline pairs (those are ground truth against corruptions) nor the online ones
+  (ranked by ``newton``), so it is not the training signal of either config;
+- trajectory agreement with the prompt (``lit_videoalign.data.toyworld.prompt_agreement``: colour, direction, and
+  whether the ball accelerates downwards), read back from the pixels;
+- ``newton`` as well, labelled as the online config's training reward.
+
+The win rate counts, per (prompt, seed), the trained model's ``physics_learned`` score above the base's
+(ties count half). Writes ``<out>/toyworld_dpo.json``, ``.md`` and a GIF grid (rows: prompts; columns: the real
+scene, base, trained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
+from lit_videoalign.data.toyworld import TEST_SEED_OFFSET, ToyWorld, prompt_agreement
+from lit_videoalign.objectives.sft import SFT
+from lit_videoalign.video_io import video_grid, write_gif
+from reward_zoo import create_reward
+
+
+def sampler(backbone: DiffusersVideoBackbone, args: argparse.Namespace, **lora) -> SFT:
+    """An AlignmentModule used only for its sampler (the objective does not matter for generation)."""
+    return SFT(backbone, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, **lora)
+
+
+def load_trained(args: argparse.Namespace) -> SFT:
+    """The trained model from a pipeline folder, or from a Lightning checkpoint on top of the base."""
+    if args.pipeline:
+        return sampler(DiffusersVideoBackbone(args.pipeline, max_sequence_length=24), args)
+    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)  # never unpickles objects
+    if "state_dict" not in ckpt:
+        raise ValueError(f"{args.ckpt} is not a Lightning checkpoint (no 'state_dict')")
+    hp = ckpt.get("hyper_parameters", {})
+    lora = {k: hp.get(k) for k in ("lora_rank", "lora_alpha", "lora_target_modules")}
+    model = sampler(DiffusersVideoBackbone(args.base, max_sequence_length=24), args, **lora)
+    state = {k[len("backbone."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
+    model.backbone.load_state_dict(state, strict=True)
+    return model
+
+
+def generate(model: SFT, prompts: list[str], seeds: list[int], batch: int = 16) -> torch.Tensor:
+    return torch.cat([model.generate(prompts[i:i + batch], seeds=seeds[i:i + batch])
+                      for i in range(0, len(prompts), batch)])
+
+
+def agreement(videos: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    rows = [prompt_agreement(v, p) for v, p in zip(videos, prompts)]
+    rates = {k: sum(r[k] for r in rows) / len(rows) for k in ("colour", "direction", "falls")}
+    rates["all"] = sum(all(r.values()) for r in rows) / len(rows)
+    return rates
+
+
+def bootstrap_ci(diff: torch.Tensor, n: int = 2000, seed: int = 0) -> list[float]:
+    """95 % bootstrap interval of the mean of paired differences."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(diff), (n, len(diff)), generator=g)
+    means = diff[idx].mean(1).sort().values
+    return [float(means[int(0.025 * n)]), float(means[int(0.975 * n) - 1])]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pipeline", help="trained pipeline folder (PipelineExport)")
+    source.add_argument("--ckpt", help="trained Lightning checkpoint (LoRA or full), loaded onto --base")
+    parser.add_argument("--base", default="builtin:toyworld-base")
+    parser.add_argument("--num_prompts", type=int, default=48)
+    parser.add_argument("--seeds_per_prompt", type=int, default=2)
+    parser.add_argument("--num_inference_steps", type=int, default=40)
+    parser.add_argument("--guidance_scale", type=float, default=2.0)
+    parser.add_argument("--gif_prompts", type=int, default=6, help="rows of the GIF grid")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default="benchmarks/results/toyworld_dpo")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    world = ToyWorld(max_balls=1)
+    scenes = [world.example(TEST_SEED_OFFSET + i) for i in range(args.num_prompts)]
+    prompts = [s.prompt for s in scenes for _ in range(args.seeds_per_prompt)]
+    seeds = [j for _ in scenes for j in range(args.seeds_per_prompt)]
+    models = {"base": sampler(DiffusersVideoBackbone(args.base, max_sequence_length=24), args),
+              "trained": load_trained(args)}
+    held_out = create_reward("physics_learned", pretrained=True).eval()
+    newton = create_reward("newton").eval()
+
+    videos, seconds = {}, {}
+    for name, model in models.items():
+        start = time.perf_counter()
+        videos[name] = generate(model, prompts, seeds)
+        seconds[name] = time.perf_counter() - start
+    with torch.no_grad():
+        physics = {k: held_out(v)["overall"] for k, v in videos.items()}
+        newton_scores = {k: newton(v)["overall"] for k, v in videos.items()}
+    diff = physics["trained"] - physics["base"]
+    wins, ties = int((diff > 0).sum()), int((diff == 0).sum())
+    result = {
+        "trained": args.pipeline or args.ckpt, "base": args.base,
+        "num_prompts": args.num_prompts, "seeds_per_prompt": args.seeds_per_prompt, "num_videos": len(prompts),
+        "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+        "held_out_physics": {k: float(v.mean()) for k, v in physics.items()},
+        "held_out_physics_diff": float(diff.mean()), "held_out_physics_diff_ci95": bootstrap_ci(diff),
+        "win_rate_vs_base": (wins + 0.5 * ties) / len(prompts), "wins": wins, "ties": ties,
+        "losses": len(prompts) - wins - ties,
+        "trajectory_agreement": {k: agreement(v, prompts) for k, v in videos.items()},
+        "real_videos_agreement": agreement(torch.stack([s.video for s in scenes]), [s.prompt for s in scenes]),
+        "newton_training_reward_of_online_config": {k: float(v.mean()) for k, v in newton_scores.items()},
+        "sampling_seconds": seconds,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "toyworld_dpo.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    rows = min(args.gif_prompts, args.num_prompts)
+    tiles = []
+    for i in range(rows):
+        j = i * args.seeds_per_prompt  # the first seed of prompt i
+        tiles += [scenes[i].video, videos["base"][j], videos["trained"][j]]
+    gif = write_gif(video_grid(torch.stack(tiles), ncols=3), out / "toyworld_dpo_samples.gif", upscale=3)
+    result["gif"] = str(gif)
+
+    ta = result["trajectory_agreement"]
+    md = [f"# Toy-world DPO: `{result['trained']}` against `{args.base}`", "",
+          f"{len(prompts)} videos: {args.num_prompts} held-out one-ball prompts (test seeds) x "
+          f"{args.seeds_per_prompt} seeds, {args.num_inference_steps} Euler steps, guidance {args.guidance_scale}; "
+          "base and trained sampled from the same seeds.", "",
+          "| metric | base | trained |", "|---|---|---|",
+          f"| held-out physics score (`physics_learned`, mean logit) | {result['held_out_physics']['base']:.3f} | "
+          f"{result['held_out_physics']['trained']:.3f} |"]
+    for k in ("colour", "direction", "falls", "all"):
+        md.append(f"| trajectory agreement: {k} | {ta['base'][k]:.0%} | {ta['trained'][k]:.0%} |")
+    nt = result["newton_training_reward_of_online_config"]
+    md += [f"| `newton` (training reward of dpo_online) | {nt['base']:.3f} | {nt['trained']:.3f} |", "",
+           f"Win rate against the base on the held-out physics score: **{result['win_rate_vs_base']:.0%}** "
+           f"({wins} wins, {ties} ties, {result['losses']} losses); mean paired difference "
+           f"{result['held_out_physics_diff']:+.3f} (95 % bootstrap CI {result['held_out_physics_diff_ci95'][0]:+.3f}"
+           f" to {result['held_out_physics_diff_ci95'][1]:+.3f}).", "",
+           f"Samples: `{gif.name}` (rows: prompts; columns: real scene, base, trained)."]
+    (out / "toyworld_dpo.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return result
+
+
+if __name__ == "__main__":
+    main()

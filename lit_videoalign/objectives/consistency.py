@@ -1,0 +1,512 @@
+"""Latent consistency distillation (LCM, Luo et al., arXiv 2310.04378; consistency models, arXiv 2303.01469) for flows.
+
+A consistency function ``f(x_sigma, sigma)`` maps every point of the teacher's probability-flow ODE trajectory to its
+end ``x0``. It is learnt by distillation: draw ``x_sigma`` at a point ``sigma_n`` of a discretised schedule, take one
+Euler step of the teacher (with classifier-free guidance) to ``sigma_{n+k}``, and regress the student's ``f`` at
+``(x_sigma, sigma_n)`` onto an EMA copy of the student evaluated at the teacher's next point, with a pseudo-Huber or
+L2 loss. The EMA target and the boundary condition ``f(x, 0) = x`` anchor the recursion at the data end.
+
+Boundary-condition parameterisation, ``x0 = c_skip(sigma) * x + c_out(sigma) * F``:
+
+- ``"flow"`` (default): ``F`` is the network's velocity, ``c_skip = 1``, ``c_out = -sigma``, i.e. the flow model's own
+  x0 prediction ``x - sigma * v``. It holds the boundary exactly (``c_out(0) = 0``), needs no new constants, and the
+  student stays a plain velocity model, so its exported pipeline loads and samples like any other.
+- ``"lcm"``: ``F = x - sigma * v`` and LCM's ``c_skip = s_d^2 / (t^2 + s_d^2)``, ``c_out = t / sqrt(t^2 + s_d^2)``
+  with ``t = timestep_scaling * 1000 * sigma`` (the diffusers timestep, scaled); also exact at ``sigma = 0``.
+
+The student samples in a few steps (multistep consistency sampling): predict ``x0``, re-noise it to the next sigma
+with fresh noise, repeat. Training points come from the batch's videos when it has them (LCM's setting) or, for
+prompt-only data, from the EMA student's own few-step samples re-noised to ``sigma_n``: the very inputs its sampler
+meets at inference.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lit_videoalign.backbones.base import Conditioning
+from lit_videoalign.objectives.base import AlignmentModule
+from lit_videoalign.schedules.flow import add_noise, euler_step, sampling_sigmas
+from reward_zoo.base import RewardModel
+
+PARAMETERIZATIONS = ("flow", "lcm")
+LOSS_TYPES = ("huber", "l2")
+SAMPLER_MODES = ("renoise", "euler")
+
+
+# -- pure functions ----------------------------------------------------------------------------------------------------
+def _per_sample(sigma: float | Tensor, like: Tensor) -> Tensor:
+    """``sigma`` (float or ``Tensor[B]``) as a float tensor shaped ``[B, 1, 1, ...]`` (or a scalar) against ``like``."""
+    s = torch.as_tensor(sigma, dtype=torch.float32, device=like.device)
+    if s.ndim == 0:
+        return s
+    if s.ndim != 1 or s.shape[0] != like.shape[0]:
+        raise ValueError(f"sigma must be a float or Tensor[B] with B={like.shape[0]}, got shape {tuple(s.shape)}")
+    return s.view(-1, *([1] * (like.ndim - 1)))
+
+
+def boundary_coefficients(sigma: Tensor, parameterization: str = "flow", sigma_data: float = 0.5,
+                          timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
+    """``(c_skip, c_out)`` of ``x0 = c_skip * x + c_out * F``, with ``c_skip(0) = 1`` and ``c_out(0) = 0`` exactly.
+
+    Args:
+        sigma: flow time(s) in ``[0, 1]``.
+        parameterization: ``"flow"`` (``c_skip = 1``, ``c_out = -sigma``, ``F`` the velocity) or ``"lcm"`` (LCM's
+            coefficients at diffusers timestep ``1000 * sigma``, ``F`` the x0 prediction ``x - sigma * v``).
+        sigma_data: LCM's data standard deviation.
+        timestep_scaling: LCM's timestep scaling (10 sharpens the switch from ``F`` to ``x`` near ``sigma = 0``).
+    """
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    if parameterization == "flow":
+        return torch.ones_like(sigma), -sigma
+    if parameterization == "lcm":
+        t = timestep_scaling * 1000.0 * sigma
+        return sigma_data**2 / (t**2 + sigma_data**2), t / torch.sqrt(t**2 + sigma_data**2)
+    raise ValueError(f"parameterization must be one of {list(PARAMETERIZATIONS)}, got {parameterization!r}")
+
+
+def consistency_x0(x: Tensor, velocity: Tensor, sigma: float | Tensor, parameterization: str = "flow",
+                   sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> Tensor:
+    """The consistency function's output ``c_skip * x + c_out * F`` from a velocity prediction at ``(x, sigma)``.
+
+    Args:
+        x: ``[B, ...]`` noisy latents at ``sigma``.
+        velocity: ``[B, ...]`` the network's velocity prediction.
+        sigma: float or ``Tensor[B]``.
+        parameterization: see :func:`boundary_coefficients`.
+        sigma_data: LCM's data standard deviation (``"lcm"`` only).
+        timestep_scaling: LCM's timestep scaling (``"lcm"`` only).
+
+    Returns:
+        ``[B, ...]`` the predicted clean latents, equal to ``x`` at ``sigma = 0`` whatever the velocity.
+    """
+    if x.shape != velocity.shape:
+        raise ValueError(f"x and velocity must have the same shape, got {tuple(x.shape)} and {tuple(velocity.shape)}")
+    s = _per_sample(sigma, x)
+    c_skip, c_out = boundary_coefficients(s, parameterization, sigma_data, timestep_scaling)
+    c_skip, c_out = c_skip.to(x.dtype), c_out.to(x.dtype)
+    if parameterization == "flow":
+        return c_skip * x + c_out * velocity
+    return c_skip * x + c_out * (x - s.to(x.dtype) * velocity)
+
+
+def consistency_loss(pred: Tensor, target: Tensor, loss_type: str = "huber", huber_c: float = 1e-3) -> Tensor:
+    """Distance between the student's and the target's x0, averaged over all elements (scalar).
+
+    ``"huber"`` is LCM's pseudo-Huber ``sqrt((pred - target)^2 + c^2) - c`` per element; ``"l2"`` the squared error.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    diff = pred.float() - target.float()
+    if loss_type == "l2":
+        return diff.pow(2).mean()
+    if loss_type == "huber":
+        if huber_c <= 0:
+            raise ValueError(f"huber_c must be positive, got {huber_c}")
+        return (torch.sqrt(diff.pow(2) + huber_c**2) - huber_c).mean()
+    raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
+
+
+@torch.no_grad()
+def ema_update(target: Iterable[Tensor], online: Iterable[Tensor], decay: float) -> None:
+    """In place, ``target = decay * target + (1 - decay) * online`` for every pair of tensors."""
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+    target, online = list(target), list(online)
+    if len(target) != len(online):
+        raise ValueError(f"EMA target has {len(target)} tensors but the online model {len(online)}")
+    for t, o in zip(target, online):
+        if t.shape != o.shape:
+            raise ValueError(f"EMA tensor shapes differ: {tuple(t.shape)} vs {tuple(o.shape)}")
+        t.lerp_(o.to(t.dtype), 1.0 - decay)
+
+
+def next_sample(x: Tensor, x0: Tensor, sigma: float, sigma_next: float, mode: str = "renoise",
+                noise: Tensor | None = None) -> Tensor:
+    """One few-step sampler transition from ``x`` at ``sigma``, given the prediction ``x0``, to ``sigma_next``.
+
+    ``"renoise"`` (consistency models, DMD2): ``(1 - sigma_next) * x0 + sigma_next * noise`` with fresh ``noise``;
+    ``"euler"``: the Euler step of the velocity the prediction implies, ``x + (sigma_next - sigma) * (x - x0) / sigma``.
+    """
+    if mode == "renoise":
+        if noise is None:
+            raise ValueError("the renoise transition needs fresh noise, got None")
+        return add_noise(x0, noise, sigma_next)
+    if mode == "euler":
+        if sigma <= 0:
+            raise ValueError(f"an Euler transition needs sigma > 0, got {sigma}")
+        return x + (sigma_next - sigma) / sigma * (x - x0)
+    raise ValueError(f"sampler mode must be one of {list(SAMPLER_MODES)}, got {mode!r}")
+
+
+def draw_noise(like: Tensor, generators: Sequence[torch.Generator] | None = None) -> Tensor:
+    """Standard normal noise shaped like ``like``: one draw per sample from ``generators`` (seeded, on CPU, so a seed
+    gives the same draw on every device), or from the global RNG."""
+    if generators is None:
+        return torch.randn_like(like)
+    if len(generators) != like.shape[0]:
+        raise ValueError(f"got {len(generators)} generators for a batch of {like.shape[0]}; expected one per sample")
+    return torch.stack([torch.randn(like.shape[1:], generator=g) for g in generators]).to(like)
+
+
+def multistep_sample(
+    x0_fn: Callable[[Tensor, Tensor], Tensor],
+    noise: Tensor,
+    sigmas: Tensor,
+    generators: Sequence[torch.Generator] | None = None,
+    mode: str = "renoise",
+) -> Tensor:
+    """Few-step sampling of an x0 predictor: predict ``x0``, move to the next sigma (:func:`next_sample`), repeat.
+
+    With ``mode="renoise"`` this is multistep consistency sampling (Song et al., Algorithm 1).
+
+    Args:
+        x0_fn: ``(x, sigma Tensor[B]) -> x0`` of a few-step student.
+        noise: the starting sample at ``sigmas[0]``.
+        sigmas: decreasing grid ending at 0, e.g. ``[1.0, 0.75, 0.5, 0.25, 0.0]`` for 4 steps.
+        generators: one generator per sample for the re-noising draws (seeded sampling); None uses the global RNG.
+        mode: ``"renoise"`` or ``"euler"``.
+
+    Returns:
+        The last ``x0`` prediction.
+    """
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f"sigmas must be a 1-D grid of at least 2 values, got shape {tuple(sigmas.shape)}")
+    if mode not in SAMPLER_MODES:
+        raise ValueError(f"sampler mode must be one of {list(SAMPLER_MODES)}, got {mode!r}")
+    if generators is not None and len(generators) != noise.shape[0]:
+        raise ValueError(f"got {len(generators)} generators for a batch of {noise.shape[0]}; expected one per sample")
+    x, x0 = noise, noise
+    values = sigmas.tolist()
+    for i, (sigma, sigma_next) in enumerate(zip(values[:-1], values[1:])):
+        x0 = x0_fn(x, torch.full((x.shape[0],), sigma, device=x.device))
+        if i == len(values) - 2 or sigma_next <= 0:
+            break
+        eps = draw_noise(x0, generators) if mode == "renoise" else None
+        x = next_sample(x, x0, sigma, sigma_next, mode, eps)
+    return x0
+
+
+class AdapterRoles:
+    """Several peft adapters over one frozen base, one active at a time, or none (the base alone).
+
+    peft's ``set_adapter`` and ``enable_adapters`` rewrite ``requires_grad`` of every adapter (active ones True,
+    others False); after every switch this puts back the flags given here, so an optimizer's parameters stay
+    trainable and an EMA adapter stays frozen whichever adapter runs. The ``default`` adapter is active outside
+    :meth:`use`, which is what ``generate`` and the pipeline export (which merges the active adapter) see.
+
+    With gradient checkpointing, blocks are recomputed in the backward pass with whatever adapter is active *then*:
+    run the backward of a loss inside the same :meth:`use` as its forward (contexts nest).
+
+    Args:
+        denoiser: a diffusers model with peft adapters.
+        trainable: adapter name -> whether its weights train.
+        default: the adapter active outside :meth:`use`.
+    """
+
+    def __init__(self, denoiser: nn.Module, trainable: dict[str, bool], default: str) -> None:
+        if default not in trainable:
+            raise ValueError(f"default adapter {default!r} is not one of {sorted(trainable)}")
+        self.denoiser, self.trainable, self.default = denoiser, dict(trainable), default
+        self.active: str | None = default
+        self.activate(default)
+
+    def parameters(self, name: str) -> list[nn.Parameter]:
+        """The weights of adapter ``name``."""
+        if name not in self.trainable:
+            raise ValueError(f"unknown adapter {name!r}; expected one of {sorted(self.trainable)}")
+        return [p for n, p in self.denoiser.named_parameters() if f".{name}." in n and "lora_" in n]
+
+    def _restore_flags(self) -> None:
+        for name, train in self.trainable.items():
+            for p in self.parameters(name):
+                p.requires_grad_(train)
+
+    def activate(self, name: str | None) -> None:
+        """Make adapter ``name`` the only active one (None: run the base with every adapter off)."""
+        if name is None:
+            self.denoiser.disable_adapters()
+        else:
+            if name not in self.trainable:
+                raise ValueError(f"unknown adapter {name!r}; expected one of {sorted(self.trainable)}")
+            self.denoiser.enable_adapters()
+            self.denoiser.set_adapter(name)
+        self.active = name
+        self._restore_flags()
+
+    @contextmanager
+    def use(self, name: str | None) -> Iterator[None]:
+        """Context in which adapter ``name`` (None: no adapter) runs; the previously active one is restored after."""
+        previous = self.active
+        if name != previous:
+            self.activate(name)
+        try:
+            yield
+        finally:
+            if self.active != previous:
+                self.activate(previous)
+
+
+def add_named_adapter(backbone, name: str, rank: int, alpha: float | None, target_modules: list[str] | None) -> None:
+    """Add one more peft LoRA adapter ``name`` to ``backbone.denoiser`` (peft warns about a second adapter; that is
+    the point here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        backbone.add_lora(rank, alpha, target_modules, adapter_name=name)
+
+
+def guided_velocity(backbone, x: Tensor, sigma: Tensor, cond: Conditioning, uncond: Conditioning | None,
+                    guidance_scale: float, denoiser: nn.Module | None = None) -> Tensor:
+    """``v_u + g * (v_c - v_u)`` in one batched call (just ``v_c`` when ``g = 1``), with ``denoiser`` if given."""
+    if guidance_scale == 1.0:
+        return backbone.predict_velocity(x, sigma, cond, denoiser=denoiser)
+    if uncond is None:
+        raise ValueError(f"guidance_scale={guidance_scale} needs the unconditional (negative-prompt) conditioning")
+    both = Conditioning.cat([cond, uncond])
+    v_c, v_u = backbone.predict_velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both,
+                                         denoiser=denoiser).chunk(2)
+    return v_u + guidance_scale * (v_c - v_u)
+
+
+# -- the module --------------------------------------------------------------------------------------------------------
+class ConsistencyDistillation(AlignmentModule):
+    """Multistep latent consistency distillation of the backbone (teacher) into a few-step student.
+
+    The student starts as a copy of the teacher: the backbone's denoiser itself, fully or through LoRA. The teacher
+    is the frozen initial denoiser (the adapter-disabled base under LoRA, a frozen copy otherwise). The EMA target is
+    a frozen copy of the denoiser, or under LoRA a second, frozen ``"ema"`` adapter over the same base, so teacher,
+    student and target then share one set of base weights. The EMA weights are part of the module's state, so they
+    are saved in and restored from checkpoints.
+
+    Batches are ``{"prompt": list[str]}``, optionally with ``"video"`` (``[B, T, C, H, W]`` in ``[0, 1]``) or
+    ``"latents"``; with videos the training points are noised data, without them the EMA student's samples.
+
+    Args:
+        num_timesteps: points ``N`` of the discretised schedule (the teacher's sampling grid, with the sampling shift).
+        skip_steps: ``k``: the teacher's Euler step goes from ``sigma_n`` to ``sigma_{n+k}``.
+        teacher_guidance_scale: classifier-free guidance of the teacher's step (distilled into the student).
+        ema_decay: decay of the target network's EMA (LCM uses 0.95).
+        loss_type: ``"huber"`` (pseudo-Huber) or ``"l2"``.
+        huber_c: the pseudo-Huber ``c``.
+        parameterization: ``"flow"`` or ``"lcm"``, see the module docstring.
+        sigma_data: LCM's data standard deviation (``"lcm"`` only).
+        timestep_scaling: LCM's timestep scaling (``"lcm"`` only).
+        reward: optional ``reward_zoo`` reward; validation then logs its scores of the student's samples.
+        num_inference_steps: steps of the student's sampler (``generate`` and data-free training points).
+        guidance_scale: guidance when sampling the student (1.0: the teacher's guidance is distilled in).
+        **kwargs: :class:`AlignmentModule` arguments (backbone, optimizer, LoRA, video size, shift).
+    """
+
+    def __init__(
+        self,
+        *args,
+        num_timesteps: int = 40,
+        skip_steps: int = 1,
+        teacher_guidance_scale: float = 1.0,
+        ema_decay: float = 0.95,
+        loss_type: str = "huber",
+        huber_c: float = 1e-3,
+        parameterization: str = "flow",
+        sigma_data: float = 0.5,
+        timestep_scaling: float = 10.0,
+        reward: RewardModel | None = None,
+        num_inference_steps: int = 4,
+        guidance_scale: float = 1.0,
+        **kwargs,
+    ) -> None:
+        self.requires_reference = kwargs.get("lora_rank") is None  # the teacher: a frozen copy unless LoRA
+        super().__init__(*args, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, **kwargs)
+        if num_timesteps < 1 or not 1 <= skip_steps <= num_timesteps:
+            raise ValueError(f"need num_timesteps >= 1 and 1 <= skip_steps <= num_timesteps, got num_timesteps="
+                             f"{num_timesteps}, skip_steps={skip_steps}")
+        if not 0.0 <= ema_decay <= 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}")
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {list(PARAMETERIZATIONS)}, got {parameterization!r}")
+        if huber_c <= 0 or teacher_guidance_scale < 0:
+            raise ValueError(f"need huber_c > 0 and teacher_guidance_scale >= 0, got {huber_c}, "
+                             f"{teacher_guidance_scale}")
+        if reward is not None and not isinstance(reward, RewardModel):
+            raise TypeError(f"reward must be a reward_zoo RewardModel or None, got {type(reward).__name__}")
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "reward"])
+        self.reward = reward.requires_grad_(False).eval() if reward is not None else None
+        self._last_ema_step = -1
+        hp = self.hparams
+        if self.backbone.has_lora:  # the target is a frozen second adapter over the same base
+            add_named_adapter(self.backbone, "ema", hp.lora_rank, hp.lora_alpha, hp.lora_target_modules)
+            self.roles: AdapterRoles | None = AdapterRoles(self.backbone.denoiser, {"default": True, "ema": False},
+                                                           default="default")
+            with torch.no_grad():
+                for t, s in zip(self.roles.parameters("ema"), self.roles.parameters("default")):
+                    t.copy_(s)
+            self.ema_denoiser: nn.Module | None = None
+        else:
+            self.roles = None
+            self.ema_denoiser = copy.deepcopy(self.backbone.denoiser).requires_grad_(False).eval()
+
+    @override
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.ema_denoiser is not None:
+            self.ema_denoiser.eval()
+        if self.reward is not None:
+            self.reward.eval()
+        return self
+
+    # -- roles ------------------------------------------------------------------------------------------------------
+    def student_parameters(self) -> list[nn.Parameter]:
+        if self.roles is not None:
+            return self.roles.parameters("default")
+        return list(self.backbone.denoiser.parameters())
+
+    def ema_parameters(self) -> list[Tensor]:
+        if self.roles is not None:
+            return self.roles.parameters("ema")
+        return list(self.ema_denoiser.parameters())
+
+    def _x0(self, velocity: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
+        hp = self.hparams
+        return consistency_x0(x, velocity, sigma, hp.parameterization, hp.sigma_data, hp.timestep_scaling)
+
+    def student_x0(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+        """The student's consistency function (with gradients)."""
+        return self._x0(self.backbone.predict_velocity(x, sigma, cond), x, sigma)
+
+    @torch.no_grad()
+    def ema_x0(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+        """The EMA target's consistency function."""
+        if self.roles is not None:
+            with self.roles.use("ema"):
+                v = self.backbone.predict_velocity(x, sigma, cond)
+        else:
+            v = self.backbone.predict_velocity(x, sigma, cond, denoiser=self.ema_denoiser)
+        return self._x0(v, x, sigma)
+
+    @torch.no_grad()
+    def teacher_velocity(self, x: Tensor, sigma: Tensor, cond: Conditioning, uncond: Conditioning | None) -> Tensor:
+        """The frozen teacher's velocity with classifier-free guidance."""
+        g = self.hparams.teacher_guidance_scale
+        if self.roles is not None:
+            with self.roles.use(None):
+                return guided_velocity(self.backbone, x, sigma, cond, uncond, g)
+        return guided_velocity(self.backbone, x, sigma, cond, uncond, g, denoiser=self._reference_denoiser)
+
+    # -- training -----------------------------------------------------------------------------------------------------
+    def schedule(self) -> Tensor:
+        """The discretised schedule ``sigma_0 = 1 > ... > sigma_N = 0``."""
+        return sampling_sigmas(self.hparams.num_timesteps, shift=self.sampling_shift)
+
+    def student_sigmas(self, num_steps: int | None = None) -> Tensor:
+        """The sampler's grid: ``num_steps`` (default ``num_inference_steps``) steps at the sampling shift, to 0."""
+        return sampling_sigmas(num_steps or self.hparams.num_inference_steps, shift=self.sampling_shift)
+
+    def clean_latents(self, batch: dict, cond: Conditioning) -> Tensor:
+        """Clean latents to noise: the batch's videos, or for prompt-only batches the EMA student's samples."""
+        if "latents" in batch:
+            return batch["latents"]
+        if "video" in batch:
+            return self.backbone.encode_videos(batch["video"])
+        hp = self.hparams
+        shape = self.backbone.latent_shape(hp.num_frames, hp.height, hp.width)
+        noise = torch.randn((len(cond), *shape), device=self.device)
+        return multistep_sample(lambda x, s: self.ema_x0(x, s, cond), noise, self.student_sigmas().to(self.device))
+
+    def loss(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        """Consistency-distillation loss of one batch and statistics to log."""
+        hp = self.hparams
+        prompts = list(batch["prompt"])
+        cond = self.backbone.encode_prompts(prompts)
+        uncond = (self.backbone.encode_prompts([hp.negative_prompt] * len(prompts))
+                  if hp.teacher_guidance_scale != 1.0 else None)
+        with torch.no_grad():
+            x0 = self.clean_latents(batch, cond)  # (b, c, t, h, w)
+        if x0.shape[0] != len(prompts):
+            raise ValueError(f"batch has {len(prompts)} prompts for {x0.shape[0]} videos")
+        grid = self.schedule().to(self.device)
+        n = torch.randint(0, hp.num_timesteps - hp.skip_steps + 1, (len(prompts),), device=self.device)
+        sigma, sigma_next = grid[n], grid[n + hp.skip_steps]  # (b,), (b,)
+        noise = torch.randn_like(x0)
+        x_t = add_noise(x0, noise, sigma)
+        with torch.no_grad():
+            v_teacher = self.teacher_velocity(x_t, sigma, cond, uncond)
+            x_next = euler_step(x_t, v_teacher, sigma, sigma_next)
+            target = self.ema_x0(x_next, sigma_next, cond)
+        pred = self.student_x0(x_t, sigma, cond)
+        loss = consistency_loss(pred, target, hp.loss_type, hp.huber_c)
+        return loss, {"target_distance": (pred.detach() - target).pow(2).mean(), "sigma": sigma.mean()}
+
+    @override
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss, stats = self.loss(batch)
+        n = len(batch["prompt"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=n)
+        return loss
+
+    @override
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # After every optimizer step (not every micro-batch under gradient accumulation) the target follows.
+        step = self.trainer.global_step
+        if step != self._last_ema_step:
+            ema_update(self.ema_parameters(), self.student_parameters(), self.hparams.ema_decay)
+            self._last_ema_step = step
+
+    @override
+    def configure_optimizers(self):
+        params = [p for p in self.student_parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError("no trainable parameters: every weight of the student is frozen")
+        optimizer = self.optimizer_fn(params)
+        if self.lr_scheduler_fn is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_fn(optimizer),
+                                                          "interval": "step"}}
+
+    # -- sampling and evaluation --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int] | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 return_latents: bool = False) -> Tensor:
+        """Sample the student with the multistep consistency sampler (``num_inference_steps`` steps, default the
+        module's); seeds fix both the starting noise and the re-noising draws. ``guidance_scale`` other than 1 applies
+        classifier-free guidance to the student's velocity."""
+        prompts = list(prompts)
+        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; expected one seed per prompt")
+        scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
+        was_training = self.training
+        self.eval()
+        try:
+            cond = self.backbone.encode_prompts(prompts)
+            uncond = self.backbone.encode_prompts([self.hparams.negative_prompt] * len(prompts)) if scale != 1 else None
+            generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+            shape = self.backbone.latent_shape(self.hparams.num_frames, self.hparams.height, self.hparams.width)
+            noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
+
+            def x0_fn(x: Tensor, s: Tensor) -> Tensor:
+                return self._x0(guided_velocity(self.backbone, x, s, cond, uncond, scale), x, s)
+
+            latents = multistep_sample(x0_fn, noise, self.student_sigmas(num_inference_steps), generators)
+            return latents if return_latents else self.backbone.decode_latents(latents)
+        finally:
+            self.train(was_training)
+
+    @override
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Few-step samples of held-out prompts (fixed seeds), scored by ``reward`` when one is given."""
+        prompts = list(batch["prompt"])
+        if self.reward is None:
+            return
+        videos = self.generate(prompts, seeds=[batch_idx * 1000 + i for i in range(len(prompts))])
+        for dim, values in self.reward(videos, prompts).items():
+            self.log(f"val/reward/{dim}", values.float().mean(), batch_size=len(prompts))

@@ -1,0 +1,203 @@
+"""Consistency distillation: the boundary condition holds exactly at sigma = 0, losses and EMA by hand, the
+multistep sampler, and Trainer steps that move the student (and its EMA target) but never the teacher."""
+
+import lightning as L
+import pytest
+import torch
+
+from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
+from lit_videoalign.data.toyworld import ToyWorldDataModule
+from lit_videoalign.objectives.consistency import (
+    ConsistencyDistillation,
+    boundary_coefficients,
+    consistency_loss,
+    consistency_x0,
+    ema_update,
+    multistep_sample,
+    next_sample,
+)
+
+
+def make_cd(path, **kwargs):
+    bb = DiffusersVideoBackbone(path, max_sequence_length=16)
+    defaults = dict(teacher_guidance_scale=2.0, num_timesteps=8, skip_steps=2,
+                    optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    return ConsistencyDistillation(bb, **{**defaults, **kwargs})
+
+
+def trainer(steps):
+    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+
+
+def prompts_data(videos=False):
+    return ToyWorldDataModule(batch_size=2, train_size=8, val_size=2, prompts_only=not videos)
+
+
+def snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("parameterization", ["flow", "lcm"])
+def test_boundary_condition_holds_exactly_at_sigma_zero(parameterization):
+    c_skip, c_out = boundary_coefficients(torch.tensor([0.0, 0.5]), parameterization)
+    assert c_skip[0] == 1.0 and c_out[0] == 0.0
+    x, v = torch.randn(3, 2, 4), 100 * torch.randn(3, 2, 4)
+    sigma = torch.tensor([0.0, 0.3, 1.0])
+    out = consistency_x0(x, v, sigma, parameterization)
+    assert torch.equal(out[0], x[0])  # whatever the network says, f(x, 0) = x
+    assert not torch.allclose(out[1:], x[1:])
+
+
+def test_boundary_coefficients_by_hand():
+    c_skip, c_out = boundary_coefficients(torch.tensor(0.5), "flow")
+    assert c_skip == 1.0 and c_out == -0.5
+    x, v = torch.tensor([[2.0]]), torch.tensor([[1.0]])
+    assert torch.allclose(consistency_x0(x, v, 0.5), torch.tensor([[1.5]]))  # x - sigma * v
+    # LCM at sigma = 1e-4: t = 10 * 1000 * 1e-4 = 1; c_skip = 0.25 / 1.25 = 0.2, c_out = 1 / sqrt(1.25)
+    c_skip, c_out = boundary_coefficients(torch.tensor(1e-4), "lcm")
+    assert torch.allclose(c_skip, torch.tensor(0.2)) and torch.allclose(c_out, torch.tensor(1.25**-0.5))
+    out = consistency_x0(x, v, 1e-4, "lcm")
+    assert torch.allclose(out, 0.2 * x + 1.25**-0.5 * (x - 1e-4 * v))
+    with pytest.raises(ValueError, match="parameterization"):
+        boundary_coefficients(torch.tensor(0.1), "edm")
+
+
+def test_losses_by_hand():
+    pred, target = torch.tensor([[3.0, 4.0]]), torch.zeros(1, 2)
+    assert torch.allclose(consistency_loss(pred, target, "l2"), torch.tensor(12.5))
+    huber = consistency_loss(pred, target, "huber", huber_c=1.0)
+    assert torch.allclose(huber, torch.tensor(((10**0.5 - 1) + (17**0.5 - 1)) / 2))
+    assert consistency_loss(pred, pred.clone(), "huber") == 0
+    with pytest.raises(ValueError, match="loss_type"):
+        consistency_loss(pred, target, "l1")
+    with pytest.raises(ValueError, match="same shape"):
+        consistency_loss(pred, torch.zeros(2, 2))
+
+
+def test_ema_update_by_hand():
+    target, online = [torch.zeros(2), torch.full((1,), 4.0)], [torch.ones(2), torch.zeros(1)]
+    ema_update(target, online, 0.9)
+    assert torch.allclose(target[0], torch.full((2,), 0.1)) and torch.allclose(target[1], torch.tensor([3.6]))
+    ema_update(target, online, 0.9)
+    assert torch.allclose(target[0], torch.full((2,), 0.19))
+    with pytest.raises(ValueError, match="decay"):
+        ema_update(target, online, 1.5)
+
+
+def test_multistep_sampler_renoises_with_seeded_noise():
+    seen = []
+
+    def x0_fn(x, s):
+        seen.append((x.clone(), s.clone()))
+        return torch.full_like(x, 0.5)
+
+    noise = torch.randn(2, 3)
+    sigmas = torch.tensor([1.0, 0.6, 0.2, 0.0])
+    gens = [torch.Generator().manual_seed(i) for i in (7, 8)]
+    out = multistep_sample(x0_fn, noise, sigmas, gens)
+    assert torch.equal(out, torch.full((2, 3), 0.5)) and len(seen) == 3
+    assert [s[0].item() for _, s in seen] == pytest.approx([1.0, 0.6, 0.2])
+    eps = torch.randn(3, generator=torch.Generator().manual_seed(7))  # the first re-noising draw of sample 0
+    assert torch.allclose(seen[1][0][0], 0.4 * 0.5 + 0.6 * eps)
+    # Euler transitions are deterministic: x + (s' - s) (x - x0) / s
+    x, x0 = torch.tensor([1.0]), torch.tensor([0.0])
+    assert torch.allclose(next_sample(x, x0, 1.0, 0.5, "euler"), torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="one per sample"):
+        multistep_sample(x0_fn, noise, sigmas, gens[:1])
+
+
+def test_full_mode_moves_the_student_and_ema_never_the_teacher(tiny_pixel_pipeline):
+    model = make_cd(tiny_pixel_pipeline, ema_decay=0.5)
+    teacher, student = snapshot(model._reference_denoiser), snapshot(model.backbone.denoiser)
+    text = snapshot(model.backbone.text_encoder)
+    ema_before = [p.detach().clone() for p in model.ema_parameters()]
+    t = trainer(2)
+    t.fit(model, prompts_data())
+    after = dict(model.backbone.denoiser.named_parameters())
+    assert sum(not torch.equal(student[n], after[n]) for n in student) > len(student) // 2
+    assert all(torch.equal(teacher[n], p) for n, p in model._reference_denoiser.named_parameters())
+    assert all(torch.equal(text[n], p) for n, p in model.backbone.text_encoder.named_parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(ema_before, model.ema_parameters()))
+    assert all(torch.isfinite(p).all() for p in model.parameters()) and torch.isfinite(t.callback_metrics["train/loss"])
+    assert any(k.startswith("ema_denoiser.") for k in model.state_dict())  # the EMA target is checkpointed
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_ema_target_follows_the_student_exactly(tiny_pixel_pipeline, lora):
+    model = make_cd(tiny_pixel_pipeline, ema_decay=0.75, lora_rank=4 if lora else None,
+                    optimizer=lambda p: torch.optim.SGD(p, lr=1e-2))
+    ema0 = [p.detach().clone() for p in model.ema_parameters()]
+    batch = {"prompt": ["a red ball falls", "a blue ball moves left"]}
+    opt = model.configure_optimizers()
+    opt.zero_grad()
+    model.loss(batch)[0].backward()
+    opt.step()
+    student = [p.detach().clone() for p in model.student_parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(ema0, student))
+    ema_update(model.ema_parameters(), model.student_parameters(), model.hparams.ema_decay)
+    for e0, s, e in zip(ema0, student, model.ema_parameters()):
+        assert torch.allclose(e, 0.75 * e0 + 0.25 * s)
+
+
+def test_lora_mode_shares_one_base_for_teacher_student_and_target(tiny_pixel_pipeline):
+    model = make_cd(tiny_pixel_pipeline, lora_rank=4, ema_decay=0.5, optimizer=lambda p: torch.optim.AdamW(p, 1e-2))
+    assert model._reference_denoiser is None and model.ema_denoiser is None
+    one = sum(p.numel() for p in DiffusersVideoBackbone(tiny_pixel_pipeline).denoiser.parameters())
+    base = {n: p.clone() for n, p in model.backbone.denoiser.named_parameters() if "lora_" not in n}
+    assert sum(p.numel() for p in base.values()) == one
+    lora = snapshot(model.backbone.denoiser)
+    trainer(2).fit(model, prompts_data())
+    moved = {n for n, p in model.backbone.denoiser.named_parameters() if not torch.equal(lora[n], p)}
+    assert any(".default." in n for n in moved) and any(".ema." in n for n in moved)
+    assert all(torch.equal(p, base[n]) for n, p in model.backbone.denoiser.named_parameters() if n in base)
+    flags = {n: p.requires_grad for n, p in model.backbone.denoiser.named_parameters()}
+    assert all(flags[n] == (".default." in n and "lora_" in n) for n in flags)  # the EMA adapter stays frozen
+    # the teacher is the base with adapters off (guided, g = 2), whatever the adapters learnt
+    cond, uncond = model.backbone.encode_prompts(["a red ball falls"]), model.backbone.encode_prompts([""])
+    x, s = torch.randn(1, *model.backbone.latent_shape(16, 32, 32)), torch.full((1,), 0.5)
+    plain = DiffusersVideoBackbone(tiny_pixel_pipeline, max_sequence_length=16)
+    with torch.no_grad():
+        v_c, v_u = plain.predict_velocity(x, s, cond), plain.predict_velocity(x, s, uncond)
+        assert torch.allclose(model.teacher_velocity(x, s, cond, uncond), v_u + 2.0 * (v_c - v_u), atol=1e-5)
+        assert not torch.allclose(model.backbone.predict_velocity(x, s, cond), v_c, atol=1e-5)
+
+
+def test_distillation_makes_the_student_consistent_on_a_batch(tiny_pixel_pipeline):
+    """Training lowers the consistency loss of a fixed batch (fixed points, noise and targets)."""
+    torch.manual_seed(0)
+    model = make_cd(tiny_pixel_pipeline, ema_decay=0.0, loss_type="l2",
+                    optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+    batch = next(iter(ToyWorldDataModule(batch_size=2, train_size=2).train_dataloader()))  # real videos
+
+    def fixed_loss():
+        torch.manual_seed(1)
+        return model.loss(batch)[0]
+
+    before = fixed_loss().item()
+    opt = model.configure_optimizers()
+    for _ in range(8):
+        opt.zero_grad()
+        fixed_loss().backward()
+        opt.step()
+    assert fixed_loss().item() < 0.7 * before
+
+
+def test_generate_is_few_step_and_seeded(tiny_pixel_pipeline):
+    model = make_cd(tiny_pixel_pipeline, num_inference_steps=3)
+    calls = []
+    handle = model.backbone.denoiser.register_forward_hook(lambda *a: calls.append(1))
+    a = model.generate(["a red ball falls", "a blue ball falls"], seeds=[1, 2])
+    handle.remove()
+    b = model.generate(["a red ball falls", "a blue ball falls"], seeds=[1, 3])
+    assert len(calls) == 3 and a.shape == (2, 16, 3, 32, 32)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+
+
+def test_bad_arguments_are_named(tiny_pixel_pipeline):
+    with pytest.raises(ValueError, match="skip_steps"):
+        make_cd(tiny_pixel_pipeline, skip_steps=9)
+    with pytest.raises(ValueError, match="ema_decay"):
+        make_cd(tiny_pixel_pipeline, ema_decay=1.2)
+    with pytest.raises(ValueError, match="parameterization"):
+        make_cd(tiny_pixel_pipeline, parameterization="v")

@@ -1,0 +1,158 @@
+"""Inference-time alignment: zero-scale guidance is plain sampling bit for bit, best-of-N picks the argmax, noise search
+keeps to its NFE budget and never loses its best, gradient methods refuse rewards without a useful gradient."""
+
+import math
+
+import pytest
+import torch
+
+from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
+from lit_videoalign.inference import (
+    best_of_n,
+    noise_search,
+    require_differentiable,
+    reward_guided_sample,
+    sample_from_noise,
+)
+from lit_videoalign.inference.noise_search import perturb_noise
+from lit_videoalign.inference.reward_guidance import guided_steps, normalize_per_sample, predicted_x0
+from lit_videoalign.objectives.sft import SFT
+from reward_zoo.base import RewardModel
+from reward_zoo.composite import CompositeReward
+
+PROMPTS = ["a red ball falls", "a blue ball moves left"]
+
+
+class Brightness(RewardModel):
+    """Mean pixel value: absolute, differentiable, and easy to move."""
+
+    dimensions = ("brightness",)
+    differentiable = True
+
+    def forward(self, videos, prompts=None, references=None):
+        b = videos.mean((1, 2, 3, 4))
+        return {"brightness": b, "overall": b}
+
+
+class Judge(Brightness):
+    """A verifier without gradients (e.g. a rule checker or an API)."""
+
+    differentiable = False
+
+
+@pytest.fixture(scope="module")
+def model(tiny_pixel_pipeline):
+    torch.manual_seed(0)
+    bb = DiffusersVideoBackbone(tiny_pixel_pipeline, max_sequence_length=16)
+    return SFT(bb, num_inference_steps=3, guidance_scale=2.0)
+
+
+# -- pure maths ------------------------------------------------------------------------------------------------------
+def test_predicted_x0_and_gradient_normalisation_by_hand():
+    x, v = torch.full((2, 1, 1, 1, 2), 1.0), torch.tensor([2.0, -2.0]).view(2, 1, 1, 1, 1).expand(2, 1, 1, 1, 2)
+    assert torch.equal(predicted_x0(x, v, 0.25), torch.tensor([0.5, 1.5]).view(2, 1, 1, 1, 1).expand(2, 1, 1, 1, 2))
+    assert torch.equal(predicted_x0(x, v, torch.tensor([0.5, 1.0])).flatten(1)[:, 0], torch.tensor([0.0, 3.0]))
+    # x0 is the clean sample the straight path points to: x = (1 - s) x0 + s n, v = n - x0
+    x0, n = torch.randn(3, 2, 2, 2, 2), torch.randn(3, 2, 2, 2, 2)
+    assert torch.allclose(predicted_x0(0.7 * x0 + 0.3 * n, n - x0, 0.3), x0, atol=1e-6)
+    g = torch.tensor([[3.0, 4.0], [0.0, 0.0]])  # rms 5/sqrt(2) and 0
+    assert torch.allclose(normalize_per_sample(g), torch.tensor([[3.0, 4.0], [0.0, 0.0]]) * math.sqrt(2) / 5)
+
+
+def test_guided_steps_and_perturbation():
+    assert guided_steps(5, None) == [0, 1, 2, 3, 4]
+    assert guided_steps(5, (1, 3)) == [1, 2] and guided_steps(5, (3, None)) == [3, 4]
+    with pytest.raises(ValueError, match="step_range"):
+        guided_steps(5, (2, 9))
+    n, e = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert torch.allclose(perturb_noise(n, e, 0.6), torch.tensor([0.8, 0.6]))  # sqrt(1 - 0.36) = 0.8
+    assert torch.equal(perturb_noise(n, e, 1.0), e)
+    big = perturb_noise(torch.randn(200_000), torch.randn(200_000), 0.5)
+    assert abs(big.std().item() - 1.0) < 0.01  # still standard normal
+    with pytest.raises(ValueError, match="strength"):
+        perturb_noise(n, e, 0.0)
+
+
+# -- reward guidance -------------------------------------------------------------------------------------------------
+def test_zero_scale_guidance_is_plain_sampling_bit_exact(model):
+    plain = model.generate(PROMPTS, seeds=[3, 4])
+    for backprop in (True, False):
+        guided = reward_guided_sample(model, PROMPTS, Brightness(), seeds=[3, 4], scale=0.0,
+                                      backprop_denoiser=backprop)
+        assert torch.equal(guided.videos, plain)
+        assert guided.info["guided_reward"].shape == (2, 3)  # the reward and its gradient were computed
+    assert guided.nfe == 3 * 2  # three guided steps, two guidance branches
+
+
+def test_guidance_raises_the_reward_and_only_in_its_step_range(model):
+    reward = Brightness()
+    plain = model.generate(PROMPTS, seeds=[3, 4])
+    guided = reward_guided_sample(model, PROMPTS, reward, seeds=[3, 4], scale=0.2)
+    assert (guided.scores > reward(plain)["overall"]).all()
+    assert guided.info["denoiser_backward"] == 3 * 2
+    late = reward_guided_sample(model, PROMPTS, reward, seeds=[3, 4], scale=0.2, step_range=(2, None),
+                                num_inference_steps=3)
+    assert late.info["guided_steps"] == [2]
+    assert not torch.equal(late.videos, plain) and not torch.equal(late.videos, guided.videos)
+
+
+def test_sample_from_noise_matches_generate(model):
+    noise = model.initial_noise([7, 8])
+    plain = model.generate(PROMPTS, seeds=[7, 8])
+    assert torch.equal(sample_from_noise(model, PROMPTS, noise), plain)
+    assert torch.allclose(sample_from_noise(model, PROMPTS, noise, batch_size=1), plain, atol=1e-5)  # other batching
+
+
+def test_gradient_methods_refuse_rewards_without_a_useful_gradient(model):
+    with pytest.raises(ValueError, match="Judge has differentiable=False"):
+        reward_guided_sample(model, PROMPTS, Judge(), scale=1.0)
+    zscored = CompositeReward({"a": Brightness(), "b": Brightness()}, {"a": 1.0, "b": 1.0}, normalize="zscore")
+    with pytest.raises(ValueError, match="normalize='zscore'"):
+        require_differentiable(zscored, "reward guidance")
+    nested = CompositeReward({"ok": Brightness(), "judge": Judge()}, {"ok": 1.0, "judge": 1.0})
+    with pytest.raises(ValueError, match="sub-reward 'judge'.*Judge has differentiable=False"):
+        require_differentiable(nested, "reward guidance")
+    require_differentiable(CompositeReward({"a": Brightness()}, {"a": 1.0}), "reward guidance")  # fine
+
+
+# -- best-of-N -------------------------------------------------------------------------------------------------------
+def test_best_of_n_returns_the_argmax_and_its_score(model):
+    reward = Brightness()
+    res = best_of_n(model, PROMPTS, reward, n=4, seeds=[3, 4], batch_size=3, return_candidates=True)
+    assert res.all_scores.shape == (2, 4) and res.nfe == 4 * 3 * 2
+    cands = res.info["candidates"]  # (b, n, t, c, h, w)
+    for i in range(2):
+        j = int(res.all_scores[i].argmax())
+        assert res.info["best_index"][i] == j
+        assert torch.equal(res.videos[i], cands[i, j])
+        assert torch.allclose(reward(cands[i])["overall"], res.all_scores[i])
+        assert res.scores[i] == res.all_scores[i].max() >= res.all_scores[i].mean()
+    assert res.all_scores.std(dim=1).min() > 0  # the candidates differ
+    # candidate 0 is the plain sample of the prompt's seed, so best-of-1 is plain sampling
+    assert torch.allclose(cands[:, 0], model.generate(PROMPTS, seeds=[3, 4]), atol=1e-5)
+    one = best_of_n(model, PROMPTS, reward, n=1, seeds=[3, 4])
+    assert torch.allclose(one.videos, cands[:, 0], atol=1e-5)
+    assert res.info["seeds"][0] == res.info["candidate_seeds"][0][res.info["best_index"][0]]
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        best_of_n(model, PROMPTS, reward, n=0)
+
+
+# -- noise search ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["greedy", "random"])
+def test_noise_search_keeps_to_its_budget_and_never_loses_its_best(model, mode):
+    reward = Brightness()
+    cost = 2 * 2  # steps x guidance branches
+    res = noise_search(model, PROMPTS, reward, budget_nfe=5 * cost + cost - 1, seeds=[3, 4], mode=mode,
+                       population=2, perturbation=0.5, num_inference_steps=2)
+    assert res.nfe == 5 * cost and res.info["samples"] == 5 and res.info["rounds"] == 3  # 2 + 2 + 1
+    history = res.info["history"]
+    assert history.shape == (2, 3) and (history[:, 1:] >= history[:, :-1]).all()
+    assert torch.allclose(res.scores, reward(res.videos)["overall"])
+    assert torch.equal(res.scores, res.all_scores.max(1).values)
+    plain = reward(model.generate(PROMPTS, seeds=[3, 4], num_inference_steps=2))["overall"]
+    assert (res.scores >= plain - 1e-6).all()  # the first candidate is the plain sample
+    if mode == "greedy":  # the winner's noise reproduces the winner
+        assert torch.allclose(sample_from_noise(model, PROMPTS, res.info["noise"], num_inference_steps=2), res.videos,
+                              atol=1e-5)
+    with pytest.raises(ValueError, match="below the cost of one sample"):
+        noise_search(model, PROMPTS, reward, budget_nfe=3 * 2 - 1)
