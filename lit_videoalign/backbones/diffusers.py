@@ -23,7 +23,6 @@ import importlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,7 @@ from torch import Tensor, nn
 
 from lit_videoalign.backbones.base import Conditioning, VideoBackbone
 from lit_videoalign.schedules.flow import _broadcast
-from lit_videoalign.video_io import check_video
+from lit_videoalign.video_io import atomic_dir, check_video
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -621,10 +620,7 @@ class DiffusersVideoBackbone(VideoBackbone):
             denoiser = copy.deepcopy(self.denoiser)
             denoiser.fuse_lora()
             denoiser.unload_lora()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a pipeline folder is ordinary data
-        try:
+        with atomic_dir(path) as tmp:
             denoiser.save_pretrained(tmp / "transformer", safe_serialization=True)
             for te, tok in self.family.text_pairs:
                 getattr(self, te).save_pretrained(tmp / te, safe_serialization=True)
@@ -638,14 +634,4 @@ class DiffusersVideoBackbone(VideoBackbone):
                 src = self._root / extra
                 if src.is_dir():
                     shutil.copytree(src, tmp / extra)
-            if path.exists():
-                backup = path.with_name(f".{path.name}.old")
-                shutil.rmtree(backup, ignore_errors=True)
-                os.replace(path, backup)
-                os.replace(tmp, path)
-                shutil.rmtree(backup, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return path

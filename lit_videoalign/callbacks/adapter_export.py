@@ -12,14 +12,14 @@ with the peft ``LoraConfig`` (rank, alpha, targets) in the safetensors metadata.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
+
+from lit_videoalign.video_io import atomic_dir
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -57,22 +57,9 @@ def save_adapter(backbone: Any, path: str | os.PathLike, adapter_name: str = "de
     layers = {k: v.detach().cpu().contiguous() for k, v in
               get_peft_model_state_dict(denoiser, adapter_name=adapter_name).items()}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with atomic_dir(path) as tmp:
         cls.save_lora_weights(tmp, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata,
                               weight_name=WEIGHT_NAME, safe_serialization=True)
-        if path.exists():
-            backup = path.with_name(f".{path.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(path, backup)
-            os.replace(tmp, path)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
