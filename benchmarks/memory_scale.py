@@ -104,6 +104,9 @@ def fsdp2_worker(pipeline: str, out: Path, world: int) -> None:
                                   if not n.startswith("backbone.denoiser.")),
     }
     (out / f"fsdp2_world{world}_rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    if torch.distributed.is_initialized():  # left to process exit, gloo's threads can abort it (exit code 134)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def run_fsdp2(pipeline: str, tmp: Path, world: int) -> list[dict]:

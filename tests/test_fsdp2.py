@@ -145,6 +145,10 @@ def worker(out: Path, pipeline: str) -> None:
         "history": lora.history,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(report))
+    # Tear the gloo group down before the interpreter exits: left to process exit, its threads can be destroyed while
+    # still joinable ("terminate called without an active exception", exit code 134) after all the work is done.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def free_port() -> int:
