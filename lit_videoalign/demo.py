@@ -40,14 +40,29 @@ def heldout_prompts(n: int) -> list[str]:
 
 @torch.no_grad()
 def heldout_scores(model: AlignmentModule, prompts: list[str], seeds: list[int],
-                   rewards: dict[str, RewardModel]) -> tuple[dict[str, float], torch.Tensor]:
-    """Deterministic samples of ``prompts`` and their mean scores: each reward's overall, and prompt agreement."""
+                   rewards: dict[str, RewardModel]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Deterministic samples of ``prompts`` and their per-prompt scores: each reward's overall, and prompt agreement.
+
+    Returns:
+        ``{name: (b,) scores}`` and the videos ``(b, t, c, h, w)``.
+    """
     videos = model.generate(prompts, seeds)  # (b, t, c, h, w)
-    scores = {name: reward(videos, prompts)["overall"].mean().item() for name, reward in rewards.items()}
+    scores = {name: reward(videos, prompts)["overall"].float().cpu() for name, reward in rewards.items()}
     agree = [prompt_agreement(v, p) for v, p in zip(videos, prompts)]
     for key in agree[0]:
-        scores[f"prompt_{key}"] = sum(a[key] for a in agree) / len(agree)
+        scores[f"prompt_{key}"] = torch.tensor([float(a[key]) for a in agree])
     return scores, videos
+
+
+def paired_change(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
+    """Mean per-prompt change ``after - before`` with a normal-approximation 95 % interval.
+
+    The same prompts and seeds are sampled before and after, so the paired difference cancels prompt difficulty and
+    is the honest test of whether training moved a held-out score.
+    """
+    diff = after - before  # (b,)
+    half = 1.96 * diff.std(unbiased=True).item() / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
+    return {"mean": diff.mean().item(), "ci95_low": diff.mean().item() - half, "ci95_high": diff.mean().item() + half}
 
 
 class RewardHistory(L.Callback):
@@ -120,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = list(range(len(prompts)))
 
     print(f"\n[1/3] sampling {len(prompts)} held-out prompts from the shipped base")
-    before, videos_before = heldout_scores(model, prompts, seeds, judges)
+    per_before, videos_before = heldout_scores(model, prompts, seeds, judges)
 
     print(f"[2/3] Flow-GRPO with LoRA for {args.max_steps} steps "
           f"({model.hparams.group_size} rollouts per prompt, {data.batch_size} prompts per step)")
@@ -129,7 +144,10 @@ def main(argv: list[str] | None = None) -> dict:
     minutes = (time.perf_counter() - start) / 60
 
     print("[3/3] sampling the same prompts and seeds from the aligned model")
-    after, videos_after = heldout_scores(model, prompts, seeds, judges)
+    per_after, videos_after = heldout_scores(model, prompts, seeds, judges)
+    before = {k: v.mean().item() for k, v in per_before.items()}
+    after = {k: v.mean().item() for k, v in per_after.items()}
+    change = {k: paired_change(per_before[k], per_after[k]) for k in per_before}
 
     for i, prompt in enumerate(prompts[:8]):
         stem = f"{i:02d}_{prompt.replace(' ', '_').replace(',', '')}"
@@ -138,13 +156,15 @@ def main(argv: list[str] | None = None) -> dict:
     grid = write_gif(video_grid(list(videos_before[:8]) + list(videos_after[:8]), ncols=8), out / "before_after.gif")
     curve = plot_curve(history.history, before, after, out / "reward_curve.png")
     result = {"max_steps": args.max_steps, "cpu_minutes": minutes, "heldout_prompts": len(prompts),
-              "before": before, "after": after, "train_reward": history.history}
+              "before": before, "after": after, "paired_change": change, "train_reward": history.history}
     (out / "heldout.json").write_text(json.dumps(result, indent=2))
 
     print(f"\nheld-out scores, {len(prompts)} prompts, base -> after {args.max_steps} GRPO steps "
           f"({minutes:.1f} min on this machine):")
     for key in before:
-        print(f"  {key:32s} {before[key]:8.3f} -> {after[key]:8.3f}")
+        c = change[key]
+        print(f"  {key:32s} {before[key]:8.3f} -> {after[key]:8.3f}   "
+              f"change {c['mean']:+.3f} (95 % CI {c['ci95_low']:+.3f} .. {c['ci95_high']:+.3f})")
     print(f"samples: {out / 'before'} and {out / 'after'} (MP4), {grid} (top row base, bottom row after GRPO)")
     print(f"reward curve: {curve}; merged pipeline: {out / 'pipeline'}")
     return result

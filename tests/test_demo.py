@@ -2,7 +2,9 @@
 
 import json
 
-from lit_videoalign.demo import heldout_prompts, main
+import torch
+
+from lit_videoalign.demo import heldout_prompts, main, paired_change
 
 
 def test_heldout_prompts_are_single_ball_test_scenes():
@@ -22,4 +24,14 @@ def test_demo_runs_and_writes_its_outputs(tmp_path):
     assert len(list((out / "before").glob("*.mp4"))) == 2 == len(list((out / "after").glob("*.mp4")))
     saved = json.loads((out / "heldout.json").read_text())
     assert saved["before"].keys() == saved["after"].keys() >= {"physics_learned (held out)", "prompt_colour"}
+    assert saved["paired_change"].keys() == saved["before"].keys()
+    assert all(c["ci95_low"] <= c["mean"] <= c["ci95_high"] for c in saved["paired_change"].values())
     assert len(result["train_reward"]["train/reward/newton/overall"]) == 1
+
+
+def test_paired_change_interval_excludes_zero_only_for_a_consistent_shift():
+    before = torch.zeros(6)
+    shifted = paired_change(before, torch.tensor([1.0, 1.2, 0.8, 1.1, 0.9, 1.0]))
+    assert shifted["ci95_low"] > 0 and abs(shifted["mean"] - 1.0) < 1e-6
+    noisy = paired_change(before, torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, -0.2]))
+    assert noisy["ci95_low"] < 0 < noisy["ci95_high"]
