@@ -104,6 +104,18 @@ def test_updates_change_only_lora_and_log_an_on_policy_ratio(tiny_pixel_pipeline
     assert model._reference_denoiser is None  # kl_beta = 0 spends no reference weights
 
 
+def test_several_updates_per_rollout_batch_step_the_optimizer_each_time(tiny_pixel_pipeline):
+    model = make_grpo(tiny_pixel_pipeline, micro_batch_size=2, updates_per_epoch=2, clip_range=0.2)
+    t = trainer(1)
+    t.fit(model, train_dataloaders=prompt_loader(1, 1))  # 4 rollouts in 2 micro-batches, one update after each
+    assert t.optimizers[0].state_dict()["state"][0]["step"] == 2
+    assert t.callback_metrics["train/ratio_first_max_dev"] < 1e-4  # the first update is on-policy
+    assert t.callback_metrics["train/ratio_max"] - t.callback_metrics["train/ratio_min"] > 0  # the second is not
+    with pytest.raises(ValueError, match="updates_per_epoch=3 needs at least that many micro-batches"):
+        trainer(1).fit(make_grpo(tiny_pixel_pipeline, micro_batch_size=2, updates_per_epoch=3),
+                       train_dataloaders=prompt_loader(1, 1))
+
+
 def test_nan_rewards_are_masked_and_counted(tiny_pixel_pipeline):
     model = make_grpo(tiny_pixel_pipeline, reward=NaNForOddItems())
     rollout = model.rollout(["a red ball falls"])

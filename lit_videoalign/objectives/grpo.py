@@ -111,6 +111,9 @@ class GRPO(AlignmentModule):
         window_shift_every: updates between window moves.
         inner_epochs: passes over each rollout batch.
         micro_batch_size: samples per forward/backward in the update (gradients accumulate); None = all at once.
+        updates_per_epoch: optimizer steps per inner epoch: the micro-batches of a rollout batch are split into this
+            many consecutive groups with one step after each (Flow-GRPO steps per sample batch). More updates per
+            rollout at the same compute; after the first, the policy is off the rollouts' and the PPO clip acts.
         clip_range: PPO ratio clip (small, since log-probs are averaged over elements).
         adv_clip_max: advantages are clipped to ``[-adv_clip_max, adv_clip_max]``.
         kl_beta: weight of the KL to the reference policy; 0 skips the reference forward entirely.
@@ -137,6 +140,7 @@ class GRPO(AlignmentModule):
         window_shift_every: int = 1,
         inner_epochs: int = 1,
         micro_batch_size: int | None = None,
+        updates_per_epoch: int = 1,
         clip_range: float = 1e-4,
         adv_clip_max: float = 5.0,
         kl_beta: float = 0.0,
@@ -158,6 +162,8 @@ class GRPO(AlignmentModule):
             raise ValueError(f"sde_window must be in [1, num_sampling_steps={num_sampling_steps}], got {sde_window}")
         if top_bottom_k is not None and not 1 <= 2 * top_bottom_k <= group_size:
             raise ValueError(f"top_bottom_k must satisfy 1 <= 2k <= group_size={group_size}, got {top_bottom_k}")
+        if updates_per_epoch < 1:
+            raise ValueError(f"updates_per_epoch must be at least 1, got {updates_per_epoch}")
         if kl_beta < 0 or clip_range <= 0 or noise_level <= 0:
             raise ValueError(f"need kl_beta >= 0, clip_range > 0, noise_level > 0; got {kl_beta}, {clip_range}, "
                              f"{noise_level}")
@@ -306,45 +312,52 @@ class GRPO(AlignmentModule):
         opt = self.optimizers()
         mb = hp.micro_batch_size or n
         last_loss = torch.zeros((), device=self.device)
+        first_dev = 0.0
         if not bool(rollout.valid.any()):
-            return last_loss  # nothing to learn from; weights untouched
+            self.skip_nonfinite_step("reward")  # nothing to learn from; weights untouched, and counted
+            return last_loss
         for epoch in range(hp.inner_epochs):
             n_train = max(1, round(hp.train_fraction * len(rollout.sde_steps)))
             pick = torch.randperm(len(rollout.sde_steps))[:n_train].tolist()
             steps = sorted(rollout.sde_steps[i] for i in pick)
             order = torch.randperm(n, device=self.device)
             chunks = [order[i:i + mb] for i in range(0, n, mb)]
+            if hp.updates_per_epoch > len(chunks):
+                raise ValueError(f"updates_per_epoch={hp.updates_per_epoch} needs at least that many micro-batches; "
+                                 f"{n} samples in micro-batches of {mb} give {len(chunks)} (lower micro_batch_size)")
+            per_update = -(-len(chunks) // hp.updates_per_epoch)
             stats = {"ratio": [], "clipfrac": [], "kl": [], "approx_kl": [], "policy": []}
-            opt.zero_grad()
-            for idx in chunks:
-                adv = rollout.advantages[idx]
-                for step in steps:
-                    log_prob, mean, std = self.step_log_prob(rollout, idx, step)
-                    old = rollout.log_probs[idx, step]
-                    policy = grpo_policy_loss(log_prob, old, adv, hp.clip_range)
-                    loss = policy
-                    if hp.kl_beta > 0:
-                        kl = gaussian_kl(mean, self.reference_mean(rollout, idx, step), std).mean()
-                        loss = loss + hp.kl_beta * kl
-                        stats["kl"].append(kl.detach())
-                    self.manual_backward(loss * len(idx) / n / len(steps))
-                    ratio = torch.exp(log_prob.detach() - old)
-                    stats["ratio"].append(ratio)
-                    stats["clipfrac"].append(((ratio - 1).abs() > hp.clip_range).float())
-                    stats["approx_kl"].append(0.5 * (log_prob.detach() - old) ** 2)
-                    stats["policy"].append(policy.detach())
-                    last_loss = loss.detach()
-            if hp.max_grad_norm is not None:
-                self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
-            grads_finite = all(torch.isfinite(p.grad).all() for p in self.parameters() if p.grad is not None)
-            if grads_finite:
-                opt.step()
-            else:
-                rank_zero_warn("GRPO: non-finite gradients; the optimizer step is skipped")
+            for u in range(0, len(chunks), per_update):
+                group = chunks[u:u + per_update]
+                n_group = sum(len(idx) for idx in group)
+                opt.zero_grad()
+                for idx in group:
+                    adv = rollout.advantages[idx]
+                    for step in steps:
+                        log_prob, mean, std = self.step_log_prob(rollout, idx, step)
+                        old = rollout.log_probs[idx, step]
+                        policy = grpo_policy_loss(log_prob, old, adv, hp.clip_range)
+                        loss = policy
+                        if hp.kl_beta > 0:
+                            kl = gaussian_kl(mean, self.reference_mean(rollout, idx, step), std).mean()
+                            loss = loss + hp.kl_beta * kl
+                            stats["kl"].append(kl.detach())
+                        self.manual_backward(loss * len(idx) / n_group / len(steps))
+                        ratio = torch.exp(log_prob.detach() - old)
+                        if epoch == 0 and u == 0:  # on-policy check: nothing has moved yet, so the ratio must be 1
+                            first_dev = max(first_dev, (ratio - 1).abs().max().item())
+                        stats["ratio"].append(ratio)
+                        stats["clipfrac"].append(((ratio - 1).abs() > hp.clip_range).float())
+                        stats["approx_kl"].append(0.5 * (log_prob.detach() - old) ** 2)
+                        stats["policy"].append(policy.detach())
+                        last_loss = loss.detach()
+                if hp.max_grad_norm is not None:
+                    self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                opt.step()  # with NaN or infinite gradients the guard (AlignmentModule) skips it
             self.num_updates += 1
             ratio = torch.cat(stats["ratio"])
-            if epoch == 0:  # on-policy check: nothing has moved yet, so the ratio must be 1
-                self.log("train/ratio_first_max_dev", (ratio - 1).abs().max(), batch_size=n)
+            if epoch == 0:
+                self.log("train/ratio_first_max_dev", first_dev, batch_size=n)
             self.log_dict({"train/ratio_mean": ratio.mean(), "train/ratio_min": ratio.min(),
                            "train/ratio_max": ratio.max(), "train/clipfrac": torch.cat(stats["clipfrac"]).mean(),
                            "train/approx_kl": torch.cat(stats["approx_kl"]).mean(),
@@ -380,11 +393,13 @@ class GRPO(AlignmentModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["grpo_state"] = {"num_updates": self.num_updates,
                                     "prompt_history": {p: list(h) for p, h in self.prompt_history.items()}}
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("grpo_state", {})
         self.num_updates = state.get("num_updates", 0)
         self.prompt_history = {p: deque(h, maxlen=self.hparams.history_size)
