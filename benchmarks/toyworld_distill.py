@@ -39,6 +39,7 @@ from lit_videoalign.video_io import video_grid, write_gif
 from reward_zoo import create_reward
 
 REWARDS = ("physics_learned", "newton", "quality")
+LOGIT_REWARDS = ("physics_learned", "quality")  # Bradley-Terry logits: compared by preference probability
 AGREEMENT = ("colour", "direction", "falls", "all")
 GIF_PROMPTS = ["a red ball falls and bounces", "a blue ball moves left and bounces", "a green ball moves right",
                "a yellow ball falls", "a white ball moves right and bounces"]
@@ -98,7 +99,8 @@ def evaluate(model, prompts: list[str], seeds: list[int], rewards: dict, batch_s
 def score(videos: torch.Tensor, prompts: list[str], rewards: dict) -> dict:
     out = {}
     for name, reward in rewards.items():
-        values = reward(videos, prompts)["overall"].float()
+        values = reward(videos, prompts)["overall"].float()  # (b,)
+        out[f"{name}_per_video"] = values.tolist()
         out[name] = values.mean().item()
         out[f"{name}_sem"] = (values.std() / math.sqrt(len(values))).item()
     agree = [prompt_agreement(v, p) for v, p in zip(videos, prompts)]
@@ -113,6 +115,17 @@ def relative(value: float, reference: float) -> float:
     return 100.0 * (value - reference) / max(abs(reference), 1e-8)
 
 
+def preference(row: dict, teacher: dict, key: str) -> float:
+    """The reward's own Bradley-Terry probability that a row's video beats the teacher's, averaged over prompts.
+
+    ``sigmoid(r_row - r_teacher)`` per prompt and seed: learned rewards are logits defined up to a shift, so a percent
+    of the teacher's value means little, while their differences are exactly what they were trained on. 0.5 means the
+    reward cannot tell the two apart; "within 5 %" of the teacher reads as at least 0.45.
+    """
+    diff = torch.tensor(row[f"{key}_per_video"]) - torch.tensor(teacher[f"{key}_per_video"])  # (b,)
+    return torch.sigmoid(diff).mean().item()
+
+
 def markdown(result: dict) -> str:
     teacher = result["rows"][result["teacher_row"]]
     lines = [
@@ -120,17 +133,21 @@ def markdown(result: dict) -> str:
         "",
         f"{result['num_videos']} held-out single-ball prompts (test seeds), one video each, the same seed for every "
         f"model. Rewards are means (± standard error); Δ is the change relative to the teacher in percent of the "
-        f"teacher's magnitude (higher reward is better for all three). Wall time on {result['machine']}.",
+        f"teacher's magnitude (higher reward is better for all three); P(≻T) is the learned reward's own "
+        f"Bradley-Terry probability that the row's video beats the teacher's for the same prompt and seed, averaged "
+        f"(0.5: the reward cannot tell them apart). Wall time on {result['machine']}.",
         "",
-        "| model | NFE / video | s / video | physics_learned | Δ | newton | Δ | quality | Δ | colour | direction | "
-        "falls | all |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | NFE / video | s / video | physics_learned | Δ | P(≻T) | newton | Δ | quality | Δ | P(≻T) | colour | "
+        "direction | falls | all |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["rows"].items():
         cells = [name, f"{r['nfe_per_video']:.0f}" if "nfe_per_video" in r else "-",
                  f"{r['seconds_per_video']:.3f}" if "seconds_per_video" in r else "-"]
         for key in REWARDS:
             cells += [f"{r[key]:.3f} ± {r[f'{key}_sem']:.3f}", f"{relative(r[key], teacher[key]):+.1f}%"]
+            if key in LOGIT_REWARDS:
+                cells.append(f"{preference(r, teacher, key):.2f}")
         cells += [f"{100 * r[k]:.0f}%" for k in AGREEMENT]
         lines.append("| " + " | ".join(cells) + " |")
     if result.get("gif"):
