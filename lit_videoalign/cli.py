@@ -1,10 +1,11 @@
-"""The ``videoalign`` command: LightningCLI's ``fit/validate/test/predict`` plus ``generate`` and ``evaluate``.
+"""The ``videoalign`` command: LightningCLI's ``fit/validate/test/predict``, ``generate``, ``evaluate``, ``precompute``.
 
     videoalign fit --config configs/toyworld/sft.yaml
     videoalign generate --config configs/toyworld/sft.yaml --prompts "a red ball falls" --output_dir outputs/gen
     videoalign evaluate --videos outputs/gen --output_dir outputs/eval                      # score a video folder
     videoalign evaluate --config configs/toyworld/sft.yaml --ckpt_path last.ckpt --prompts_file prompts.txt \
         --baseline_ckpt_path base.ckpt --output_dir outputs/eval                           # two models, win rates
+    videoalign precompute --config configs/wan2.1-1.3b/sft_lora.yaml --output_dir data/latents   # encode a dataset once
 
 Every subcommand reads the same YAML (``model:``, ``data:``, ``trainer:``); extra subcommands are methods of
 :class:`VideoAlignCLI` whose signature becomes their arguments. ``fit`` shows a Rich progress bar with the objective's
@@ -16,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +30,8 @@ from typing_extensions import override
 from lit_videoalign.objectives.base import AlignmentModule
 
 EXTRA_SUBCOMMANDS = {"generate": {"model", "datamodule", "prompts", "seeds"},
-                     "evaluate": {"model", "datamodule", "prompts", "seeds", "rewards"}}
+                     "evaluate": {"model", "datamodule", "prompts", "seeds", "rewards"},
+                     "precompute": {"model", "datamodule"}}
 # Arguments that take several space-separated values (``--prompts P [P ...]``), added by hand to the parser.
 MULTI_VALUE_ARGS = {"generate": {"prompts": str, "seeds": int},
                     "evaluate": {"prompts": str, "seeds": int, "rewards": str}}
@@ -45,22 +49,71 @@ def load_weights(model: AlignmentModule, ckpt_path: str | os.PathLike) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(path)
+        try:
+            state = load_file(path)
+        except SafetensorError as err:  # e.g. a pickle renamed .safetensors: refused, never unpickled
+            raise ValueError(f"{path} is not a valid safetensors file ({err}); expected one written by "
+                             "safetensors.torch.save_file, or a .ckpt from `videoalign fit`") from err
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:  # a pickle with arbitrary objects is refused, not executed
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:  # arbitrary objects are refused, not run
             raise ValueError(f"cannot read {path} as a weights-only checkpoint: {err}") from err
         if not isinstance(state, dict) or "state_dict" not in state:
             raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict'); expected .ckpt or .safetensors")
         state = state["state_dict"]
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    resized = [f"{k} {tuple(state[k].shape)} (expected {expected[k]})" for k in expected
+               if k in state and isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or resized:
+        problems = [f"{len(found)} {what}, e.g. {', '.join(found[:3])}" for what, found in
+                    (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", resized)) if found]
+        raise ValueError(f"{path} does not hold the weights of this {type(model).__name__}: {'; '.join(problems)}. "
+                         "Use a checkpoint trained with the same config (model class, backbone, lora_rank)")
     model.load_state_dict(state, strict=True)
 
 
+def new_log_folders(trainer: L.Trainer) -> list[Path]:
+    """The outermost folders of the trainer's log directories that do not exist yet (a run would create them)."""
+    folders = []
+    for logger in trainer.loggers:
+        log_dir = getattr(logger, "log_dir", None)
+        if not log_dir:
+            continue
+        path = Path(log_dir).absolute()
+        if path.exists():
+            continue
+        while not path.parent.exists():
+            path = path.parent
+        folders.append(path)
+    return folders
+
+
+def with_atomic_checkpoints(trainer_config: dict) -> dict:
+    """``trainer_config`` with :class:`~lit_videoalign.checkpoint_io.AtomicCheckpointIO` among its ``plugins``, unless
+    a checkpoint writer is configured already (a plugin, or one given to the strategy)."""
+    from lightning.pytorch.plugins.io import CheckpointIO
+
+    from lit_videoalign.checkpoint_io import AtomicCheckpointIO
+
+    plugins = trainer_config.get("plugins") or []
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if any(isinstance(p, CheckpointIO) for p in plugins) or getattr(trainer_config.get("strategy"), "_checkpoint_io",
+                                                                     None) is not None:
+        return trainer_config
+    return {**trainer_config, "plugins": [*plugins, AtomicCheckpointIO()]}
+
+
 class VideoAlignCLI(LightningCLI):
-    """LightningCLI for :class:`AlignmentModule` subclasses with optimizers given as callables in the model config."""
+    """LightningCLI for :class:`AlignmentModule` subclasses with optimizers given as callables in the model config.
+
+    Checkpoints are written atomically (:func:`with_atomic_checkpoints`), so a run killed while saving keeps its
+    previous checkpoint."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("subclass_mode_model", True)
@@ -122,8 +175,17 @@ class VideoAlignCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand in EXTRA_SUBCOMMANDS:
             getattr(self, subcommand)(**self._prepare_subcommand_kwargs(subcommand))
-        else:
+            return
+        new_folders = new_log_folders(self.trainer)
+        try:
             super()._run_subcommand(subcommand)
+        except BaseException:
+            # A run that fails before its first training batch (bad data, config or checkpoint) leaves no empty log
+            # folder (event file, config.yaml) behind; one that trained keeps its logs and checkpoints.
+            if self.trainer.fit_loop.epoch_loop.batch_progress.total.started == 0:
+                for folder in new_folders:
+                    shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     @override
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
@@ -142,7 +204,7 @@ class VideoAlignCLI(LightningCLI):
                     isinstance(cb, ProgressBar) for cb in [*given, *callbacks]):
                 extra.append(VideoAlignProgressBar())
             callbacks = [*callbacks, *extra]
-        return super()._instantiate_trainer(config, callbacks)
+        return super()._instantiate_trainer(with_atomic_checkpoints(config), callbacks)
 
     def before_fit(self) -> None:
         if self.datamodule is None:
@@ -277,6 +339,7 @@ class VideoAlignCLI(LightningCLI):
         if (videos is None or wants_baseline_model) and model is None:
             raise ValueError("evaluate needs --videos FOLDER, or --config with a model to generate videos from")
         dev = resolve_device(device)
+        reward_models = build_rewards(rewards, DEFAULT_REWARDS)  # a bad reward name fails before any generation
         if videos is not None:
             if prompts is not None or prompts_file is not None:
                 raise ValueError("--videos brings its own prompts (metadata.jsonl); do not pass --prompts or "
@@ -308,13 +371,31 @@ class VideoAlignCLI(LightningCLI):
             guidance = guidance_scale if baseline_guidance_scale is None else baseline_guidance_scale
             baseline_set = generate_set(model, baseline_name, prompts, baseline_seeds, out / "videos" / baseline_name,
                                         steps, guidance, batch_size)
-        reward_models = build_rewards(rewards, DEFAULT_REWARDS)
         for reward in reward_models.values():
             reward.to(dev)
         sets = [model_set] if baseline_set is None else [model_set, baseline_set]
         result = evaluate_sets(sets, reward_models, out, tie_tolerance=tie_tolerance, ci=ci)
         print_evaluation(result)
         return result
+
+    def precompute(self, model: AlignmentModule, datamodule=None, output_dir: str | None = None, batch_size: int = 4,
+                   shard_size: int = 128, device: str | None = None, num_workers: int = 0) -> Path:
+        """Encode the config's video folder once into safetensors shards of VAE latents and prompt embeddings.
+
+        ``fit`` with ``--data.init_args.precomputed DIR`` then reads them and runs neither VAE encoder nor text encoder
+        (:mod:`lit_videoalign.precompute`).
+
+        Args:
+            output_dir: the folder to write (default: the config's ``data.init_args.precomputed``); written atomically.
+            batch_size: videos encoded at once.
+            shard_size: examples per shard file.
+            device: torch device of the encoders (default: CUDA when available, else CPU).
+            num_workers: data-loader processes decoding the videos.
+        """
+        from lit_videoalign.precompute import precompute_datamodule
+
+        return precompute_datamodule(model, datamodule, output_dir, batch_size=batch_size, shard_size=shard_size,
+                                     device=device, num_workers=num_workers)
 
 
 # -- helpers of the subcommands (plain functions, usable without the CLI) -------------------------------------------
@@ -362,30 +443,42 @@ def generate_videos(model: AlignmentModule, prompts: list[str], seeds: list[int]
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     out = Path(output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Files are written beside output_dir and moved in once all of them are: a failed run adds nothing to it.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     written, entries, chunks = [], [], []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns) as progress:
-        task = progress.add_task(description, total=len(prompts))
-        plain = not progress.console.is_terminal  # log files get one line per batch instead of a live bar
-        for start in range(0, len(prompts), batch_size):
-            chunk, chunk_seeds = prompts[start:start + batch_size], seeds[start:start + batch_size]
-            if sampler is not None:
-                videos = sampler(model, chunk, chunk_seeds).float().cpu()
-            else:
-                videos = model.generate(chunk, chunk_seeds, num_inference_steps=num_inference_steps,
-                                        guidance_scale=guidance_scale).float().cpu()
-            chunks.append(videos)
-            for i, (prompt, seed, video) in enumerate(zip(chunk, chunk_seeds, videos)):
-                stem = f"{start + i:04d}_seed{seed}_{slug(prompt)}"
-                upscale = viewing_upscale(*video.shape[-2:])  # tiny videos are viewed bigger
-                written.append(write_mp4(video, out / f"{stem}.mp4", fps=fps, upscale=upscale))
-                entries.append({"file_name": f"{stem}.mp4", "prompt": prompt, "seed": int(seed), "upscale": upscale})
-                if gif:
-                    written.append(write_gif(video, out / f"{stem}.gif", fps=fps))
-            progress.advance(task, len(chunk))
-            if plain:
-                print(f"{description}: {start + len(chunk)}/{len(prompts)} videos", flush=True)
-    write_manifest(out, entries)
+    try:
+        with Progress(*columns) as progress:
+            task = progress.add_task(description, total=len(prompts))
+            plain = not progress.console.is_terminal  # log files get one line per batch instead of a live bar
+            for start in range(0, len(prompts), batch_size):
+                chunk, chunk_seeds = prompts[start:start + batch_size], seeds[start:start + batch_size]
+                if sampler is not None:
+                    videos = sampler(model, chunk, chunk_seeds).float().cpu()
+                else:
+                    videos = model.generate(chunk, chunk_seeds, num_inference_steps=num_inference_steps,
+                                            guidance_scale=guidance_scale).float().cpu()
+                chunks.append(videos)
+                for i, (prompt, seed, video) in enumerate(zip(chunk, chunk_seeds, videos)):
+                    stem = f"{start + i:04d}_seed{seed}_{slug(prompt)}"
+                    upscale = viewing_upscale(*video.shape[-2:])  # tiny videos are viewed bigger
+                    write_mp4(video, staging / f"{stem}.mp4", fps=fps, upscale=upscale)
+                    written.append(out / f"{stem}.mp4")
+                    entries.append({"file_name": f"{stem}.mp4", "prompt": prompt, "seed": int(seed),
+                                    "upscale": upscale})
+                    if gif:
+                        write_gif(video, staging / f"{stem}.gif", fps=fps)
+                        written.append(out / f"{stem}.gif")
+                progress.advance(task, len(chunk))
+                if plain:
+                    print(f"{description}: {start + len(chunk)}/{len(prompts)} videos", flush=True)
+        write_manifest(staging, entries)
+        out.mkdir(exist_ok=True)
+        for file in sorted(staging.iterdir()):
+            os.replace(file, out / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return torch.cat(chunks), written
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lit_videoalign.data.toyworld import VOCABULARY
+from reward_zoo.base import RewardModel
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5: pad 0, eos 1
 
@@ -229,3 +230,15 @@ def write_tiny_clip(path: str | os.PathLike, seed: int = 0, image_size: int = 32
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model
+
+
+class Brightness(RewardModel):
+    """Mean pixel value of each video: a differentiable reward that any policy can move in a few steps, so objective
+    tests can check that training raises the reward they are given."""
+
+    dimensions = ("brightness",)
+    differentiable = True
+
+    def forward(self, videos, prompts=None, references=None):
+        b = videos.mean((1, 2, 3, 4))  # (b,)
+        return {"brightness": b, "overall": b}

@@ -11,18 +11,7 @@ from lit_videoalign.data.toyworld import PHYSICS_CORRUPTIONS, ToyWorld
 from lit_videoalign.data.toyworld_pairs import ToyWorldPairsDataModule
 from lit_videoalign.objectives.dpo import DPO, PairPool, flow_dpo_loss, gap_weights, implicit_reward_margin
 from lit_videoalign.objectives.sft import SFT
-from reward_zoo.base import RewardModel
-
-
-class Brightness(RewardModel):
-    """Mean pixel value: a reward whose ranking of samples is easy to check."""
-
-    dimensions = ("brightness",)
-    differentiable = True
-
-    def forward(self, videos, prompts=None, references=None):
-        b = videos.mean((1, 2, 3, 4))
-        return {"brightness": b, "overall": b}
+from lit_videoalign.testing import Brightness
 
 
 def trainer(steps, **kwargs):

@@ -17,21 +17,11 @@ from lit_videoalign.inference import (
 from lit_videoalign.inference.noise_search import perturb_noise
 from lit_videoalign.inference.reward_guidance import guided_steps, normalize_per_sample, predicted_x0
 from lit_videoalign.objectives.sft import SFT
-from reward_zoo.base import RewardModel
+from lit_videoalign.testing import Brightness
 from reward_zoo.composite import CompositeReward
 
 PROMPTS = ["a red ball falls", "a blue ball moves left"]
 
-
-class Brightness(RewardModel):
-    """Mean pixel value: absolute, differentiable, and easy to move."""
-
-    dimensions = ("brightness",)
-    differentiable = True
-
-    def forward(self, videos, prompts=None, references=None):
-        b = videos.mean((1, 2, 3, 4))
-        return {"brightness": b, "overall": b}
 
 
 class Judge(Brightness):

@@ -7,19 +7,11 @@ import torch
 
 from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
 from lit_videoalign.objectives.reward_gradient import RewardGradient, reward_loss, velocity_kl, weight_delta_l2
-from reward_zoo.base import RewardModel
+from lit_videoalign.testing import Brightness
 from reward_zoo.composite import CompositeReward
 
 PROMPTS = ["a red ball falls", "a blue ball moves left"]
 
-
-class Brightness(RewardModel):
-    dimensions = ("brightness",)
-    differentiable = True
-
-    def forward(self, videos, prompts=None, references=None):
-        b = videos.mean((1, 2, 3, 4))
-        return {"brightness": b, "overall": b}
 
 
 class Judge(Brightness):

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lit_videoalign.data.resumable import ResumableDataLoader
 from lit_videoalign.data.video_folder import resize_video, resolve_inside
 from lit_videoalign.video_io import read_video
 
@@ -399,8 +400,8 @@ class PreferenceDataModule(L.LightningDataModule):
                 self.val_set = PreferenceDataset(self.root, self.val_manifest, **self.kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                                   num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:

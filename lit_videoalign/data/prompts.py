@@ -11,6 +11,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lit_videoalign.data.resumable import ResumableDataLoader
+
 
 def read_prompt_file(path: str | Path) -> list[str]:
     """The prompts of a text file, one per line; raises if the file is missing or holds no prompt."""
@@ -60,8 +62,8 @@ class PromptFileDataModule(L.LightningDataModule):
         self.val_set = PromptDataset(read_prompt_file(self.val_file)) if self.val_file else None
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          generator=torch.Generator().manual_seed(self.seed))
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                                   generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self) -> DataLoader:
         return [] if self.val_set is None else DataLoader(self.val_set, batch_size=self.batch_size)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lit_videoalign.data.resumable import ResumableDataLoader
+
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.92, 0.16, 0.14),
     "green": (0.16, 0.80, 0.22),
@@ -382,8 +384,9 @@ class ToyWorldDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = ToyWorldDataset(self.world, self.train_size, self.seed + TRAIN_SEED_OFFSET, self.prompts_only)
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, generator=generator,
-                          num_workers=self.num_workers, drop_last=True, persistent_workers=self.num_workers > 0)
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, shuffle=True, generator=generator,
+                                   num_workers=self.num_workers, drop_last=True,
+                                   persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         dataset = ToyWorldDataset(self.world, self.val_size, self.seed + VAL_SEED_OFFSET, self.prompts_only)

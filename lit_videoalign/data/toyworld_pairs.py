@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lit_videoalign.data.resumable import ResumableDataLoader
 from lit_videoalign.data.toyworld import (
     COLOURS,
     CORRUPTIONS,
@@ -278,9 +279,9 @@ class ToyWorldPairsDataModule(L.LightningDataModule):
         return ToyWorldPairs(self.world, self.sizes[split], self.seed + SPLIT_OFFSETS[split], **self.pair_kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset("train"), batch_size=self.batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers,
-                          drop_last=True, persistent_workers=self.num_workers > 0)
+        return ResumableDataLoader(self.dataset("train"), batch_size=self.batch_size, shuffle=True,
+                                   generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers,
+                                   drop_last=True, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset("val"), batch_size=self.batch_size, num_workers=self.num_workers)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lit_videoalign.data.resumable import ResumableDataLoader
 from lit_videoalign.video_io import read_video
 
 
@@ -102,25 +103,59 @@ class VideoFolderDataModule(L.LightningDataModule):
         val_root: optional validation folder.
         num_workers: data-loader processes.
         seed: shuffling seed.
+        precomputed: a folder written by ``videoalign precompute`` for these videos: batches then carry ``"latents"``
+            and the prompts' conditioning instead of ``"video"``, so training runs neither the VAE nor the text
+            encoder. The folder must have been encoded at this ``num_frames``/``height``/``width`` by the model's
+            backbone (checked when training starts), and hold a ``val`` split when ``val_root`` is set.
     """
 
     def __init__(self, root: str, num_frames: int, height: int, width: int, batch_size: int = 1,
-                 val_root: str | None = None, num_workers: int = 0, seed: int = 0) -> None:
+                 val_root: str | None = None, num_workers: int = 0, seed: int = 0,
+                 precomputed: str | None = None) -> None:
         super().__init__()
         self.root, self.val_root = root, val_root
         self.num_frames, self.height, self.width = num_frames, height, width
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.precomputed = precomputed
 
     def setup(self, stage: str) -> None:
+        if self.precomputed:
+            self._setup_precomputed()
+            return
         self.train_set = VideoFolderDataset(self.root, self.num_frames, self.height, self.width)
         self.val_set = (VideoFolderDataset(self.val_root, self.num_frames, self.height, self.width)
                         if self.val_root else None)
 
+    def _setup_precomputed(self) -> None:
+        import warnings
+
+        from lit_videoalign.data.precomputed import PrecomputedDataset, file_sha256
+
+        size = {"num_frames": self.num_frames, "height": self.height, "width": self.width}
+        self.train_set = PrecomputedDataset(self.precomputed, "train", **size)
+        self.val_set = PrecomputedDataset(self.precomputed, "val", **size) if self.val_root else None
+        manifest = Path(self.root) / "metadata.jsonl"
+        stored = self.train_set.index["splits"]["train"].get("manifest_sha256")
+        if stored and manifest.is_file() and file_sha256(manifest) != stored:
+            warnings.warn(f"{manifest} changed since {self.precomputed} was written; training on the precomputed "
+                          "examples only. Re-run `videoalign precompute` to include the changes", UserWarning,
+                          stacklevel=2)
+        backbone = getattr(getattr(self.trainer, "lightning_module", None), "backbone", None)
+        if backbone is not None:  # refuse latents and embeddings from another backbone before the first step
+            from lit_videoalign.precompute import check_backbone
+
+            check_backbone(self.train_set.index, backbone, self.precomputed)
+
+    def _collate(self, dataset):
+        return getattr(dataset, "collate", None)
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed), drop_last=True)
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
+                                   num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed),
+                                   drop_last=True, collate_fn=self._collate(self.train_set))
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:
             return []
-        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers,
+                          collate_fn=self._collate(self.val_set))

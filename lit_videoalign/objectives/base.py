@@ -3,18 +3,23 @@
 It owns the backbone, optional LoRA, the optimizer and scheduler callables (so YAML configs pick them), the
 reference model (the adapter-disabled base under LoRA, a frozen copy otherwise, built only when an objective asks
 for it), prompt dropout for classifier-free guidance, and the Euler ODE sampler with guidance that lets every
-objective generate videos.
+objective generate videos. It also makes every objective safe to run for days: a NaN or infinite loss, gradient or
+reward skips its optimizer step (and enough of them in a row stop the run), and checkpoints carry the RNG states so
+a resumed run continues exactly (see ``on_save_checkpoint``).
 """
 
 from __future__ import annotations
 
 import copy
+import random
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -28,6 +33,31 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode",
 
 def _default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+
+class NonFiniteError(RuntimeError):
+    """Raised when ``max_consecutive_nonfinite`` optimizer steps in a row were skipped for a NaN or infinite value."""
+
+
+def rng_states() -> dict:
+    """The torch (CPU and CUDA), numpy and Python RNG states, as tensors and primitives only (``weights_only``-safe)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                         gauss), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore what :func:`rng_states` returned."""
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class AlignmentModule(L.LightningModule):
@@ -47,6 +77,8 @@ class AlignmentModule(L.LightningModule):
         guidance_scale: classifier-free guidance scale at sampling (1.0 disables it).
         sampling_shift: sigma shift of the sampling grid; None takes the backbone's (its scheduler config's).
         negative_prompt: the unconditional prompt for guidance and prompt dropout.
+        max_consecutive_nonfinite: stop the run (:class:`NonFiniteError`) after this many optimizer steps in a row
+            were skipped for a NaN or infinite loss, gradient or reward. A single one only skips its step.
     """
 
     requires_reference: bool = False  # objectives that need the reference policy set this
@@ -66,6 +98,7 @@ class AlignmentModule(L.LightningModule):
         guidance_scale: float = 1.0,
         sampling_shift: float | None = None,
         negative_prompt: str = "",
+        max_consecutive_nonfinite: int = 3,
     ) -> None:
         super().__init__()
         if not isinstance(backbone, VideoBackbone):
@@ -74,6 +107,8 @@ class AlignmentModule(L.LightningModule):
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be non-negative, got {guidance_scale}")
+        if max_consecutive_nonfinite < 1:
+            raise ValueError(f"max_consecutive_nonfinite must be at least 1, got {max_consecutive_nonfinite}")
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "reward", "critic_optimizer"])
         self.backbone = backbone
         self.optimizer_fn, self.lr_scheduler_fn = optimizer, lr_scheduler
@@ -81,6 +116,11 @@ class AlignmentModule(L.LightningModule):
         if lora_rank is not None:
             backbone.add_lora(lora_rank, lora_alpha, lora_target_modules)
         self._reference_denoiser: nn.Module | None = None
+        self._nonfinite: list[str] = []  # what was NaN or infinite since the last optimizer step
+        self.nonfinite_skips = 0  # optimizer steps skipped so far (kept in checkpoints)
+        self._consecutive_nonfinite: dict[int, int] = {}  # per optimizer index: skipped steps in a row
+        self._rng_before_validation: dict | None = None
+        self._rng_to_restore: dict | None = None
         if self.requires_reference and not backbone.has_lora:
             self._reference_denoiser = copy.deepcopy(backbone.denoiser).requires_grad_(False).eval()
 
@@ -100,6 +140,102 @@ class AlignmentModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_fn(optimizer),
                                                           "interval": "step"}}
+
+    # -- non-finite guard ------------------------------------------------------------------------------------------
+    def report_nonfinite(self, what: str) -> None:
+        """Note that ``what`` (``"loss"``, ``"gradient"``, ``"reward"``, ...) was NaN or infinite in this step: the
+        next optimizer step is skipped. Losses and gradients are checked here already; objectives report the rest."""
+        self._nonfinite.append(what)
+
+    def skip_nonfinite_step(self, what: str, optimizer_idx: int = 0) -> None:
+        """Count a step an objective skipped itself, without calling the optimizer, because ``what`` was non-finite
+        (e.g. GRPO when every reward of a rollout batch is NaN)."""
+        self._nonfinite.clear()
+        self._count_nonfinite([what], optimizer_idx)
+
+    def _count_nonfinite(self, found: list[str], optimizer_idx: int) -> None:
+        limit = self.hparams.get("max_consecutive_nonfinite", 3)
+        what = " and ".join(dict.fromkeys(found))
+        step = self.trainer.global_step if self._trainer is not None else 0
+        self.nonfinite_skips += 1
+        run = self._consecutive_nonfinite.get(optimizer_idx, 0) + 1
+        self._consecutive_nonfinite[optimizer_idx] = run
+        self.log("train/nonfinite_skips", float(self.nonfinite_skips))
+        if run >= limit:
+            raise NonFiniteError(
+                f"{run} optimizer steps in a row had a NaN or infinite {what} (the last at global step {step}); the "
+                f"run is stopped with the weights of the last finite step. Lower the learning rate, check the data "
+                f"and the reward, or raise model.init_args.max_consecutive_nonfinite (now {limit})")
+        rank_zero_warn(f"NaN or infinite {what} at global step {step}: the optimizer step is skipped and the weights "
+                       f"are unchanged ({run} in a row; the run stops at {limit})")
+
+    @override
+    def on_before_backward(self, loss: Tensor) -> None:
+        if not bool(torch.isfinite(loss.detach()).all()):
+            self.report_nonfinite("loss")
+
+    @override
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Called after the gradients of a step are ready, before the optimizer uses them (automatic and manual
+        optimisation alike). A step with a non-finite loss, gradient or reported value loses its gradients, so the
+        optimizer leaves the weights and its own state untouched; under fp16 loss scaling non-finite gradients are the
+        ``GradScaler``'s business (it skips the step and lowers the scale)."""
+        found, self._nonfinite = self._nonfinite, []
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if not found and scaler is None and not _finite_gradients(optimizer):  # a NaN loss explains NaN gradients
+            found.append("gradient")
+        skip = self.trainer.strategy.reduce_boolean_decision(bool(found), all=False)  # every rank skips together
+        idx = next((i for i, o in enumerate(self.trainer.optimizers) if o is optimizer), 0)
+        if skip:
+            optimizer.zero_grad(set_to_none=True)  # optimizers skip parameters without gradients
+            self._count_nonfinite(found or ["value on another rank"], idx)
+        else:
+            self._consecutive_nonfinite[idx] = 0
+            if self.nonfinite_skips:  # the count stays on the charts once there is one
+                self.log("train/nonfinite_skips", float(self.nonfinite_skips))
+
+    def last_step_skipped(self, optimizer_idx: int = 0) -> bool:
+        """Whether the latest step of optimizer ``optimizer_idx`` was skipped by the non-finite guard."""
+        return self._consecutive_nonfinite.get(optimizer_idx, 0) > 0
+
+    # -- exact resume -----------------------------------------------------------------------------------------------
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store the RNG states and the guard's counters, so a resumed run draws the same noise, sigmas, dropout and
+        rollouts as an uninterrupted one. Objectives that override this call ``super()`` first."""
+        checkpoint["rng_states"] = self._rng_before_validation or rng_states()
+        checkpoint["nonfinite_guard"] = {"skips": self.nonfinite_skips,
+                                         "consecutive": dict(self._consecutive_nonfinite)}
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._rng_to_restore = checkpoint.get("rng_states")
+        guard = checkpoint.get("nonfinite_guard", {})
+        self.nonfinite_skips = int(guard.get("skips", 0))
+        self._consecutive_nonfinite = {int(k): int(v) for k, v in guard.get("consecutive", {}).items()}
+
+    @override
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # The first step of a resumed fit starts from the RNG states of the checkpoint. Restored here, not earlier:
+        # on restart Lightning re-creates the validation loader (which draws a seed from the global RNG) and may
+        # finish an interrupted validation before the first batch.
+        if self._rng_to_restore is not None and self.trainer.ckpt_path is not None:
+            set_rng_states(self._rng_to_restore)
+        self._rng_to_restore = None
+
+    @override
+    def on_validation_model_zero_grad(self) -> None:
+        # Called by the training loop just before it validates: validation (its loader's seeds, its sampling) must
+        # not move the training RNG, or a run resumed after a validation point would draw other numbers.
+        super().on_validation_model_zero_grad()
+        self._rng_before_validation = rng_states()
+
+    @override
+    def on_validation_end(self) -> None:
+        # After the callbacks' on_validation_end (sample logging, checkpoints that monitor a validation metric).
+        if self._rng_before_validation is not None:
+            set_rng_states(self._rng_before_validation)
+            self._rng_before_validation = None
 
     # -- distribution ---------------------------------------------------------------------------------------------
     @override
@@ -135,6 +271,15 @@ class AlignmentModule(L.LightningModule):
             drop = (torch.rand(len(prompts)) < dropout).tolist()
             prompts = [self.hparams.negative_prompt if d else p for p, d in zip(prompts, drop)]
         return self.backbone.encode_prompts(prompts)
+
+    def batch_conditioning(self, batch: dict, dropout: float = 0.0) -> Conditioning:
+        """The batch's conditioning: precomputed (``batch["cond"]``, from ``videoalign precompute``, no text encoder
+        run) or its ``"prompt"`` encoded; prompt dropout as in :meth:`encode_prompts` either way."""
+        if "cond" in batch:
+            from lit_videoalign.data.precomputed import precomputed_conditioning
+
+            return precomputed_conditioning(batch, dropout, self.hparams.negative_prompt)
+        return self.encode_prompts(batch["prompt"], dropout=dropout)
 
     # -- reference model ------------------------------------------------------------------------------------------
     def reference_velocity(self, latents: Tensor, sigma: float | Tensor, cond: Conditioning) -> Tensor:
@@ -224,3 +369,10 @@ class AlignmentModule(L.LightningModule):
             return latents if return_latents else self.backbone.decode_latents(latents)
         finally:
             self.train(was_training)
+
+
+def _finite_gradients(optimizer) -> bool:
+    """Whether every gradient of ``optimizer``'s parameters is finite (this rank's shards under FSDP)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())

@@ -339,7 +339,6 @@ class ConsistencyDistillation(AlignmentModule):
             raise TypeError(f"reward must be a reward_zoo RewardModel or None, got {type(reward).__name__}")
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "reward"])
         self.reward = reward.requires_grad_(False).eval() if reward is not None else None
-        self._last_ema_step = -1
         hp = self.hparams
         if self.backbone.has_lora:  # the target is a frozen second adapter over the same base
             add_named_adapter(self.backbone, "ema", hp.lora_rank, hp.lora_alpha, hp.lora_target_modules)
@@ -453,12 +452,13 @@ class ConsistencyDistillation(AlignmentModule):
         return loss
 
     @override
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # After every optimizer step (not every micro-batch under gradient accumulation) the target follows.
-        step = self.trainer.global_step
-        if step != self._last_ema_step:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # After every optimizer step (not every micro-batch under gradient accumulation) the target follows, here
+        # rather than in on_train_batch_end, which runs after the step's checkpoint is written. A step the
+        # non-finite guard skipped moves nothing, the target included.
+        super().optimizer_step(*args, **kwargs)
+        if not self.last_step_skipped():
             ema_update(self.ema_parameters(), self.student_parameters(), self.hparams.ema_decay)
-            self._last_ema_step = step
 
     @override
     def configure_optimizers(self):

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -477,18 +476,13 @@ class DMD(AlignmentModule):
             return [opt_g, opt_c]
         return [opt_g, opt_c], [{"scheduler": self.lr_scheduler_fn(opt_g), "interval": "step"}]
 
-    def _step(self, optimizer, loss: Tensor, name: str) -> None:
+    def _step(self, optimizer, loss: Tensor) -> None:
         optimizer.zero_grad()
         self.manual_backward(loss)
         if self.hparams.max_grad_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm,
                                 gradient_clip_algorithm="norm")
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
-            optimizer.step()
-        else:
-            rank_zero_warn(f"DMD: non-finite {name} gradients; this {name} step is skipped")
-            optimizer.zero_grad()
+        optimizer.step()  # with a NaN or infinite loss or gradients the guard (AlignmentModule) skips it
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -506,14 +500,14 @@ class DMD(AlignmentModule):
                 x0 = self.sample_student(cond, self._noise(n))
             with self.role("critic"):  # forward and backward with the critic active (gradient checkpointing)
                 critic_loss, critic_stats = self.critic_loss(x0, cond, real)
-                self._step(opt_c, critic_loss, "critic")
+                self._step(opt_c, critic_loss)
 
         if self.generator_updates < hp.regression_steps:
             loss = self.regression_loss(prompts)
             stats = {"regression_loss": loss.detach()}
         else:
             loss, stats = self.generator_loss(cond, uncond)
-        self._step(opt_g, loss, "generator")
+        self._step(opt_g, loss)
         self.generator_updates += 1
         scheduler = self.lr_schedulers()
         if scheduler is not None:
@@ -526,11 +520,18 @@ class DMD(AlignmentModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["dmd_state"] = {"generator_updates": self.generator_updates}
+        super().on_save_checkpoint(checkpoint)
+        pairs = self._pairs
+        checkpoint["dmd_state"] = {"generator_updates": self.generator_updates, "ode_pairs": None if pairs is None else
+                                   {"states": pairs.states, "x0": pairs.x0, "prompts": list(pairs.prompts)}}
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.generator_updates = checkpoint.get("dmd_state", {}).get("generator_updates", 0)
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("dmd_state", {})
+        self.generator_updates = state.get("generator_updates", 0)
+        pairs = state.get("ode_pairs")
+        self._pairs = None if pairs is None else ODEPairs(pairs["states"], pairs["x0"], list(pairs["prompts"]))
 
     # -- sampling and evaluation ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -535,11 +535,13 @@ class DPO(AlignmentModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["dpo_state"] = {"online_batches": self.online_batches, "pool": self.pool.state_dict(),
                                    "pool_generator": self.pool_generator.get_state()}
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("dpo_state")
         if state is None:
             return

@@ -181,7 +181,7 @@ class RejectionSFT(SFT):
         latents = self.generate(group_prompts, seeds, num_inference_steps=hp.candidate_steps,
                                 guidance_scale=hp.candidate_guidance_scale, return_latents=True)
         videos = self.backbone.decode_latents(latents)
-        groups = [self.reward(videos[i:i + k], group_prompts[i:i + k])  # one batch per prompt
+        groups = [self._score(videos[i:i + k], group_prompts[i:i + k])  # one batch per prompt
                   for i in range(0, len(group_prompts), k)]
         all_scores = {dim: torch.cat([g[dim] for g in groups]).float().cpu() for dim in groups[0]}
         scores = all_scores[hp.reward_key]
@@ -209,6 +209,13 @@ class RejectionSFT(SFT):
         if accepted:
             logs["train/accepted_reward"] = scores[accepted].mean()
         return logs
+
+    def _score(self, videos: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+        """The reward's scores; a NaN or infinite score is kept (and never accepted) instead of raising."""
+        try:
+            return self.reward(videos, prompts)
+        except FloatingPointError:
+            return self.reward.forward(videos, prompts)
 
     # -- Lightning hooks ------------------------------------------------------------------------------------------
     @override
@@ -243,12 +250,14 @@ class RejectionSFT(SFT):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["rejection_sft_state"] = {
             "steps_seen": self.steps_seen, "prompts": list(self.buffer_prompts), "scores": self.buffer_scores,
             "features": self.buffer_features, "latents": self.buffer_latents}
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("rejection_sft_state")
         self.clear_buffer()
         if not state:

@@ -207,7 +207,12 @@ class RewardGradient(AlignmentModule):
         """The DRaFT-K loss of one batch of prompts and what to log."""
         hp = self.hparams
         latents, kl = self.sample_with_grad(prompts)
-        scores = self.reward(self.decode_for_reward(latents), prompts)
+        videos = self.decode_for_reward(latents)
+        try:
+            scores = self.reward(videos, prompts)
+        except FloatingPointError:  # NaN or infinite scores: the non-finite guard skips this step
+            self.report_nonfinite("reward")
+            scores = self.reward.forward(videos, prompts)
         loss = reward_loss(scores[hp.reward_key], hp.reward_scale)
         logs = {f"train/reward/{k}": v.detach().float().mean() for k, v in scores.items()}
         if hp.kl_beta > 0:

@@ -40,7 +40,8 @@ class SFT(AlignmentModule):
     """Flow-matching fine-tuning on ``(video, prompt)`` batches.
 
     Batches are dicts with ``"prompt"`` (list of strings) and either ``"video"`` (``[B, T, C, H, W]`` in ``[0, 1]``)
-    or precomputed ``"latents"`` (``[B, C, T', H', W']``).
+    or precomputed ``"latents"`` (``[B, C, T', H', W']``), and then possibly the prompts' precomputed ``"cond"``
+    (``VideoFolderDataModule(precomputed=...)``, see ``videoalign precompute``).
 
     Args:
         sigma_sampling: ``"uniform"`` or ``"logit_normal"``.
@@ -85,7 +86,7 @@ class SFT(AlignmentModule):
         prompts = batch["prompt"]
         if len(prompts) != x0.shape[0]:
             raise ValueError(f"batch has {len(prompts)} prompts for {x0.shape[0]} videos")
-        cond = self.encode_prompts(prompts, dropout=hp.prompt_dropout if dropout is None else dropout)
+        cond = self.batch_conditioning(batch, dropout=hp.prompt_dropout if dropout is None else dropout)
         shift = self.backbone.default_sampling_shift if hp.sigma_shift is None else hp.sigma_shift
         sigma = sample_training_sigmas(x0.shape[0], mode=hp.sigma_sampling, shift=shift,
                                        generator=generator, logit_mean=hp.logit_mean, logit_std=hp.logit_std)
