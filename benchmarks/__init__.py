@@ -1,0 +1,62 @@
+"""Benchmarks of lit-videoalign: ``python -m benchmarks`` runs them all (see ``benchmarks/__main__.py``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_result(result: dict, output: str | Path, markdown: Callable[[dict], str]) -> dict:
+    """Write ``result`` as ``OUTPUT.json`` and its table as ``OUTPUT.md`` (any suffix of ``output`` is replaced),
+    print the table, and return ``result``."""
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    return result
+
+
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class PeakSampler:
+    """A thread that keeps the highest resident memory of this process since the last :meth:`reset`: finer than
+    ``VmHWM`` when one phase of a run (a step, after building the model) is what is measured."""
+
+    def __init__(self, interval: float = 0.0005) -> None:
+        self.interval, self.peak, self._stop = interval, rss_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def reset(self) -> int:
+        """Start a new phase; returns the resident memory now."""
+        self.peak = rss_bytes()
+        return self.peak
+
+    def read(self) -> int:
+        """The peak of the current phase so far."""
+        self.peak = max(self.peak, rss_bytes())
+        return self.peak
+
+    def stop(self) -> int:
+        """Stop sampling; returns the peak of the current phase."""
+        self._stop.set()
+        self._thread.join()
+        return self.read()

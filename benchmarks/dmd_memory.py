@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import write_result
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = {
     "shared_base": {"shared_base": True, "lora": True},
@@ -201,12 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         "modes": modes,
         "projection_wan2.1_1.3b_bf16": projection(args.rank),
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
-    return result
+    return write_result(result, args.output, markdown)
 
 
 if __name__ == "__main__":

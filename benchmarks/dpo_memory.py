@@ -37,45 +37,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from benchmarks import PeakSampler, rss_bytes
+
 CONFIGS = ("lora_sft", "lora_sft_both", "lora_dpo", "full_sft", "full_dpo")
-PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 MIB = 2**20
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-class PeakSampler:
-    """A thread that records the highest resident memory of this process since the last :meth:`reset`."""
-
-    def __init__(self, interval: float = 0.0005) -> None:
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(self.interval)
-
-    def reset(self) -> int:
-        now = rss_bytes()
-        self.peak = now
-        return now
-
-    def read(self) -> int:
-        self.peak = max(self.peak, rss_bytes())
-        return self.peak
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def live_bytes_peak(prof) -> int:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import write_result
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -259,12 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         "fsdp2": fsdp2, "adamw": adamw, "quantized_base": quant,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
-    return result
+    return write_result(result, args.out, markdown)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,592 @@
+"""Framework overhead: each objective's step through Lightning against a minimal hand-written loop doing the same maths.
+
+    python -m benchmarks.overhead [--rounds 5] [--steps 3] [--objectives sft dpo grpo dmd consistency] [--quick]
+
+For each objective, two identically initialised copies of the same module train side by side in one process:
+
+- **Lightning**: ``Trainer.fit`` on the real objective class of ``lit_videoalign/objectives/`` (its ``training_step``,
+  optimizer configuration, non-finite guard, logging) with ``logger=False``, no progress bar and no checkpointing;
+- **hand-written**: a plain ``for batch in loader`` loop over the same ``DataLoader`` that calls the transformer as
+  the diffusers pipeline does, the objective's pure loss functions, ``backward`` and the same optimizer, switching
+  peft adapters itself where the objective keeps several (reference, critic, EMA target).
+
+Both see the same batch on the same backbone: a random-initialised diffusers ``WanTransformer3DModel`` of 4.9 M
+parameters (4 blocks, width 256, FFN 1024) on 8x32x32 pixel-space clips with 1x4x4 patches (512 video tokens) and
+512 padded text tokens from a tiny UMT5, LoRA rank 16 on the attention projections, AdamW. What one step does:
+
+- ``sft``: flow-matching loss on 2 clips;
+- ``dpo``: Flow-DPO on 2 pairs (reference = the adapter-disabled base on 4 clips, policy on 4 clips);
+- ``grpo``: the update phase of Flow-GRPO on a fixed, pre-recorded rollout of 2 prompts x 2 (2 SDE steps, each a
+  forward and backward on 4 clips, clipped surrogate, gradient clipping); the rollout itself is timed by
+  ``benchmarks.grpo_overhead``;
+- ``dmd``: one DMD2 critic update and one generator update, student and critic as two adapters of one shared base,
+  a one-step student, teacher guidance 3;
+- ``consistency``: latent consistency distillation on 2 clips (teacher Euler step with guidance 3, EMA target as a
+  frozen second adapter, pseudo-Huber loss, EMA update).
+
+A step is timed from one ``on_train_batch_start`` to the next (so it includes fetching the batch and everything
+Lightning does between steps); the hand-written loop is timed the same way at the top of its loop body. The two sides
+alternate round by round (the order flips every round) so machine noise hits both alike, after one untimed round
+that warms both up; a round is ``--warmup``
+untimed steps plus ``--steps`` timed ones on each side, in a fresh ``Trainer`` (and fresh optimizers on both sides).
+Figures: the median over rounds of each side's per-round median step time with the min-max spread, and the overhead
+as the median over rounds of the paired per-round ratio minus one. The target of issue 9 is at most 5 % overhead.
+The one-off cost of ``Trainer.fit`` around the steps (setup, ``configure_optimizers``, teardown) is reported apart.
+Results go to ``benchmarks/results/overhead.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import write_result
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OBJECTIVES = ("sft", "dpo", "grpo", "dmd", "consistency")
+TARGET = 0.05
+PROMPTS = ["a red ball falls and bounces", "a blue ball moves left", "a green ball moves right and bounces",
+           "a yellow ball falls"]
+
+
+# -- shared by the benchmarks of this folder ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Size:
+    """A benchmark backbone: Wan transformer geometry, clip size and text length."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    ffn: int
+    frames: int
+    height: int
+    width: int
+    text_len: int
+    lora_rank: int
+
+    @property
+    def transformer(self) -> dict:
+        return dict(patch_size=(1, 4, 4), num_attention_heads=self.heads, attention_head_dim=self.head_dim,
+                    in_channels=3, out_channels=3, text_dim=32, freq_dim=256, ffn_dim=self.ffn,
+                    num_layers=self.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+
+    @property
+    def tokens(self) -> int:
+        return self.frames * (self.height // 4) * (self.width // 4)
+
+    def describe(self) -> str:
+        return (f"random-init Wan transformer, {self.layers} blocks, width {self.heads * self.head_dim}, "
+                f"FFN {self.ffn}; "
+                f"pixel-space {self.frames}x{self.height}x{self.width} clips, 1x4x4 patches = {self.tokens} video "
+                f"tokens; {self.text_len} text tokens (tiny UMT5); LoRA rank {self.lora_rank} on "
+                "to_q/to_k/to_v/to_out.0")
+
+
+FULL = Size(layers=4, heads=4, head_dim=64, ffn=1024, frames=8, height=32, width=32, text_len=512, lora_rank=16)
+QUICK = Size(layers=2, heads=2, head_dim=16, ffn=64, frames=2, height=16, width=16, text_len=16, lora_rank=4)
+
+
+def quiet() -> None:
+    """Keep the benchmark's output to its figures: no Lightning banners, no weight-loading progress bars."""
+    import logging
+    import warnings
+
+    import lightning.pytorch  # noqa: F401  (it sets its loggers' level on import: import it first)
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*validation_step.*val_dataloader.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    try:
+        from transformers.utils import logging as tlogging
+
+        tlogging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def write_pipeline(path: Path, size: Size) -> str:
+    """A pixel-space Wan pipeline folder (transformer, tiny UMT5, tokenizer, scheduler) with random weights."""
+    from lit_videoalign.testing import TINY_TEXT_ENCODER, write_wan_pipeline
+
+    return str(write_wan_pipeline(path, transformer=size.transformer, text_encoder=TINY_TEXT_ENCODER, vae=None))
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def fmt_s(s: dict, digits: int = 3) -> str:
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def machine() -> dict:
+    import lightning
+
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
+            "lightning": lightning.__version__, "device": str(device())}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        info["load_average_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def adamw(params):
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+
+def build(objective: str, pipeline: str, size: Size, lora: bool = True):
+    """The objective module on a freshly loaded backbone; the same seed gives the same weights and adapters.
+    ``lora=False`` trains the full denoiser (SFT only here)."""
+    from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
+
+    torch.manual_seed(0)
+    bb = DiffusersVideoBackbone(pipeline, max_sequence_length=size.text_len)
+    common = dict(lora_rank=size.lora_rank if lora else None, num_frames=size.frames, height=size.height,
+                  width=size.width, optimizer=adamw)
+    if objective == "sft":
+        from lit_videoalign.objectives.sft import SFT
+
+        return SFT(bb, prompt_dropout=0.0, **common)
+    if objective == "dpo":
+        from lit_videoalign.objectives.dpo import DPO
+
+        return DPO(bb, beta=1000.0, **common)
+    if objective == "grpo":
+        from lit_videoalign.objectives.grpo import GRPO
+        from reward_zoo import create_reward
+
+        return GRPO(bb, reward=create_reward("newton"), group_size=2, num_sampling_steps=2,
+                    rollout_guidance_scale=1.0, clip_range=1e-4, **common)
+    if objective == "dmd":
+        from lit_videoalign.objectives.dmd import DMD
+
+        return DMD(bb, shared_base=True, num_inference_steps=1, teacher_guidance_scale=3.0, critic_updates=1,
+                   **common)
+    if objective == "consistency":
+        from lit_videoalign.objectives.consistency import ConsistencyDistillation
+
+        return ConsistencyDistillation(bb, num_timesteps=40, skip_steps=1, teacher_guidance_scale=3.0, **common)
+    raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
+
+
+def batch_items(objective: str, size: Size, batch: int = 2) -> list[dict]:
+    """One batch worth of dataset items (fixed latents, so both sides see the very same batch)."""
+    g = torch.Generator().manual_seed(1)
+    shape = (3, size.frames, size.height, size.width)  # (c, t, h, w): pixel space, latents = video in [-1, 1]
+    items = []
+    for i in range(batch):
+        item = {"prompt": PROMPTS[i % len(PROMPTS)]}
+        if objective in ("sft", "consistency"):
+            item["latents"] = torch.rand(shape, generator=g) * 2 - 1
+        elif objective == "dpo":
+            item["chosen_latents"] = torch.rand(shape, generator=g) * 2 - 1
+            item["rejected_latents"] = torch.rand(shape, generator=g) * 2 - 1
+        items.append(item)
+    return items
+
+
+# -- the hand-written side ---------------------------------------------------------------------------------------------
+def lora_params(denoiser: torch.nn.Module, adapter: str) -> list[torch.nn.Parameter]:
+    return [p for n, p in denoiser.named_parameters() if "lora_" in n and f".{adapter}." in n]
+
+
+def use(denoiser, adapter: str | None) -> None:
+    """Run ``adapter`` alone (None: the base weights), with diffusers' peft calls."""
+    if adapter is None:
+        denoiser.disable_adapters()
+    else:
+        denoiser.enable_adapters()
+        denoiser.set_adapter(adapter)
+
+
+def transformer(denoiser, x, sigma, embeds):
+    """The transformer called as the diffusers Wan pipeline calls it: the output is the velocity at ``sigma``."""
+    return denoiser(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=embeds, return_dict=False)[0]
+
+
+def guided(denoiser, x, sigma, cond, uncond, scale: float):
+    v_c, v_u = transformer(denoiser, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, uncond])).chunk(2)
+    return v_u + scale * (v_c - v_u)
+
+
+class HandWritten:
+    """The maths of each objective's training step in plain PyTorch, on the module's backbone (weights only)."""
+
+    def __init__(self, module, objective: str, rollout=None) -> None:
+        self.m, self.objective, self.rollout = module, objective, rollout
+        self.den = module.backbone.denoiser
+        self.hp = module.hparams
+        self.shift = module.backbone.default_sampling_shift
+        self.optimizers()
+
+    def optimizers(self) -> None:
+        if self.objective == "dmd":
+            self.student, self.critic = lora_params(self.den, "default"), lora_params(self.den, "critic")
+            self.opts = [adamw(self.student), adamw(self.critic)]
+        else:
+            self.student = lora_params(self.den, "default")
+            self.opts = [adamw(self.student)]
+
+    def embeds(self, prompts: list[str]) -> torch.Tensor:
+        return self.m.backbone.encode_prompts(list(prompts)).prompt_embeds
+
+    def step(self, batch: dict) -> None:
+        getattr(self, self.objective)(batch)
+
+    def sft(self, batch: dict) -> None:
+        from lit_videoalign.objectives.sft import flow_matching_loss
+        from lit_videoalign.schedules.flow import add_noise, sample_training_sigmas, velocity_target
+
+        x0 = batch["latents"]
+        cond = self.embeds(batch["prompt"])
+        sigma = sample_training_sigmas(len(x0), mode="logit_normal", shift=self.shift).to(x0.device)
+        noise = torch.randn_like(x0)
+        loss = flow_matching_loss(transformer(self.den, add_noise(x0, noise, sigma), sigma, cond),
+                                  velocity_target(x0, noise))
+        opt = self.opts[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def dpo(self, batch: dict) -> None:
+        from lit_videoalign.objectives.dpo import flow_dpo_loss, per_sample_mse
+        from lit_videoalign.schedules.flow import add_noise, sample_training_sigmas, velocity_target
+
+        x_w, x_l = batch["chosen_latents"], batch["rejected_latents"]
+        cond = self.embeds(batch["prompt"])
+        sigma = sample_training_sigmas(len(x_w), mode="logit_normal", shift=self.shift).to(x_w.device)
+        noise = torch.randn_like(x_w)  # shared by winner and loser
+        x0, noise2, sigma2, cond2 = (torch.cat([x_w, x_l]), torch.cat([noise, noise]), torch.cat([sigma, sigma]),
+                                     torch.cat([cond, cond]))
+        x_t, target = add_noise(x0, noise2, sigma2), velocity_target(x0, noise2)
+        with torch.no_grad():
+            use(self.den, None)
+            ref_w, ref_l = per_sample_mse(transformer(self.den, x_t, sigma2, cond2), target).chunk(2)
+            use(self.den, "default")
+        err_w, err_l = per_sample_mse(transformer(self.den, x_t, sigma2, cond2), target).chunk(2)
+        loss = flow_dpo_loss(err_w, err_l, ref_w, ref_l, self.hp.beta)
+        opt = self.opts[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def grpo(self, batch: dict) -> None:
+        from lit_videoalign.objectives.grpo import grpo_policy_loss
+        from lit_videoalign.schedules.flow import sde_step_with_logprob
+
+        r = self.rollout
+        n, steps = len(r.prompts), r.sde_steps
+        opt = self.opts[0]
+        opt.zero_grad()
+        for step in steps:
+            x, x_next = r.latents[:, step], r.latents[:, step + 1]
+            s, s_next = r.sigmas[step].expand(n), r.sigmas[step + 1].expand(n)
+            v = transformer(self.den, x, s, r.cond.prompt_embeds)
+            _, log_prob, _, _ = sde_step_with_logprob(x, v, s, s_next, noise_level=self.hp.noise_level,
+                                                      prev_sample=x_next)
+            loss = grpo_policy_loss(log_prob, r.log_probs[:, step], r.advantages, self.hp.clip_range)
+            (loss / len(steps)).backward()
+        torch.nn.utils.clip_grad_norm_(self.student, self.hp.max_grad_norm)
+        opt.step()
+
+    def dmd(self, batch: dict) -> None:
+        from lit_videoalign.objectives.consistency import consistency_x0
+        from lit_videoalign.objectives.dmd import dmd_generator_loss
+        from lit_videoalign.objectives.sft import flow_matching_loss
+        from lit_videoalign.schedules.flow import (
+            add_noise,
+            sample_training_sigmas,
+            sampling_sigmas,
+            shift_sigmas,
+            velocity_target,
+        )
+
+        hp, den = self.hp, self.den
+        prompts = list(batch["prompt"])
+        n = len(prompts)
+        cond, uncond = self.embeds(prompts), self.embeds([hp.negative_prompt] * n)
+        shape = (n, *self.m.backbone.latent_shape(hp.num_frames, hp.height, hp.width))
+        dev = cond.device
+        sigma0 = torch.full((n,), float(sampling_sigmas(1, shift=self.m.sampling_shift)[0]), device=dev)
+        opt_g, opt_c = self.opts
+        # critic: flow matching on fresh one-step student samples
+        with torch.no_grad():
+            noise = torch.randn(shape, device=dev)
+            x0 = consistency_x0(noise, transformer(den, noise, sigma0, cond), sigma0)
+        use(den, "critic")
+        sigma = sample_training_sigmas(n, mode="logit_normal", shift=self.shift).to(dev)
+        eps = torch.randn_like(x0)
+        loss = flow_matching_loss(transformer(den, add_noise(x0, eps, sigma), sigma, cond), velocity_target(x0, eps))
+        opt_c.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.critic, hp.max_grad_norm)
+        opt_c.step()
+        use(den, "default")
+        # generator: distribution matching between the teacher (base, guided) and the critic
+        noise = torch.randn(shape, device=dev)
+        x0 = consistency_x0(noise, transformer(den, noise, sigma0, cond), sigma0)
+        u = hp.dm_sigma_min + (hp.dm_sigma_max - hp.dm_sigma_min) * torch.rand(n)
+        sigma = shift_sigmas(u, self.shift).to(dev)
+        x_t = add_noise(x0.detach(), torch.randn_like(x0), sigma)
+        with torch.no_grad():
+            use(den, None)
+            x0_real = consistency_x0(x_t, guided(den, x_t, sigma, cond, uncond, hp.teacher_guidance_scale), sigma)
+            use(den, "critic")
+            x0_fake = consistency_x0(x_t, transformer(den, x_t, sigma, cond), sigma)
+            use(den, "default")
+        loss = dmd_generator_loss(x0, x0_real, x0_fake)
+        opt_g.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student, hp.max_grad_norm)
+        opt_g.step()
+
+    def consistency(self, batch: dict) -> None:
+        from lit_videoalign.objectives.consistency import consistency_loss, consistency_x0, ema_update
+        from lit_videoalign.schedules.flow import add_noise, euler_step, sampling_sigmas
+
+        hp, den = self.hp, self.den
+        x0 = batch["latents"]
+        prompts = list(batch["prompt"])
+        cond, uncond = self.embeds(prompts), self.embeds([hp.negative_prompt] * len(prompts))
+        grid = sampling_sigmas(hp.num_timesteps, shift=self.m.sampling_shift).to(x0.device)
+        idx = torch.randint(0, hp.num_timesteps - hp.skip_steps + 1, (len(prompts),), device=x0.device)
+        sigma, sigma_next = grid[idx], grid[idx + hp.skip_steps]
+        x_t = add_noise(x0, torch.randn_like(x0), sigma)
+        with torch.no_grad():
+            use(den, None)
+            x_next = euler_step(x_t, guided(den, x_t, sigma, cond, uncond, hp.teacher_guidance_scale), sigma,
+                                sigma_next)
+            use(den, "ema")
+            target = consistency_x0(x_next, transformer(den, x_next, sigma_next, cond), sigma_next)
+            use(den, "default")
+        pred = consistency_x0(x_t, transformer(den, x_t, sigma, cond), sigma)
+        loss = consistency_loss(pred, target, hp.loss_type, hp.huber_c)
+        opt = self.opts[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema_update(lora_params(den, "ema"), self.student, hp.ema_decay)
+
+
+# -- timing ------------------------------------------------------------------------------------------------------------
+def loader(items: list[dict], steps: int):
+    return torch.utils.data.DataLoader(items * steps, batch_size=len(items), shuffle=False)
+
+
+def intervals(starts: list[float], end: float) -> list[float]:
+    ts = [*starts, end]
+    return [b - a for a, b in zip(ts, ts[1:])]
+
+
+def lightning_round(module, items: list[dict], warmup: int, steps: int,
+                    precision: str | None = None) -> tuple[list[float], float]:
+    """Per-step seconds of ``steps`` timed steps (after ``warmup``) in a fresh Trainer, and the fit's fixed cost."""
+    import lightning as L
+
+    class StepTimer(L.Callback):
+        def __init__(self) -> None:
+            self.starts: list[float] = []
+            self.end = 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            sync()
+            self.starts.append(time.perf_counter())
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            sync()
+            self.end = time.perf_counter()
+
+    timer = StepTimer()
+    trainer = L.Trainer(max_epochs=1, accelerator=device().type, devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[timer], **({"precision": precision} if precision else {}))
+    start = time.perf_counter()
+    trainer.fit(module, loader(items, warmup + steps))
+    total = time.perf_counter() - start
+    all_steps = intervals(timer.starts, timer.end)
+    if len(all_steps) != warmup + steps:
+        raise RuntimeError(f"Lightning ran {len(all_steps)} steps, expected {warmup + steps}")
+    return all_steps[warmup:], total - sum(all_steps)
+
+
+def hand_round(hand: HandWritten, items: list[dict], warmup: int, steps: int) -> tuple[list[float], float]:
+    """The same for the hand-written loop (fresh optimizers, like a fresh Trainer)."""
+    start = time.perf_counter()
+    hand.optimizers()
+    hand.m.train()
+    starts = []
+    for batch in loader(items, warmup + steps):
+        sync()
+        starts.append(time.perf_counter())
+        batch = {k: v.to(device()) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        hand.step(batch)
+    sync()
+    end = time.perf_counter()
+    all_steps = intervals(starts, end)
+    return all_steps[warmup:], end - start - sum(all_steps)
+
+
+def recorded_rollout(module, n_prompts: int):
+    """One real GRPO rollout (SDE trajectory and log-probs) with synthetic group-standardised advantages, so every
+    update has a non-degenerate signal whatever the reward makes of a random model's samples."""
+    from lit_videoalign.objectives.grpo import group_advantages
+
+    prompts = PROMPTS[:n_prompts]
+    rollout = module.rollout(prompts, generator=torch.Generator().manual_seed(0))
+    n = len(rollout.prompts)
+    rewards = torch.randn(n, generator=torch.Generator().manual_seed(2))
+    return dataclasses.replace(rollout, valid=torch.ones(n, dtype=torch.bool),
+                               advantages=group_advantages(rewards, module.hparams.group_size))
+
+
+def run_objective(objective: str, pipeline: str, size: Size, rounds: int, warmup: int, steps: int) -> dict:
+    light, hand_module = build(objective, pipeline, size), build(objective, pipeline, size)
+    light.to(device())
+    hand_module.to(device())
+    items = batch_items(objective, size)
+    rollout = None
+    if objective == "grpo":
+        rollout = recorded_rollout(light, len(items))
+        light.rollout = lambda _prompts, generator=None: rollout  # only the update is timed
+    hand = HandWritten(hand_module, objective, rollout)
+    per_round = []
+    for r in range(-1, rounds):  # round -1 warms both sides up (first fit, allocator, lazy imports) and is dropped
+        sides = ("lightning", "hand") if r % 2 == 0 else ("hand", "lightning")
+        out = {}
+        for side in sides:
+            torch.manual_seed(1000 + r)
+            if side == "lightning":
+                out[side] = lightning_round(light, items, warmup, steps)
+            else:
+                out[side] = hand_round(hand, items, warmup, steps)
+        lt, ht = statistics.median(out["lightning"][0]), statistics.median(out["hand"][0])
+        if r < 0:
+            continue
+        per_round.append({"lightning_steps_s": out["lightning"][0], "hand_steps_s": out["hand"][0],
+                          "lightning_median_s": lt, "hand_median_s": ht, "ratio": lt / ht,
+                          "lightning_fixed_s": out["lightning"][1], "hand_fixed_s": out["hand"][1]})
+        print(f"  {objective} round {r + 1}/{rounds}: Lightning {lt:.3f} s, hand-written {ht:.3f} s, "
+              f"ratio {lt / ht:.3f}", flush=True)
+    ratios = [p["ratio"] for p in per_round]
+    overhead = statistics.median(ratios) - 1
+    return {
+        "lightning_step_s": summary([p["lightning_median_s"] for p in per_round]),
+        "hand_step_s": summary([p["hand_median_s"] for p in per_round]),
+        "ratio": summary(ratios),
+        "overhead": overhead,
+        "target_met": overhead <= TARGET,
+        "lightning_fit_fixed_s": summary([p["lightning_fixed_s"] for p in per_round]),
+        "hand_fixed_s": summary([p["hand_fixed_s"] for p in per_round]),
+        "trainable_params": sum(p.numel() for p in light.parameters() if p.requires_grad),
+        "rounds": per_round,
+    }
+
+
+STEP_WHAT = {
+    "sft": "flow matching, 2 clips",
+    "dpo": "Flow-DPO, 2 pairs (policy + adapter-off reference on 4 clips)",
+    "grpo": "GRPO update on a recorded rollout, 4 clips x 2 SDE steps",
+    "dmd": "DMD2 critic + generator update, shared base, 1-step student, teacher CFG 3",
+    "consistency": "LCM step, 2 clips, teacher CFG 3, EMA adapter",
+}
+
+
+def markdown(result: dict) -> str:
+    cfg = result["config"]
+    m = result["machine"]
+    lines = [
+        "# Framework overhead: Lightning vs a hand-written loop", "",
+        f"{cfg['backbone']} ({cfg['denoiser_params']:,} transformer parameters); AdamW lr 1e-4. "
+        f"{cfg['rounds']} interleaved rounds of {cfg['warmup']} warm-up + {cfg['steps']} timed steps per side; step "
+        "times are the median over rounds of each round's median (min-max over rounds); overhead = median over "
+        "rounds of the paired per-round ratio, minus 1 (min-max of the ratio in brackets). Target: at most "
+        f"{TARGET:.0%}.", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s), device {m['device']}, "
+        f"torch {m['torch']}, Lightning {m['lightning']}, Python {m['python']}"
+        + (f"; load average at start {m['load_average_at_start'][0]:.2f}" if "load_average_at_start" in m else "")
+        + (f" ({cfg['note']})" if cfg.get("note") else "") + ".", "",
+        "| objective | one step | Lightning step (s) | hand-written step (s) | overhead | target <= 5 % | "
+        "Trainer.fit fixed cost (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in result["objectives"].items():
+        lines.append(f"| {name} | {STEP_WHAT[name]} | {fmt_s(r['lightning_step_s'])} | {fmt_s(r['hand_step_s'])} | "
+                     f"{r['overhead']:+.1%} ({r['ratio']['min'] - 1:+.1%} to {r['ratio']['max'] - 1:+.1%}) | "
+                     f"{'met' if r['target_met'] else '**missed**'} | {r['lightning_fit_fixed_s']['median']:.2f} |")
+    lines += ["", "The Lightning side includes what the suite adds to every step: the non-finite guard (a finiteness "
+              "check of the loss and of every gradient before each optimizer step), `self.log` of the objective's "
+              "statistics, and for GRPO/DMD manual optimisation through `manual_backward`/`clip_gradients`. "
+              "The fixed cost is paid once per `Trainer.fit`, not per step.", "",
+              f"Command: `{result['command']}`", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per side and round")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--quick", action="store_true", help="tiny model and clips, 2 rounds of 1 step (smoke test)")
+    parser.add_argument("--note", default="", help="free text about the machine, written into the results")
+    parser.add_argument("--output", default=str(RESULTS / "overhead"), help="path stem of the .json and .md files")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    size = QUICK if args.quick else FULL
+    if args.quick:
+        args.rounds, args.steps = min(args.rounds, 2), min(args.steps, 1)
+    quiet()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        pipeline = write_pipeline(Path(tmp) / "wan", size)
+        from diffusers import WanTransformer3DModel
+
+        params = sum(p.numel() for p in WanTransformer3DModel(**size.transformer).parameters())
+        for objective in args.objectives:
+            print(f"{objective}:", flush=True)
+            results[objective] = run_objective(objective, pipeline, size, args.rounds, args.warmup, args.steps)
+    result = {
+        "command": "python -m benchmarks.overhead " + shlex.join(argv),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "config": {"backbone": size.describe(), "denoiser_params": params, "tokens": size.tokens,
+                   "size": dataclasses.asdict(size), "rounds": args.rounds, "warmup": args.warmup,
+                   "steps": args.steps, "target_overhead": TARGET, "quick": args.quick, "note": args.note},
+        "objectives": results,
+    }
+    return write_result(result, args.output, markdown)
+
+
+if __name__ == "__main__":
+    main()
