@@ -6,7 +6,8 @@ rewarded by the verifiable ``newton`` physics reward plus the learned ``quality`
 1. samples held-out prompts (the toy world's test seed range, never seen in training) from the base and scores them
    with the training reward and with rewards the run never optimises (the learned ``physics_learned`` judge and
    the prompt checks of :func:`~lit_videoalign.data.toyworld.prompt_agreement`);
-2. trains for ``--max_steps`` GRPO steps, recording the training reward per step;
+2. trains for ``--max_steps`` GRPO optimizer steps (the config makes 4 per rollout batch), recording the training
+   reward of every rollout batch;
 3. samples and scores the same prompts and seeds again, and writes to ``outputs/demo/``: MP4s before and after, a
    before/after GIF grid, a reward-curve PNG and ``heldout.json``.
 """
@@ -66,7 +67,7 @@ def paired_change(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]
 
 
 class RewardHistory(L.Callback):
-    """Keeps the training reward of every GRPO step, for the curve."""
+    """Keeps the training reward of every rollout batch, for the curve."""
 
     def __init__(self, keys: tuple[str, ...]) -> None:
         self.keys, self.history = keys, {k: [] for k in keys}
@@ -79,9 +80,9 @@ class RewardHistory(L.Callback):
                 self.history[key].append(float(value))
 
 
-def plot_curve(history: dict[str, list[float]], before: dict[str, float], after: dict[str, float],
-               path: Path) -> Path:
-    """One panel per training reward (per step, with a 5-step moving average), then the held-out change."""
+def plot_curve(history: dict[str, list[float]], change: dict[str, dict[str, float]], path: Path) -> Path:
+    """One panel per training reward (per rollout batch, with a 5-batch moving average), then the held-out change
+    with its paired 95 % interval (``change`` from :func:`paired_change` per score)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,18 +94,21 @@ def plot_curve(history: dict[str, list[float]], before: dict[str, float], after:
         ax.plot(values, alpha=0.35, color="tab:blue")
         if len(values) >= 5:
             smooth = torch.tensor(values).unfold(0, 5, 1).mean(1)
-            ax.plot(range(4, len(values)), smooth, color="tab:blue", label="5-step mean")
+            ax.plot(range(4, len(values)), smooth, color="tab:blue", label="5-batch mean")
             ax.legend(fontsize=8)
-        ax.set_xlabel("GRPO step")
+        ax.set_xlabel("rollout batch")
         ax.set_title(f"training reward: {key.removeprefix('train/reward/').removesuffix('/overall')}", fontsize=10)
     ax = axes[0][-1]
-    names = [k for k in before if k in after]
-    deltas = [after[k] - before[k] for k in names]
-    ax.barh(range(len(names)), deltas, color=["tab:green" if d >= 0 else "tab:red" for d in deltas])
+    names = list(change)
+    deltas = [change[k]["mean"] for k in names]
+    errors = [[change[k]["mean"] - change[k]["ci95_low"] for k in names],
+              [change[k]["ci95_high"] - change[k]["mean"] for k in names]]
+    ax.barh(range(len(names)), deltas, xerr=errors, capsize=3,
+            color=["tab:green" if d >= 0 else "tab:red" for d in deltas])
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.invert_yaxis()
-    ax.set_title("held-out prompts: after - base", fontsize=10)
+    ax.set_title("held-out prompts: after - base (95 % CI)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -115,7 +119,7 @@ def plot_curve(history: dict[str, list[float]], before: dict[str, float], after:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="outputs/demo")
-    parser.add_argument("--max_steps", type=int, default=12)
+    parser.add_argument("--max_steps", type=int, default=40, help="optimizer steps (4 per rollout batch)")
     parser.add_argument("--num_heldout", type=int, default=16, help="held-out prompts scored before and after")
     parser.add_argument("--config", default=str(CONFIG))
     args, overrides = parser.parse_known_args(argv)  # the rest are CLI overrides, e.g. --model.init_args.group_size=4
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n[1/3] sampling {len(prompts)} held-out prompts from the shipped base")
     per_before, videos_before = heldout_scores(model, prompts, seeds, judges)
 
-    print(f"[2/3] Flow-GRPO with LoRA for {args.max_steps} steps "
+    print(f"[2/3] Flow-GRPO with LoRA for {args.max_steps} optimizer steps "
           f"({model.hparams.group_size} rollouts per prompt, {data.batch_size} prompts per step)")
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
@@ -154,12 +158,12 @@ def main(argv: list[str] | None = None) -> dict:
         write_mp4(videos_before[i], out / "before" / f"{stem}.mp4", upscale=4)
         write_mp4(videos_after[i], out / "after" / f"{stem}.mp4", upscale=4)
     grid = write_gif(video_grid(list(videos_before[:8]) + list(videos_after[:8]), ncols=8), out / "before_after.gif")
-    curve = plot_curve(history.history, before, after, out / "reward_curve.png")
+    curve = plot_curve(history.history, change, out / "reward_curve.png")
     result = {"max_steps": args.max_steps, "cpu_minutes": minutes, "heldout_prompts": len(prompts),
               "before": before, "after": after, "paired_change": change, "train_reward": history.history}
     (out / "heldout.json").write_text(json.dumps(result, indent=2))
 
-    print(f"\nheld-out scores, {len(prompts)} prompts, base -> after {args.max_steps} GRPO steps "
+    print(f"\nheld-out scores, {len(prompts)} prompts, base -> after {args.max_steps} GRPO optimizer steps "
           f"({minutes:.1f} min on this machine):")
     for key in before:
         c = change[key]

@@ -15,8 +15,9 @@ def test_heldout_prompts_are_single_ball_test_scenes():
 
 def test_demo_runs_and_writes_its_outputs(tmp_path):
     out = tmp_path / "demo"
-    result = main(["--output_dir", str(out), "--max_steps", "1", "--num_heldout", "2",
+    result = main(["--output_dir", str(out), "--max_steps", "2", "--num_heldout", "2",
                    "--model.init_args.group_size=2", "--model.init_args.num_sampling_steps=2",
+                   "--model.init_args.micro_batch_size=1", "--model.init_args.updates_per_epoch=2",
                    "--model.init_args.num_inference_steps=2", "--data.init_args.batch_size=1",
                    "--trainer.enable_progress_bar=false", "--trainer.logger=false"])
     for name in ["before_after.gif", "reward_curve.png", "heldout.json", "pipeline/model_index.json"]:
