@@ -6,8 +6,9 @@ and writes its JSON and Markdown to the results folder (``benchmarks/results/``;
 size, which checks that everything runs rather than measuring anything. An index of what ran, with the exact
 commands, exit status and wall time, is written to ``index.json`` and ``index.md`` in the results folder.
 
-Benchmarks that evaluate trained models (``toyworld_dpo``, ``toyworld_distill``) need arguments and are skipped unless
-named with ``--only`` and given their arguments after ``--``. ``make bench`` runs ``python -m benchmarks``.
+Benchmarks that evaluate trained models (``toyworld_dpo``, ``toyworld_distill``, ``toyworld_alignment``) need arguments
+and are skipped unless named with ``--only`` and given their arguments after ``--``. ``make bench`` runs
+``python -m benchmarks``.
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ BENCHMARKS = (
               needs="--pipeline PIPELINE or --ckpt CKPT of a trained DPO model"),
     Benchmark("toyworld_distill", "distilled few-step students against the teacher on the toy world", (), "--out",
               "dir", needs="--student NAME=CONFIG[:WEIGHTS] (repeatable)"),
+    Benchmark("toyworld_alignment", "aligned models (SFT, DPO, GRPO, DMD, consistency, ...) against the base on the "
+              "toy world: rewards, trajectory error against true physics, diversity, NFE", (), "--out", "dir",
+              needs="--model NAME=CONFIG[:WEIGHTS][@CPU_MINUTES] (repeatable)"),
 )
 BY_NAME = {b.name: b for b in BENCHMARKS}
 

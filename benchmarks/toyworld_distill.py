@@ -50,7 +50,7 @@ def load_student(spec: str):
     from lit_videoalign.cli import VideoAlignCLI, load_weights
 
     if "=" not in spec:
-        raise ValueError(f"--student must be NAME=CONFIG[:WEIGHTS], got {spec!r}")
+        raise ValueError(f"a model must be given as NAME=CONFIG[:WEIGHTS], got {spec!r}")
     name, rest = spec.split("=", 1)
     config, _, weights = rest.partition(":")
     if not Path(config).is_file():
@@ -82,8 +82,10 @@ class NFECounter:
             h.remove()
 
 
-def evaluate(model, prompts: list[str], seeds: list[int], rewards: dict, batch_size: int, **gen_kwargs) -> dict:
-    """Sample every prompt with its seed and measure rewards, agreement, NFE and wall time."""
+def evaluate(model, prompts: list[str], seeds: list[int], rewards: dict, batch_size: int, return_videos: bool = False,
+             **gen_kwargs) -> dict | tuple[dict, torch.Tensor]:
+    """Sample every prompt with its seed and measure rewards, agreement, NFE and wall time; with ``return_videos``,
+    returns ``(measures, videos)`` so callers can measure more on the same samples."""
     counter = NFECounter(model)
     start = time.perf_counter()
     videos = torch.cat([model.generate(prompts[i:i + batch_size], seeds=seeds[i:i + batch_size], **gen_kwargs)
@@ -92,7 +94,7 @@ def evaluate(model, prompts: list[str], seeds: list[int], rewards: dict, batch_s
     counter.remove()
     out = score(videos, prompts, rewards)
     out.update(nfe_per_video=counter.samples / len(prompts), seconds_per_video=seconds / len(prompts))
-    return out
+    return (out, videos) if return_videos else out
 
 
 @torch.no_grad()
