@@ -55,6 +55,9 @@ BENCHMARKS = (
               "--output"),
     Benchmark("peers", "LoRA SFT step time and peak memory against finetrainers and DiffSynth-Studio",
               ("--quick",), "--output"),
+    Benchmark("peers_flow_grpo", "flow_grpo's SDE step with log-prob and group advantages against ours: max abs "
+              "differences and CPU time per call (needs flow_grpo's source under $VIDEOALIGN_PEERS_ROOT/src/flow_grpo; "
+              "records 'could not run' without it)", ("--quick",), "--output"),
     Benchmark("mfu", "an SFT step's achieved FLOP rate as a fraction of the measured matmul peak", ("--quick",),
               "--output"),
     Benchmark("dpo_memory", "LoRA/full Flow-DPO vs SFT: step time and peak memory",
