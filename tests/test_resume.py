@@ -5,6 +5,7 @@ loaders and atomic checkpoint writes."""
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
@@ -89,22 +91,35 @@ class InterruptAt(Callback):
             raise Interrupted
 
 
+def logged_metrics(log_dir: Path) -> dict[int, dict[str, float]]:
+    """The ``train/`` values a CSVLogger wrote, per logged step (only what that step logged)."""
+    rows = csv.DictReader((log_dir / "metrics.csv").open())
+    out: dict[int, dict[str, float]] = {}
+    for row in rows:
+        values = {k: float(v) for k, v in row.items() if k.startswith("train/") and v != ""}
+        if values:
+            out.setdefault(int(row["step"]), {}).update(values)
+    return out
+
+
 def fit(case: str, pipeline: str, ckpt_dir: Path, ckpt_path: Path | None = None, interrupt: int | None = None):
     make_model, make_data, steps, _, validate = CASES[case]
     L.seed_everything(0)
     model = make_model(DiffusersVideoBackbone(pipeline, max_sequence_length=16))
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1)]
+    logger = CSVLogger(ckpt_dir.parent / "logs", name=ckpt_dir.name, version=0)
     if interrupt is not None:
         callbacks.append(InterruptAt(interrupt))
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=logger, log_every_n_steps=1,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=callbacks,
                         plugins=[AtomicCheckpointIO()], limit_val_batches=1 if validate else 0,
                         val_check_interval=1 if validate else None)
     try:
         trainer.fit(model, make_data(), ckpt_path=ckpt_path)
     except Interrupted:
         pass
-    return model
+    return logged_metrics(Path(logger.log_dir))
 
 
 def load(path: Path) -> dict:
@@ -138,15 +153,22 @@ def training_state(checkpoint: dict) -> dict:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_resumed_run_matches_an_uninterrupted_one(case, tiny_pixel_pipeline, tmp_path):
     _, _, steps, stop, _ = CASES[case]
-    fit(case, tiny_pixel_pipeline, tmp_path / "full")
+    full_metrics = fit(case, tiny_pixel_pipeline, tmp_path / "full")
     fit(case, tiny_pixel_pipeline, tmp_path / "crashed", interrupt=stop)
     names = sorted(p.name for p in (tmp_path / "crashed").iterdir())
     assert names[-1] == f"step={stop}.ckpt" and all(n.startswith("step=") for n in names)  # no temporary files
-    fit(case, tiny_pixel_pipeline, tmp_path / "resumed", ckpt_path=tmp_path / "crashed" / f"step={stop}.ckpt")
+    resumed_metrics = fit(case, tiny_pixel_pipeline, tmp_path / "resumed",
+                          ckpt_path=tmp_path / "crashed" / f"step={stop}.ckpt")
     full, resumed = load(tmp_path / "full" / f"step={steps}.ckpt"), load(tmp_path / "resumed" / f"step={steps}.ckpt")
     assert_same_state(training_state(full), training_state(resumed), case)
     before = load(tmp_path / "crashed" / f"step={stop}.ckpt")["state_dict"]
     assert any(not torch.equal(before[k], v) for k, v in full["state_dict"].items()), "nothing trained after the stop"
+    # Logged rows are keyed by batch; the resumed run's first row may also hold values its interrupted batch logged
+    # before the save, so compare every row after it.
+    first = min(resumed_metrics)
+    after = {step: m for step, m in full_metrics.items() if step > first}
+    assert after, "nothing was logged after the first resumed batch"
+    assert {step: m for step, m in resumed_metrics.items() if step > first} == after, "the resume logged other values"
 
 
 KILL_SCRIPT = textwrap.dedent("""
