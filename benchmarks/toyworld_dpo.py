@@ -4,13 +4,16 @@
     python -m benchmarks.toyworld_dpo --ckpt outputs/dpo/.../last.ckpt            # or a LoRA/full checkpoint
 
 Prompts come from held-out toy-world scenes (the test seed range, never used for training pairs), one ball each.
-The base and the trained model sample every prompt from the same seeds (paired comparison). Scores:
+The base and the trained model sample every video from the same seed (paired comparison); every video has its own
+seed, so ``num_prompts x seeds_per_prompt`` videos are that many independent noise draws. Scores:
 
 - ``physics_learned`` (the shipped learned physics reward, ``reward_zoo/pretrained/physics_learned``): the held-out
   physics score. It ranks neither the offline pairs (those are ground truth against corruptions) nor the online ones
   (ranked by ``newton``), so it is not the training signal of either config;
 - trajectory agreement with the prompt (``lit_videoalign.data.toyworld.prompt_agreement``: colour, direction, and
   whether the ball accelerates downwards), read back from the pixels;
+- trajectory error against the toy world's true physics
+  (:func:`benchmarks.toyworld_alignment.trajectory_error`, pixels, lower is better): a physics score no reward ranks;
 - ``newton`` as well, labelled as the online config's training reward.
 
 The win rate counts, per (prompt, seed), the trained model's ``physics_learned`` score above the base's
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.toyworld_alignment import trajectory_error
 from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
 from lit_videoalign.data.toyworld import TEST_SEED_OFFSET, ToyWorld, prompt_agreement
 from lit_videoalign.objectives.sft import SFT
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     world = ToyWorld(max_balls=1)
     scenes = [world.example(TEST_SEED_OFFSET + i) for i in range(args.num_prompts)]
     prompts = [s.prompt for s in scenes for _ in range(args.seeds_per_prompt)]
-    seeds = [j for _ in scenes for j in range(args.seeds_per_prompt)]
+    seeds = list(range(len(prompts)))  # one noise draw per video (a shared seed list would repeat the same noises)
     models = {"base": sampler(DiffusersVideoBackbone(args.base, max_sequence_length=24), args),
               "trained": load_trained(args)}
     held_out = create_reward("physics_learned", pretrained=True).eval()
@@ -108,8 +112,11 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         physics = {k: held_out(v)["overall"] for k, v in videos.items()}
         newton_scores = {k: newton(v)["overall"] for k, v in videos.items()}
+        trajectory = {k: trajectory_error(v) for k, v in videos.items()}  # (n,) pixels, NaN when no ball
     diff = physics["trained"] - physics["base"]
     wins, ties = int((diff > 0).sum()), int((diff == 0).sum())
+    both = torch.isfinite(trajectory["base"]) & torch.isfinite(trajectory["trained"])
+    traj_diff = (trajectory["trained"] - trajectory["base"])[both]  # negative: closer to the true physics
     result = {
         "trained": args.pipeline or args.ckpt, "base": args.base,
         "num_prompts": args.num_prompts, "seeds_per_prompt": args.seeds_per_prompt, "num_videos": len(prompts),
@@ -119,6 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
         "win_rate_vs_base": (wins + 0.5 * ties) / len(prompts), "wins": wins, "ties": ties,
         "losses": len(prompts) - wins - ties,
         "trajectory_agreement": {k: agreement(v, prompts) for k, v in videos.items()},
+        "trajectory_error_px": {k: float(v[both].mean()) for k, v in trajectory.items()},
+        "trajectory_error_diff": float(traj_diff.mean()), "trajectory_error_diff_ci95": bootstrap_ci(traj_diff),
+        "trajectory_win_rate_vs_base": float((traj_diff < 0).float().mean()), "trajectory_pairs": int(both.sum()),
         "real_videos_agreement": agreement(torch.stack([s.video for s in scenes]), [s.prompt for s in scenes]),
         "newton_training_reward_of_online_config": {k: float(v.mean()) for k, v in newton_scores.items()},
         "sampling_seconds": seconds,
@@ -139,18 +149,25 @@ def main(argv: list[str] | None = None) -> dict:
     md = [f"# Toy-world DPO: `{result['trained']}` against `{args.base}`", "",
           f"{len(prompts)} videos: {args.num_prompts} held-out one-ball prompts (test seeds) x "
           f"{args.seeds_per_prompt} seeds, {args.num_inference_steps} Euler steps, guidance {args.guidance_scale}; "
-          "base and trained sampled from the same seeds.", "",
+          "one seed per video, the same for base and trained.", "",
           "| metric | base | trained |", "|---|---|---|",
           f"| held-out physics score (`physics_learned`, mean logit) | {result['held_out_physics']['base']:.3f} | "
           f"{result['held_out_physics']['trained']:.3f} |"]
     for k in ("colour", "direction", "falls", "all"):
         md.append(f"| trajectory agreement: {k} | {ta['base'][k]:.0%} | {ta['trained'][k]:.0%} |")
+    te = result["trajectory_error_px"]
+    md.append(f"| trajectory error against true physics (px, lower is better) | {te['base']:.2f} | "
+              f"{te['trained']:.2f} |")
     nt = result["newton_training_reward_of_online_config"]
     md += [f"| `newton` (training reward of dpo_online) | {nt['base']:.3f} | {nt['trained']:.3f} |", "",
            f"Win rate against the base on the held-out physics score: **{result['win_rate_vs_base']:.0%}** "
            f"({wins} wins, {ties} ties, {result['losses']} losses); mean paired difference "
            f"{result['held_out_physics_diff']:+.3f} (95 % bootstrap CI {result['held_out_physics_diff_ci95'][0]:+.3f}"
            f" to {result['held_out_physics_diff_ci95'][1]:+.3f}).", "",
+           f"Trajectory error: the trained model is closer to the true physics in "
+           f"**{result['trajectory_win_rate_vs_base']:.0%}** of {result['trajectory_pairs']} paired videos; mean "
+           f"change {result['trajectory_error_diff']:+.2f} px (95 % bootstrap CI "
+           f"{result['trajectory_error_diff_ci95'][0]:+.2f} to {result['trajectory_error_diff_ci95'][1]:+.2f}).", "",
            f"Samples: `{gif.name}` (rows: prompts; columns: real scene, base, trained)."]
     (out / "toyworld_dpo.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
