@@ -199,7 +199,11 @@ def read_video_folder(root: str | Path, name: str | None = None, num_frames: int
     for lineno, line in enumerate(manifest.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        entry = json.loads(line)
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{manifest}:{lineno}: not valid JSON ({err.msg}); expected one "
+                             f"{{\"file_name\": ..., \"prompt\": ...}} object per line, got {line!r}") from None
         if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or "file_name" not in entry:
             raise ValueError(f"{manifest}:{lineno}: expected {{\"file_name\": ..., \"prompt\": ...}}, got {line!r}")
         entries.append(entry)

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
 from huggingface_hub.utils import is_jsonable
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -198,7 +199,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike, map_location: str | 
     Raises:
         ValueError: naming the first missing, unexpected or mis-shaped key.
     """
-    state = load_file(str(path), device=str(map_location))
+    try:
+        state = load_file(str(path), device=str(map_location))
+    except SafetensorError as err:  # e.g. a pickle saved under a .safetensors name: never unpickled
+        raise ValueError(f"{path} is not a valid safetensors file ({err}); reward weights are read from safetensors "
+                         "only (save them with save_pretrained or safetensors.torch.save_file)") from None
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

@@ -162,6 +162,12 @@ def test_manifest_paths_cannot_escape_their_root(videos, tmp_path):
             read_video_folder(root)
 
 
+def test_a_video_folder_manifest_with_a_broken_line_names_file_and_line(tmp_path):
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.mp4", "prompt": "a red ball falls"}\n{"file_name": \n')
+    with pytest.raises(ValueError, match=r"metadata.jsonl:2: not valid JSON"):
+        read_video_folder(tmp_path)
+
+
 @pytest.mark.parametrize(("videos_", "error", "named"), [
     (torch.rand(2, 16, 32, 32), ValueError, r"shape \[B, T, C, H, W\], got shape \(2, 16, 32, 32\)"),
     (torch.rand(2, 16, 32, 32, 3), ValueError, r"3 channels at dim -3 of \[B, T, C, H, W\], got shape"),
@@ -223,7 +229,7 @@ def test_pickles_are_refused_without_being_unpickled(sft, tmp_path, monkeypatch)
     reward = tmp_path / "reward"
     create_reward("newton").save_pretrained(reward)
     (reward / "model.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes())
-    with pytest.raises(Exception, match="deserializing header"):
+    with pytest.raises(ValueError, match="model.safetensors is not a valid safetensors file"):
         create_reward(str(reward))
     monkeypatch.chdir(ROOT)
     with pytest.raises(ValueError, match="holds pickled objects, which are never unpickled"):
