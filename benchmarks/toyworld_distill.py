@@ -117,6 +117,14 @@ def relative(value: float, reference: float) -> float:
     return 100.0 * (value - reference) / max(abs(reference), 1e-8)
 
 
+def paired_change(row: dict, teacher: dict, key: str) -> tuple[float, float]:
+    """Mean per-prompt change against the teacher (same prompt and seed) and its 95 % half-width (normal approx.)."""
+    diff = torch.tensor(row[f"{key}_per_video"]) - torch.tensor(teacher[f"{key}_per_video"])  # (b,)
+    if len(diff) < 2:
+        return diff.mean().item(), float("nan")
+    return diff.mean().item(), 1.96 * (diff.std() / math.sqrt(len(diff))).item()
+
+
 def preference(row: dict, teacher: dict, key: str) -> float:
     """The reward's own Bradley-Terry probability that a row's video beats the teacher's, averaged over prompts.
 
@@ -134,10 +142,10 @@ def markdown(result: dict) -> str:
         "# Toy-world distillation: 4-step students vs the 40-step teacher",
         "",
         f"{result['num_videos']} held-out single-ball prompts (test seeds), one video each, the same seed for every "
-        f"model. Rewards are means (± standard error); Δ is the change relative to the teacher in percent of the "
-        f"teacher's magnitude (higher reward is better for all three); P(≻T) is the learned reward's own "
-        f"Bradley-Terry probability that the row's video beats the teacher's for the same prompt and seed, averaged "
-        f"(0.5: the reward cannot tell them apart). Wall time on {result['machine']}.",
+        f"model. Rewards are means (± standard error); Δ is the paired change against the teacher (± 95 % interval) "
+        f"and, in brackets, in percent of the teacher's magnitude (higher is better for all three); P(≻T) is "
+        f"the learned reward's own Bradley-Terry probability that the row's video beats the teacher's for the same "
+        f"prompt and seed, averaged (0.5: the reward cannot tell them apart). Wall time on {result['machine']}.",
         "",
         "| model | NFE / video | s / video | physics_learned | Δ | P(≻T) | newton | Δ | quality | Δ | P(≻T) | colour | "
         "direction | falls | all |",
@@ -147,7 +155,9 @@ def markdown(result: dict) -> str:
         cells = [name, f"{r['nfe_per_video']:.0f}" if "nfe_per_video" in r else "-",
                  f"{r['seconds_per_video']:.3f}" if "seconds_per_video" in r else "-"]
         for key in REWARDS:
-            cells += [f"{r[key]:.3f} ± {r[f'{key}_sem']:.3f}", f"{relative(r[key], teacher[key]):+.1f}%"]
+            change, half = paired_change(r, teacher, key) if f"{key}_per_video" in r else (float("nan"),) * 2
+            cells += [f"{r[key]:.3f} ± {r[f'{key}_sem']:.3f}",
+                      f"{change:+.3f} ± {half:.3f} ({relative(r[key], teacher[key]):+.0f}%)"]
             if key in LOGIT_REWARDS:
                 cells.append(f"{preference(r, teacher, key):.2f}")
         cells += [f"{100 * r[k]:.0f}%" for k in AGREEMENT]

@@ -29,6 +29,13 @@ def test_loads_every_component_frozen_except_the_denoiser(backbone):
     assert [c.__name__ for c in backbone.block_classes] == ["WanTransformerBlock"]
 
 
+def test_a_fresh_backbone_trains_its_denoiser_in_train_mode(tiny_pipeline):
+    """from_pretrained hands back eval-mode modules and Lightning keeps submodule modes: the backbone must set them."""
+    fresh = DiffusersVideoBackbone(tiny_pipeline, max_sequence_length=16)
+    assert fresh.training and fresh.denoiser.training
+    assert not fresh.vae.training and not fresh.text_encoder.training
+
+
 def test_predict_velocity_equals_raw_transformer_at_sigma_times_1000(backbone):
     cond = backbone.encode_prompts(["a red ball falls", "a blue ball moves left"])
     latents = torch.randn(2, *backbone.latent_shape(9, 32, 32))

@@ -33,13 +33,14 @@ def samples():
 
 
 def test_samples_have_the_prompted_colour(samples):
-    """Colour is read back from the generated pixels (chance is 1 in 5; the untrained init gets 3 of 12).
+    """Colour is read back from the generated pixels (chance is 1 in 5; the untrained init gets 3 of 12, the
+    previous release 10, this one 12).
 
     Direction and falling are weaker in the shipped base (see its model card) and are what post-training improves,
     so they are measured in benchmarks rather than asserted here.
     """
     agree = [prompt_agreement(v, p) for v, p in zip(samples, PROMPTS)]
-    assert sum(a["colour"] for a in agree) >= 9, agree
+    assert sum(a["colour"] for a in agree) >= 11, agree
 
 
 def test_samples_are_not_static_or_empty(samples):

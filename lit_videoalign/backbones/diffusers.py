@@ -489,6 +489,9 @@ class DiffusersVideoBackbone(VideoBackbone):
         self.default_sampling_shift = _scheduler_shift(root)
         patch, patch_t = self.denoiser.config.get("patch_size", (1, 1, 1)), self.denoiser.config.get("patch_size_t", 1)
         self.patch_size = tuple(patch) if isinstance(patch, (list, tuple)) else (patch_t or 1, patch, patch)
+        # from_pretrained returns modules in eval mode and Lightning keeps submodule modes as it finds them, so put
+        # the denoiser in this module's mode explicitly: it trains in train mode (dropout, LoRA dropout active).
+        self.train(self.training)
 
     @property
     def pixel_space(self) -> bool:
