@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also evaluate plain sampling from fine-tuned pipelines (e.g. PipelineExport folders)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--add_finetuned", action="store_true",
+                        help="measure only the --finetuned pipelines and add their rows to the result already in "
+                             "--out (same prompts, seeds and sampler; checked), replacing rows of the same name")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,48 +115,58 @@ def main(argv: list[str] | None = None) -> dict:
     guide = rewards.get(args.guide) or load_reward(args.guide).to(device)
     sample_nfe = args.num_inference_steps * (1 if args.guidance_scale == 1.0 else 2)
     rows = []
+    previous = None
+    if args.add_finetuned:
+        previous = json.loads((Path(args.out) / "toyworld_inference.json").read_text())
+        for key in ("pipeline", "num_prompts", "num_inference_steps", "guidance_scale"):
+            if previous[key] != getattr(args, key):
+                raise ValueError(f"--add_finetuned: the existing result has {key}={previous[key]!r}, this run "
+                                 f"{getattr(args, key)!r}; rows would not be paired")
+        names = {f"fine-tuned: {spec.partition('=')[0]}" for spec in args.finetuned}
+        rows = [r for r in previous["rows"] if r["name"] not in names]
 
-    # best-of-N: one run of max(N) candidates; best-of-N is the best of the first N
-    n_max = max(args.ns)
-    start = time.perf_counter()
-    bon = best_of_n(model, prompts, select, n_max, seeds, reward_key="overall", batch_size=args.batch_size,
-                    return_candidates=True)
-    per_candidate = (time.perf_counter() - start) / (args.num_prompts * n_max)
-    candidates = bon.info["candidates"]  # (b, n, t, c, h, w)
-    for selector_name, selector in ((args.select, select), (args.guide, guide)):
-        with torch.no_grad():
-            scores = torch.stack([selector(candidates[i], [p] * n_max)["overall"].float()
-                                  for i, p in enumerate(prompts)])  # (b, n)
-        for n in sorted(set(args.ns)):
-            if n == 1 and selector_name != args.select:
-                continue  # best-of-1 is plain sampling whatever the selector
-            index = scores[:, :n].argmax(1)
-            videos = candidates[torch.arange(len(prompts)), index]
-            name = "plain" if n == 1 else f"best-of-{n} ({selector_name})"
-            rows.append(summarise(name, "plain" if n == 1 else "best_of_n", None if n == 1 else selector_name,
-                                  measure(videos, prompts, rewards), n * sample_nfe, 0, per_candidate * n, n=n))
-    del candidates
-
-    # reward guidance
-    for scale in args.guidance_scales:
+    if previous is None:  # with --add_finetuned, only the fine-tuned rows below are measured
+        # best-of-N: one run of max(N) candidates; best-of-N is the best of the first N
+        n_max = max(args.ns)
         start = time.perf_counter()
-        res = reward_guided_sample(model, prompts, guide, seeds, scale=scale, step_range=args.guidance_steps,
-                                   batch_size=args.batch_size)
-        seconds = (time.perf_counter() - start) / len(prompts)
-        rows.append(summarise(f"guidance {scale:g} ({args.guide})", "reward_guidance", args.guide,
-                              measure(res.videos, prompts, rewards), res.nfe, res.info["denoiser_backward"], seconds,
-                              scale=scale, step_range=args.guidance_steps))
+        bon = best_of_n(model, prompts, select, n_max, seeds, reward_key="overall", batch_size=args.batch_size,
+                        return_candidates=True)
+        per_candidate = (time.perf_counter() - start) / (args.num_prompts * n_max)
+        candidates = bon.info["candidates"]  # (b, n, t, c, h, w)
+        for selector_name, selector in ((args.select, select), (args.guide, guide)):
+            with torch.no_grad():
+                scores = torch.stack([selector(candidates[i], [p] * n_max)["overall"].float()
+                                      for i, p in enumerate(prompts)])  # (b, n)
+            for n in sorted(set(args.ns)):
+                if n == 1 and selector_name != args.select:
+                    continue  # best-of-1 is plain sampling whatever the selector
+                index = scores[:, :n].argmax(1)
+                videos = candidates[torch.arange(len(prompts)), index]
+                name = "plain" if n == 1 else f"best-of-{n} ({selector_name})"
+                rows.append(summarise(name, "plain" if n == 1 else "best_of_n", None if n == 1 else selector_name,
+                                      measure(videos, prompts, rewards), n * sample_nfe, 0, per_candidate * n, n=n))
+        del candidates
 
-    # noise search with the budget of the largest best-of-N
-    start = time.perf_counter()
-    res = noise_search(model, prompts, select, n_max * sample_nfe, seeds, mode="greedy",
-                       population=args.search_population, perturbation=args.search_perturbation,
-                       batch_size=args.batch_size)
-    seconds = (time.perf_counter() - start) / len(prompts)
-    rows.append(summarise(f"noise search greedy ({args.select})", "noise_search", args.select,
-                          measure(res.videos, prompts, rewards), res.nfe, 0, seconds,
-                          budget_nfe=n_max * sample_nfe, population=args.search_population,
-                          perturbation=args.search_perturbation, rounds=res.info["rounds"]))
+        # reward guidance
+        for scale in args.guidance_scales:
+            start = time.perf_counter()
+            res = reward_guided_sample(model, prompts, guide, seeds, scale=scale, step_range=args.guidance_steps,
+                                       batch_size=args.batch_size)
+            seconds = (time.perf_counter() - start) / len(prompts)
+            rows.append(summarise(f"guidance {scale:g} ({args.guide})", "reward_guidance", args.guide,
+                                  measure(res.videos, prompts, rewards), res.nfe, res.info["denoiser_backward"],
+                                  seconds, scale=scale, step_range=args.guidance_steps))
+
+        # noise search with the budget of the largest best-of-N
+        start = time.perf_counter()
+        res = noise_search(model, prompts, select, n_max * sample_nfe, seeds, mode="greedy",
+                           population=args.search_population, perturbation=args.search_perturbation,
+                           batch_size=args.batch_size)
+        seconds = (time.perf_counter() - start) / len(prompts)
+        rows.append(summarise(f"noise search greedy ({args.select})", "noise_search", args.select,
+                              measure(res.videos, prompts, rewards), res.nfe, 0, seconds,
+                              budget_nfe=n_max * sample_nfe, population=args.search_population,
+                              perturbation=args.search_perturbation, rounds=res.info["rounds"]))
 
     # fine-tuned models (e.g. RewardGradient / RejectionSFT pipelines), plain sampling
     for spec in args.finetuned:
@@ -173,10 +186,13 @@ def main(argv: list[str] | None = None) -> dict:
         diffs = {k: [a - b for a, b in zip(row["per_prompt"][k], plain["per_prompt"][k])] for k in row["mean"]}
         row["gain"] = {k: mean_se(d)[0] for k, d in diffs.items()}
         row["gain_se"] = {k: mean_se(d)[1] for k, d in diffs.items()}
-    result = {"pipeline": args.pipeline, "num_prompts": args.num_prompts,
-              "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
-              "select": args.select, "guide": args.guide, "device": device,
-              "torch_threads": torch.get_num_threads(), "rows": rows}
+    if previous is not None:
+        result = {**previous, "rows": rows}
+    else:
+        result = {"pipeline": args.pipeline, "num_prompts": args.num_prompts,
+                  "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+                  "select": args.select, "guide": args.guide, "device": device,
+                  "torch_threads": torch.get_num_threads(), "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "toyworld_inference.json").write_text(json.dumps(result, indent=1) + "\n")
