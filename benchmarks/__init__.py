@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the finite values (NaN where there are too few)."""
+    v = [x for x in values if math.isfinite(x)]
+    mean = math.fsum(v) / len(v) if v else float("nan")
+    if len(v) < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(math.fsum((x - mean) ** 2 for x in v) / (len(v) - 1) / len(v))
 
 
 def write_result(result: dict, output: str | Path, markdown: Callable[[dict], str]) -> dict:

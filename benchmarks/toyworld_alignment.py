@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks import write_result
+from benchmarks import mean_se, write_result
 from benchmarks.toyworld_distill import AGREEMENT, evaluate, load_student, score
 from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
 from lit_videoalign.data.toyworld import TEST_SEED_OFFSET, Ball, Scene, ToyWorld, simulate
@@ -149,13 +149,6 @@ def same_prompt_scenes(world: ToyWorld, prompts: list[str], per_prompt: int) -> 
 
 
 # -- measuring one model ----------------------------------------------------------------------------------------------
-def mean_se(values: list[float]) -> tuple[float, float]:
-    """Mean and standard error of the finite values (NaN where there are too few)."""
-    v = torch.tensor([x for x in values if math.isfinite(x)], dtype=torch.float64)
-    mean = v.mean().item() if len(v) else float("nan")
-    return mean, (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else float("nan")
-
-
 def add_trajectory(row: dict, videos: Tensor, fit_frames: int) -> None:
     err = trajectory_error(videos, fit_frames).tolist()
     row["trajectory_error_per_video"] = err

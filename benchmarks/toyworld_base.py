@@ -21,11 +21,11 @@ import torch
 
 from benchmarks import write_result
 from benchmarks.toyworld_alignment import trajectory_error
+from benchmarks.toyworld_inference import load_reward
 from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
 from lit_videoalign.data.toyworld import TEST_SEED_OFFSET, ToyWorld, ToyWorldDataset, prompt_agreement
 from lit_videoalign.objectives.sft import SFT
 from lit_videoalign.video_io import video_grid, write_gif
-from reward_zoo import create_reward
 
 GIF_PROMPTS = ["a red ball falls and bounces", "a blue ball moves left and bounces", "a green ball moves right",
                "a yellow ball falls", "a white ball moves right and bounces"]
@@ -53,7 +53,7 @@ def measures(videos: torch.Tensor, prompts: list[str], rewards: dict) -> dict[st
 
 
 def evaluate(pipeline: str, prompts: list[str], rewards: dict, num_inference_steps: int,
-             guidance_scale: float) -> tuple[dict, SFT, torch.Tensor]:
+             guidance_scale: float) -> tuple[dict, SFT]:
     """Held-out loss (fixed noise) and the measures of one pipeline's samples (seed ``i`` for prompt ``i``)."""
     model = SFT(DiffusersVideoBackbone(pipeline, max_sequence_length=24),
                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
@@ -71,7 +71,7 @@ def evaluate(pipeline: str, prompts: list[str], rewards: dict, num_inference_ste
     seconds = time.perf_counter() - start
     row = {"pipeline": pipeline, "held_out_loss": sum(losses) / len(losses), **measures(samples, prompts, rewards),
            "sampling_seconds_per_video": seconds / len(prompts)}
-    return row, model, samples
+    return row, model
 
 
 COLUMNS = [("held_out_loss", "held-out loss", "{:.4f}"), ("colour", "colour", "{:.0%}"),
@@ -107,10 +107,10 @@ def main(argv: list[str] | None = None) -> dict:
     world = ToyWorld(max_balls=1)
     scenes = [world.example(TEST_SEED_OFFSET + i) for i in range(args.num_videos)]
     prompts = [s.prompt for s in scenes]
-    rewards = {name: create_reward(name, pretrained=name != "newton") for name in REWARDS}
+    rewards = {name: load_reward(name) for name in REWARDS}
     rows, first = [], None
     for pipeline in args.pipeline:
-        row, model, _ = evaluate(pipeline, prompts, rewards, args.num_inference_steps, args.guidance_scale)
+        row, model = evaluate(pipeline, prompts, rewards, args.num_inference_steps, args.guidance_scale)
         rows.append(row)
         first = first or model
     result = {"models": rows, "real_videos": measures(torch.stack([s.video for s in scenes]), prompts, rewards),

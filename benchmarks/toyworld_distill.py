@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import mean_se
 from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
 from lit_videoalign.data.toyworld import TEST_SEED_OFFSET, ToyWorld, prompt_agreement
 from lit_videoalign.objectives.sft import SFT
@@ -119,10 +120,8 @@ def relative(value: float, reference: float) -> float:
 
 def paired_change(row: dict, teacher: dict, key: str) -> tuple[float, float]:
     """Mean per-prompt change against the teacher (same prompt and seed) and its 95 % half-width (normal approx.)."""
-    diff = torch.tensor(row[f"{key}_per_video"]) - torch.tensor(teacher[f"{key}_per_video"])  # (b,)
-    if len(diff) < 2:
-        return diff.mean().item(), float("nan")
-    return diff.mean().item(), 1.96 * (diff.std() / math.sqrt(len(diff))).item()
+    mean, se = mean_se([a - b for a, b in zip(row[f"{key}_per_video"], teacher[f"{key}_per_video"])])
+    return mean, 1.96 * se
 
 
 def preference(row: dict, teacher: dict, key: str) -> float:
