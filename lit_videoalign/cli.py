@@ -32,12 +32,13 @@ from lit_videoalign.objectives.base import AlignmentModule
 EXTRA_SUBCOMMANDS = {"generate": {"model", "datamodule", "prompts", "seeds"},
                      "evaluate": {"model", "datamodule", "prompts", "seeds", "rewards"},
                      "precompute": {"model", "datamodule"}}
-# Arguments that take several space-separated values (``--prompts P [P ...]``), added by hand to the parser.
-MULTI_VALUE_ARGS = {"generate": {"prompts": str, "seeds": int},
-                    "evaluate": {"prompts": str, "seeds": int, "rewards": str}}
-MULTI_VALUE_HELP = {"prompts": "prompts, one video each (and/or --prompts_file)",
-                    "seeds": "one seed per prompt (default 0, 1, ...)",
-                    "rewards": "reward names, hf-hub:org/repo ids or folders (default: the toy-world set)"}
+_PROMPTS = (str, "prompts, one video each (and/or --prompts_file)")
+_SEEDS = (int, "one seed per prompt (default 0, 1, ...)")
+# Arguments that take several space-separated values (``--prompts P [P ...]``): name -> (type, help).
+MULTI_VALUE_ARGS = {"generate": {"prompts": _PROMPTS, "seeds": _SEEDS},
+                    "evaluate": {"prompts": _PROMPTS, "seeds": _SEEDS,
+                                 "rewards": (str, "reward names, hf-hub:org/repo ids or folders (default: the "
+                                                  "toy-world set)")}}
 # Subcommands whose model is optional (``evaluate`` can score a folder of videos without any model).
 OPTIONAL_MODEL = {"evaluate"}
 
@@ -109,38 +110,76 @@ def with_atomic_checkpoints(trainer_config: dict) -> dict:
     return {**trainer_config, "plugins": [*plugins, AtomicCheckpointIO()]}
 
 
-class VideoAlignCLI(LightningCLI):
-    """LightningCLI for :class:`AlignmentModule` subclasses with optimizers given as callables in the model config.
+class MethodSubcommandsCLI(LightningCLI):
+    """LightningCLI with subcommands that are methods of the CLI class besides the Trainer's; the base of
+    ``videoalign`` and ``reward-zoo``.
 
-    Checkpoints are written atomically (:func:`with_atomic_checkpoints`), so a run killed while saving keeps its
-    previous checkpoint."""
+    A method subcommand's signature becomes its arguments (LightningCLI alone takes every subcommand from the
+    Trainer). Models take their optimizers as callables in their config, so LightningCLI's automatic optimizer
+    arguments are off; a re-run overwrites the saved ``config.yaml``.
 
-    def __init__(self, *args, **kwargs) -> None:
+    Args:
+        model_class: the LightningModule base class the config's ``model:`` subclasses.
+        *args, **kwargs: LightningCLI arguments.
+    """
+
+    #: subcommands that are methods of this class (``name -> arguments LightningCLI fills, not the command line``)
+    method_subcommands: dict[str, set[str]] = {}
+    #: arguments that take several space-separated values (``subcommand -> name -> (type, help)``), added by hand
+    #: because a method's ``list[str]`` argument would otherwise need JSON on the command line
+    multi_value_args: dict[str, dict[str, tuple[type, str]]] = {}
+    #: what ``fit`` says when the config has no ``data:`` section
+    fit_data_hint = "a LightningDataModule class_path"
+
+    def __init__(self, model_class: type, *args, **kwargs) -> None:
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(AlignmentModule, None, *args, **kwargs)
-
-    @staticmethod
-    @override
-    def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), **EXTRA_SUBCOMMANDS}
+        super().__init__(model_class, None, *args, **kwargs)
 
     @override
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
-        # LightningCLI takes every subcommand from the Trainer; ours come from methods of this class.
         from lightning.pytorch.cli import _get_short_description
 
         self._subcommand_parsers = {}
         subcommands = parser.add_subcommands()
         for name in self.subcommands():
-            klass = type(self) if name in EXTRA_SUBCOMMANDS else self.trainer_class
+            klass = type(self) if name in self.method_subcommands else self.trainer_class
             description = _get_short_description(getattr(klass, name))
             sub_kwargs = {"description": description, **kwargs.get(name, {})}
             sub_parser = self._prepare_subcommand_parser(klass, name, **sub_kwargs)
             self._subcommand_parsers[name] = sub_parser
             subcommands.add_subcommand(name, sub_parser, help=description)
+
+    def _add_multi_value_args(self, parser: LightningArgumentParser, subcommand: str) -> None:
+        """Add ``subcommand``'s :attr:`multi_value_args` to its parser and to the arguments its method receives."""
+        for name, (kind, help_text) in self.multi_value_args.get(subcommand, {}).items():
+            parser.add_argument(f"--{name}", nargs="+", type=kind, default=None, help=help_text)
+            self._subcommand_method_arguments[subcommand].append(name)
+
+    def before_fit(self) -> None:
+        if self.datamodule is None:
+            raise ValueError(f"fit needs a 'data:' section in the config ({self.fit_data_hint})")
+
+
+class VideoAlignCLI(MethodSubcommandsCLI):
+    """The ``videoalign`` CLI for :class:`AlignmentModule` subclasses: the Trainer's subcommands plus ``generate``,
+    ``evaluate`` and ``precompute``.
+
+    Checkpoints are written atomically (:func:`with_atomic_checkpoints`), so a run killed while saving keeps its
+    previous checkpoint."""
+
+    method_subcommands = EXTRA_SUBCOMMANDS
+    multi_value_args = MULTI_VALUE_ARGS
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(AlignmentModule, *args, **kwargs)
+
+    @staticmethod
+    @override
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), **EXTRA_SUBCOMMANDS}
 
     @override
     def _parse_ckpt_path(self) -> None:
@@ -166,9 +205,7 @@ class VideoAlignCLI(LightningCLI):
             self._subcommand_method_arguments[subcommand] = parser.add_method_arguments(klass, subcommand, skip=skip)
         else:
             parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        for name, kind in MULTI_VALUE_ARGS.get(subcommand, {}).items():
-            parser.add_argument(f"--{name}", nargs="+", type=kind, default=None, help=MULTI_VALUE_HELP.get(name))
-            self._subcommand_method_arguments[subcommand].append(name)
+        self._add_multi_value_args(parser, subcommand)
         return parser
 
     @override
@@ -205,10 +242,6 @@ class VideoAlignCLI(LightningCLI):
                 extra.append(VideoAlignProgressBar())
             callbacks = [*callbacks, *extra]
         return super()._instantiate_trainer(with_atomic_checkpoints(config), callbacks)
-
-    def before_fit(self) -> None:
-        if self.datamodule is None:
-            raise ValueError("fit needs a 'data:' section in the config (a LightningDataModule class_path)")
 
     def generate(
         self,

@@ -22,6 +22,7 @@ from jsonargparse import ActionYesNo
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
+from lit_videoalign.cli import MethodSubcommandsCLI
 from reward_zoo.training import RewardTraining
 
 # Subcommands that build no model, datamodule or trainer; their arguments are their method's signature.
@@ -35,15 +36,17 @@ MULTI_VALUE_ARGS = {"score": {
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
 
 
-class RewardZooCLI(LightningCLI):
-    """LightningCLI for :class:`RewardTraining` (optimizers as callables in its config) plus ``score`` and ``list``."""
+class RewardZooCLI(MethodSubcommandsCLI):
+    """The ``reward-zoo`` CLI: LightningCLI for :class:`RewardTraining` plus ``score`` and ``list``, tools that build
+    no model, datamodule or trainer."""
+
+    method_subcommands = {name: set() for name in TOOL_SUBCOMMANDS}
+    multi_value_args = MULTI_VALUE_ARGS
+    fit_data_hint = ("a LightningDataModule of preference pairs, e.g. "
+                     "lit_videoalign.data.toyworld_pairs.ToyWorldPairsDataModule")
 
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("subclass_mode_model", True)
-        kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(RewardTraining, None, *args, **kwargs)
+        super().__init__(RewardTraining, *args, **kwargs)
 
     @staticmethod
     @override
@@ -53,31 +56,20 @@ class RewardZooCLI(LightningCLI):
         return {**subcommands, **{name: set() for name in TOOL_SUBCOMMANDS}}
 
     @override
-    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
-        from lightning.pytorch.cli import _get_short_description
-
-        self._subcommand_parsers = {}
-        subcommands = parser.add_subcommands()
-        for name in self.subcommands():
-            klass = type(self) if name in TOOL_SUBCOMMANDS else self.trainer_class
-            description = _get_short_description(getattr(klass, name))
-            sub_kwargs = {"description": description, **kwargs.get(name, {})}
-            if name in TOOL_SUBCOMMANDS:  # no model/data/trainer groups: only the method's own arguments
-                sub_parser = self.init_parser(**sub_kwargs)
-                skip = set(MULTI_VALUE_ARGS.get(name, {})) | {"pretrained"}
-                self._subcommand_method_arguments[name] = sub_parser.add_method_arguments(klass, name, skip=skip)
-                for arg, (kind, help_text) in MULTI_VALUE_ARGS.get(name, {}).items():
-                    sub_parser.add_argument(f"--{arg}", nargs="+", type=kind, default=None, help=help_text)
-                    self._subcommand_method_arguments[name].append(arg)
-                if name == "score":
-                    sub_parser.add_argument("--pretrained", action=ActionYesNo, default=None,
-                                            help="load shipped weights for a registered name (default: when they "
-                                                 "exist); --no_pretrained builds it untrained")
-                    self._subcommand_method_arguments[name].append("pretrained")
-            else:
-                sub_parser = self._prepare_subcommand_parser(klass, name, **sub_kwargs)
-            self._subcommand_parsers[name] = sub_parser
-            subcommands.add_subcommand(name, sub_parser, help=description)
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
+        if subcommand not in TOOL_SUBCOMMANDS:
+            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        # no model/data/trainer groups: only the method's own arguments
+        parser = self.init_parser(**kwargs)
+        skip = set(MULTI_VALUE_ARGS.get(subcommand, {})) | {"pretrained"}
+        self._subcommand_method_arguments[subcommand] = parser.add_method_arguments(klass, subcommand, skip=skip)
+        self._add_multi_value_args(parser, subcommand)
+        if subcommand == "score":
+            parser.add_argument("--pretrained", action=ActionYesNo, default=None,
+                                help="load shipped weights for a registered name (default: when they exist); "
+                                     "--no_pretrained builds it untrained")
+            self._subcommand_method_arguments[subcommand].append("pretrained")
+        return parser
 
     @override
     def _set_seed(self) -> None:
@@ -99,11 +91,6 @@ class RewardZooCLI(LightningCLI):
             getattr(self, subcommand)(**{k: config[k] for k in self._subcommand_method_arguments[subcommand]})
         else:
             super()._run_subcommand(subcommand)
-
-    def before_fit(self) -> None:
-        if self.datamodule is None:
-            raise ValueError("fit needs a 'data:' section in the config (a LightningDataModule of preference pairs, "
-                             "e.g. lit_videoalign.data.toyworld_pairs.ToyWorldPairsDataModule)")
 
     # -- tools --------------------------------------------------------------------------------------------------
     def score(
