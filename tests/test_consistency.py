@@ -15,6 +15,7 @@ from lit_videoalign.objectives.consistency import (
     ema_update,
     multistep_sample,
     next_sample,
+    phase_ends,
 )
 
 
@@ -183,6 +184,44 @@ def test_distillation_makes_the_student_consistent_on_a_batch(tiny_pixel_pipelin
     assert fixed_loss().item() < 0.7 * before
 
 
+def test_phase_ends_by_hand():
+    bounds = torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0])
+    sigma = torch.tensor([1.0, 0.95, 0.9, 0.8, 0.75, 0.5 + 1e-8, 0.2])
+    assert torch.equal(phase_ends(sigma, bounds), torch.tensor([0.9, 0.9, 0.75, 0.75, 0.5, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="ending at 0"):
+        phase_ends(sigma, torch.tensor([1.0, 0.5]))
+    with pytest.raises(ValueError, match="above 0"):
+        phase_ends(torch.tensor([0.5, 0.0]), bounds)
+
+
+def test_phased_loss_is_zero_when_the_teacher_steps_whole_phases(tiny_pixel_pipeline):
+    """With the student's grid as the teacher's (one teacher step per phase), no guidance and the target equal to the
+    student, every target is the teacher's step to the phase end, which the untrained student predicts exactly; the
+    x0-consistency loss of the same setting is not zero."""
+    batch = next(iter(ToyWorldDataModule(batch_size=2, train_size=2).train_dataloader()))
+    kwargs = dict(num_timesteps=4, skip_steps=1, num_inference_steps=4, teacher_guidance_scale=1.0, loss_type="l2")
+    assert make_cd(tiny_pixel_pipeline, phased=True, **kwargs).loss(batch)[0].item() < 1e-10
+    assert make_cd(tiny_pixel_pipeline, **kwargs).loss(batch)[0].item() > 1e-4
+
+
+def test_phased_student_trains_and_samples_as_a_plain_euler_flow(tiny_pixel_pipeline):
+    torch.manual_seed(0)
+    model = make_cd(tiny_pixel_pipeline, phased=True, num_inference_steps=3, ema_decay=0.5)
+    teacher = snapshot(model._reference_denoiser)
+    before = snapshot(model.backbone.denoiser)
+    trainer(2).fit(model, datamodule=prompts_data())  # data-free: points from the EMA student's Euler samples
+    assert any(not torch.equal(before[n], p) for n, p in model.backbone.denoiser.named_parameters())
+    assert all(torch.equal(teacher[n], p) for n, p in model._reference_denoiser.named_parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    calls = []
+    handle = model.backbone.denoiser.register_forward_hook(lambda *a: calls.append(1))
+    a = model.generate(["a red ball falls"], seeds=[1])
+    handle.remove()
+    # the same as the generic Euler sampler of AlignmentModule, seed for seed: no re-noising draws
+    plain = super(ConsistencyDistillation, model).generate(["a red ball falls"], seeds=[1])
+    assert len(calls) == 3 and torch.equal(a, plain)
+
+
 def test_generate_is_few_step_and_seeded(tiny_pixel_pipeline):
     model = make_cd(tiny_pixel_pipeline, num_inference_steps=3)
     calls = []
@@ -201,3 +240,5 @@ def test_bad_arguments_are_named(tiny_pixel_pipeline):
         make_cd(tiny_pixel_pipeline, ema_decay=1.2)
     with pytest.raises(ValueError, match="parameterization"):
         make_cd(tiny_pixel_pipeline, parameterization="v")
+    with pytest.raises(ValueError, match="phased.*'lcm'"):
+        make_cd(tiny_pixel_pipeline, phased=True, parameterization="lcm")

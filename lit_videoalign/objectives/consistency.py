@@ -15,9 +15,16 @@ Boundary-condition parameterisation, ``x0 = c_skip(sigma) * x + c_out(sigma) * F
   with ``t = timestep_scaling * 1000 * sigma`` (the diffusers timestep, scaled); also exact at ``sigma = 0``.
 
 The student samples in a few steps (multistep consistency sampling): predict ``x0``, re-noise it to the next sigma
-with fresh noise, repeat. Training points come from the batch's videos when it has them (LCM's setting) or, for
-prompt-only data, from the EMA student's own few-step samples re-noised to ``sigma_n``: the very inputs its sampler
-meets at inference.
+with fresh noise, repeat.
+
+Phased consistency (``phased=True``; multistep consistency models, Heek et al., arXiv 2403.06807; PCM, arXiv
+2405.18407): the student's sampling grid cuts the trajectory into phases, and the student maps each point to the *end
+of its phase* instead of to ``x0``, ``x_end = x + (sigma_end - sigma) * v``: the boundary condition holds exactly at
+every phase end, and sampling is deterministic, one Euler step per phase, so the student is sampled like any flow
+model (its exported pipeline at ``num_inference_steps`` steps with the same shift).
+
+Training points come from the batch's videos when it has them (LCM's setting) or, for prompt-only data, from the EMA
+student's own few-step samples re-noised to ``sigma_n``: the very inputs its sampler meets at inference.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from typing_extensions import override
 
 from lit_videoalign.backbones.base import Conditioning
 from lit_videoalign.objectives.base import AlignmentModule
-from lit_videoalign.schedules.flow import add_noise, euler_step, sampling_sigmas
+from lit_videoalign.schedules.flow import add_noise, euler_sample, euler_step, sampling_sigmas
 from reward_zoo.base import RewardModel
 
 PARAMETERIZATIONS = ("flow", "lcm")
@@ -112,6 +119,25 @@ def consistency_loss(pred: Tensor, target: Tensor, loss_type: str = "huber", hub
             raise ValueError(f"huber_c must be positive, got {huber_c}")
         return (torch.sqrt(diff.pow(2) + huber_c**2) - huber_c).mean()
     raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
+
+
+def phase_ends(sigma: Tensor, boundaries: Tensor, atol: float = 1e-6) -> Tensor:
+    """For each ``sigma``, the end of its phase: the largest of ``boundaries`` below it (phased consistency).
+
+    Args:
+        sigma: ``Tensor[B]`` flow times in ``(0, 1]``.
+        boundaries: the sampler's decreasing grid ending at 0, e.g. ``[1.0, 0.9, 0.75, 0.5, 0.0]``.
+        atol: a boundary within ``atol`` of ``sigma`` counts as ``sigma`` itself (a phase's start), not its end.
+
+    Returns:
+        ``Tensor[B]``: the phase ends (0 for points of the last phase).
+    """
+    if boundaries.ndim != 1 or len(boundaries) < 2 or boundaries[-1] != 0:
+        raise ValueError(f"boundaries must be a 1-D decreasing grid ending at 0, got {boundaries.tolist()}")
+    if sigma.ndim != 1 or bool((sigma <= atol).any()):
+        raise ValueError(f"sigma must be Tensor[B] of flow times above 0, got {sigma.tolist()}")
+    below = boundaries.view(1, -1) < (sigma.view(-1, 1) - atol)  # (b, n): boundaries strictly below each sigma
+    return torch.where(below, boundaries.view(1, -1), torch.zeros_like(boundaries).view(1, -1)).amax(dim=1)
 
 
 @torch.no_grad()
@@ -298,6 +324,8 @@ class ConsistencyDistillation(AlignmentModule):
         parameterization: ``"flow"`` or ``"lcm"``, see the module docstring.
         sigma_data: LCM's data standard deviation (``"lcm"`` only).
         timestep_scaling: LCM's timestep scaling (``"lcm"`` only).
+        phased: map each point to the end of its phase of the student's grid rather than to ``x0`` and sample with
+            deterministic Euler steps (see the module docstring); needs ``parameterization="flow"``.
         reward: optional ``reward_zoo`` reward; validation then logs its scores of the student's samples.
         num_inference_steps: steps of the student's sampler (``generate`` and data-free training points).
         guidance_scale: guidance when sampling the student (1.0: the teacher's guidance is distilled in).
@@ -316,6 +344,7 @@ class ConsistencyDistillation(AlignmentModule):
         parameterization: str = "flow",
         sigma_data: float = 0.5,
         timestep_scaling: float = 10.0,
+        phased: bool = False,
         reward: RewardModel | None = None,
         num_inference_steps: int = 4,
         guidance_scale: float = 1.0,
@@ -332,6 +361,9 @@ class ConsistencyDistillation(AlignmentModule):
             raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {list(PARAMETERIZATIONS)}, got {parameterization!r}")
+        if phased and parameterization != "flow":
+            raise ValueError(f"phased consistency maps to phase ends with the velocity, so it needs "
+                             f"parameterization='flow', got {parameterization!r}")
         if huber_c <= 0 or teacher_guidance_scale < 0:
             raise ValueError(f"need huber_c > 0 and teacher_guidance_scale >= 0, got {huber_c}, "
                              f"{teacher_guidance_scale}")
@@ -381,14 +413,17 @@ class ConsistencyDistillation(AlignmentModule):
         return self._x0(self.backbone.predict_velocity(x, sigma, cond), x, sigma)
 
     @torch.no_grad()
-    def ema_x0(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
-        """The EMA target's consistency function."""
+    def ema_velocity(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+        """The EMA target's velocity."""
         if self.roles is not None:
             with self.roles.use("ema"):
-                v = self.backbone.predict_velocity(x, sigma, cond)
-        else:
-            v = self.backbone.predict_velocity(x, sigma, cond, denoiser=self.ema_denoiser)
-        return self._x0(v, x, sigma)
+                return self.backbone.predict_velocity(x, sigma, cond)
+        return self.backbone.predict_velocity(x, sigma, cond, denoiser=self.ema_denoiser)
+
+    @torch.no_grad()
+    def ema_x0(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+        """The EMA target's consistency function."""
+        return self._x0(self.ema_velocity(x, sigma, cond), x, sigma)
 
     @torch.no_grad()
     def teacher_velocity(self, x: Tensor, sigma: Tensor, cond: Conditioning, uncond: Conditioning | None) -> Tensor:
@@ -417,7 +452,10 @@ class ConsistencyDistillation(AlignmentModule):
         hp = self.hparams
         shape = self.backbone.latent_shape(hp.num_frames, hp.height, hp.width)
         noise = torch.randn((len(cond), *shape), device=self.device)
-        return multistep_sample(lambda x, s: self.ema_x0(x, s, cond), noise, self.student_sigmas().to(self.device))
+        sigmas = self.student_sigmas().to(self.device)
+        if hp.phased:
+            return euler_sample(lambda x, s: self.ema_velocity(x, s, cond), noise, sigmas)
+        return multistep_sample(lambda x, s: self.ema_x0(x, s, cond), noise, sigmas)
 
     def loss(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         """Consistency-distillation loss of one batch and statistics to log."""
@@ -435,11 +473,20 @@ class ConsistencyDistillation(AlignmentModule):
         sigma, sigma_next = grid[n], grid[n + hp.skip_steps]  # (b,), (b,)
         noise = torch.randn_like(x0)
         x_t = add_noise(x0, noise, sigma)
+        if hp.phased:  # the teacher's step stops at the phase end, where the target is the point itself
+            end = phase_ends(sigma, self.student_sigmas().to(self.device))  # (b,)
+            sigma_next = torch.maximum(sigma_next, end)
         with torch.no_grad():
             v_teacher = self.teacher_velocity(x_t, sigma, cond, uncond)
             x_next = euler_step(x_t, v_teacher, sigma, sigma_next)
-            target = self.ema_x0(x_next, sigma_next, cond)
-        pred = self.student_x0(x_t, sigma, cond)
+            if hp.phased:
+                target = euler_step(x_next, self.ema_velocity(x_next, sigma_next, cond), sigma_next, end)
+            else:
+                target = self.ema_x0(x_next, sigma_next, cond)
+        if hp.phased:
+            pred = euler_step(x_t, self.backbone.predict_velocity(x_t, sigma, cond), sigma, end)
+        else:
+            pred = self.student_x0(x_t, sigma, cond)
         loss = consistency_loss(pred, target, hp.loss_type, hp.huber_c)
         return loss, {"target_distance": (pred.detach() - target).pow(2).mean(), "sigma": sigma.mean()}
 
@@ -478,7 +525,9 @@ class ConsistencyDistillation(AlignmentModule):
                  return_latents: bool = False) -> Tensor:
         """Sample the student with the multistep consistency sampler (``num_inference_steps`` steps, default the
         module's); seeds fix both the starting noise and the re-noising draws. ``guidance_scale`` other than 1 applies
-        classifier-free guidance to the student's velocity."""
+        classifier-free guidance to the student's velocity. A phased student samples with plain Euler steps."""
+        if self.hparams.phased:
+            return super().generate(prompts, seeds, num_inference_steps, guidance_scale, return_latents)
         prompts = list(prompts)
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         if len(seeds) != len(prompts):
