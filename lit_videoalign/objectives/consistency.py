@@ -20,8 +20,9 @@ with fresh noise, repeat.
 Phased consistency (``phased=True``; multistep consistency models, Heek et al., arXiv 2403.06807; PCM, arXiv
 2405.18407): the student's sampling grid cuts the trajectory into phases, and the student maps each point to the *end
 of its phase* instead of to ``x0``, ``x_end = x + (sigma_end - sigma) * v``: the boundary condition holds exactly at
-every phase end, and sampling is deterministic, one Euler step per phase, so the student is sampled like any flow
-model (its exported pipeline at ``num_inference_steps`` steps with the same shift).
+every phase end, and sampling is deterministic, one Euler step per phase: the student is a plain flow model sampled
+by the generic Euler sampler on its grid (a diffusers scheduler must be given the same sigmas, as its own 4-step grid
+differs).
 
 Training points come from the batch's videos when it has them (LCM's setting) or, for prompt-only data, from the EMA
 student's own few-step samples re-noised to ``sigma_n``: the very inputs its sampler meets at inference.
