@@ -26,7 +26,7 @@ from lit_videoalign.cli import MethodSubcommandsCLI
 from reward_zoo.training import RewardTraining
 
 # Subcommands that build no model, datamodule or trainer; their arguments are their method's signature.
-TOOL_SUBCOMMANDS = ("score", "list")
+TOOL_SUBCOMMANDS: dict[str, set[str]] = {"score": set(), "list": set()}  # name -> arguments the CLI fills
 # Arguments that take several space-separated values (``--videos A B C``), added by hand to the parser.
 MULTI_VALUE_ARGS = {"score": {
     "videos": (str, "video files and/or folders (every video file inside, sorted by name)"),
@@ -40,7 +40,7 @@ class RewardZooCLI(MethodSubcommandsCLI):
     """The ``reward-zoo`` CLI: LightningCLI for :class:`RewardTraining` plus ``score`` and ``list``, tools that build
     no model, datamodule or trainer."""
 
-    method_subcommands = {name: set() for name in TOOL_SUBCOMMANDS}
+    method_subcommands = TOOL_SUBCOMMANDS
     multi_value_args = MULTI_VALUE_ARGS
     fit_data_hint = ("a LightningDataModule of preference pairs, e.g. "
                      "lit_videoalign.data.toyworld_pairs.ToyWorldPairsDataModule")
@@ -53,7 +53,7 @@ class RewardZooCLI(MethodSubcommandsCLI):
     def subcommands() -> dict[str, set[str]]:
         subcommands = LightningCLI.subcommands()
         subcommands.pop("predict")  # a reward is scored with `score`, not Trainer.predict
-        return {**subcommands, **{name: set() for name in TOOL_SUBCOMMANDS}}
+        return {**subcommands, **TOOL_SUBCOMMANDS}
 
     @override
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:

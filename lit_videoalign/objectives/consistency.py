@@ -409,6 +409,11 @@ class ConsistencyDistillation(AlignmentModule):
         hp = self.hparams
         return consistency_x0(x, velocity, sigma, hp.parameterization, hp.sigma_data, hp.timestep_scaling)
 
+    def _consistency_output(self, velocity: Tensor, x: Tensor, sigma: Tensor, end: Tensor | None) -> Tensor:
+        """The consistency function's output from a velocity at ``(x, sigma)``: ``x0``, or with ``end`` (phased) the
+        point at the phase end ``end`` (``Tensor[B]``)."""
+        return self._x0(velocity, x, sigma) if end is None else euler_step(x, velocity, sigma, end)
+
     def student_x0(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         """The student's consistency function (with gradients)."""
         return self._x0(self.backbone.predict_velocity(x, sigma, cond), x, sigma)
@@ -474,20 +479,15 @@ class ConsistencyDistillation(AlignmentModule):
         sigma, sigma_next = grid[n], grid[n + hp.skip_steps]  # (b,), (b,)
         noise = torch.randn_like(x0)
         x_t = add_noise(x0, noise, sigma)
+        end = None
         if hp.phased:  # the teacher's step stops at the phase end, where the target is the point itself
             end = phase_ends(sigma, self.student_sigmas().to(self.device))  # (b,)
             sigma_next = torch.maximum(sigma_next, end)
         with torch.no_grad():
             v_teacher = self.teacher_velocity(x_t, sigma, cond, uncond)
             x_next = euler_step(x_t, v_teacher, sigma, sigma_next)
-            if hp.phased:
-                target = euler_step(x_next, self.ema_velocity(x_next, sigma_next, cond), sigma_next, end)
-            else:
-                target = self.ema_x0(x_next, sigma_next, cond)
-        if hp.phased:
-            pred = euler_step(x_t, self.backbone.predict_velocity(x_t, sigma, cond), sigma, end)
-        else:
-            pred = self.student_x0(x_t, sigma, cond)
+            target = self._consistency_output(self.ema_velocity(x_next, sigma_next, cond), x_next, sigma_next, end)
+        pred = self._consistency_output(self.backbone.predict_velocity(x_t, sigma, cond), x_t, sigma, end)
         loss = consistency_loss(pred, target, hp.loss_type, hp.huber_c)
         return loss, {"target_distance": (pred.detach() - target).pow(2).mean(), "sigma": sigma.mean()}
 
