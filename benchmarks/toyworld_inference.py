@@ -65,6 +65,19 @@ def measure(videos: torch.Tensor, prompts: list[str], rewards: dict) -> dict:
     return out
 
 
+def parse_finetuned(spec: str, default_guidance: float) -> tuple[str, str, float]:
+    """``NAME=PIPELINE[@CFG]`` -> ``(name, pipeline, guidance)``; without ``@CFG`` the benchmark's guidance."""
+    name, _, path = spec.partition("=")
+    path, at, cfg = path.partition("@")
+    if not name or not path:
+        raise ValueError(f"--finetuned takes NAME=PIPELINE[@CFG], got {spec!r}")
+    try:
+        guidance = float(cfg) if at else default_guidance
+    except ValueError:
+        raise ValueError(f"--finetuned takes NAME=PIPELINE[@CFG] with a number CFG, got {spec!r}") from None
+    return name, path, guidance
+
+
 def summarise(name: str, method: str, selected_by: str | None, per_prompt: dict, nfe: int, backward: int,
               seconds_per_video: float, **params) -> dict:
     stats = {k: mean_se(v) for k, v in per_prompt.items()}
@@ -89,8 +102,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--guidance_scale", type=float, default=2.0, help="classifier-free guidance")
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--finetuned", nargs="*", default=[], metavar="NAME=PIPELINE",
-                        help="also evaluate plain sampling from fine-tuned pipelines (e.g. PipelineExport folders)")
+    parser.add_argument("--finetuned", nargs="*", default=[], metavar="NAME=PIPELINE[@CFG]",
+                        help="also evaluate plain sampling from fine-tuned pipelines (e.g. PipelineExport folders), "
+                             "at --guidance_scale or at their own classifier-free guidance CFG (e.g. @1 for a "
+                             "model that distilled guidance in)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--add_finetuned", action="store_true",
@@ -170,15 +185,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     # fine-tuned models (e.g. RewardGradient / RejectionSFT pipelines), plain sampling
     for spec in args.finetuned:
-        name, _, path = spec.partition("=")
-        if not path:
-            raise ValueError(f"--finetuned takes NAME=PIPELINE, got {spec!r}")
+        name, path, cfg = parse_finetuned(spec, args.guidance_scale)
         tuned = load_model(path)
         start = time.perf_counter()
-        videos = tuned.generate(prompts, seeds)
+        videos = tuned.generate(prompts, seeds, guidance_scale=cfg)
         seconds = (time.perf_counter() - start) / len(prompts)
+        nfe = args.num_inference_steps * (1 if cfg == 1.0 else 2)
         rows.append(summarise(f"fine-tuned: {name}", "finetuned", None, measure(videos, prompts, rewards),
-                              sample_nfe, 0, seconds, pipeline=path))
+                              nfe, 0, seconds, pipeline=path, guidance_scale=cfg))
         del tuned
 
     plain = next(r for r in rows if r["name"] == "plain")

@@ -242,3 +242,113 @@ def test_bad_arguments_are_named(tiny_pixel_pipeline):
         make_cd(tiny_pixel_pipeline, parameterization="v")
     with pytest.raises(ValueError, match="phased.*'lcm'"):
         make_cd(tiny_pixel_pipeline, phased=True, parameterization="lcm")
+
+
+def test_teacher_trajectory_pairs_are_the_teachers_own_multistep_solution(tiny_pixel_pipeline):
+    """Each cached pair ``(x_n, x_{n+k})`` is the teacher's own Euler walk over the grid (with its guidance); phased,
+    the walk stops at the phase end."""
+    torch.manual_seed(0)
+    for phased in (False, True):
+        model = make_cd(tiny_pixel_pipeline, num_timesteps=8, skip_steps=3, num_inference_steps=2, phased=phased,
+                        teacher_trajectories=2, points_per_trajectory=3)
+        pts = model.teacher_trajectory_points(["a red ball falls", "a blue ball moves left"])
+        assert len(pts) == 6 and pts.prompts[:3] == ["a red ball falls"] * 3
+        limit = torch.where(pts.n < 4, 4, 8) if phased else torch.full_like(pts.n, 8)  # phase ends on the grid
+        assert torch.equal(pts.n_next, torch.minimum(pts.n + 3, limit))
+        grid = model.schedule().tolist()
+        for i in range(len(pts)):
+            x = pts.x[i:i + 1]
+            cond = model.backbone.encode_prompts(pts.prompts[i:i + 1])
+            uncond = model.backbone.encode_prompts([model.hparams.negative_prompt])
+            for j in range(int(pts.n[i]), int(pts.n_next[i])):
+                v = model.teacher_velocity(x, torch.tensor([grid[j]]), cond, uncond)
+                x = x + (grid[j + 1] - grid[j]) * v
+            assert torch.allclose(x, pts.x_next[i], atol=1e-5)
+
+
+def test_trajectory_training_spanning_phases_needs_no_target_network(tiny_pixel_pipeline):
+    """With ``k`` spanning a phase every target is the teacher's own point at the phase end: the EMA network never
+    runs; the cache fills from the first prompts and a fit moves the student, never the teacher."""
+    torch.manual_seed(0)
+    model = make_cd(tiny_pixel_pipeline, num_timesteps=8, skip_steps=2, num_inference_steps=4, phased=True,
+                    teacher_trajectories=3, points_per_trajectory=2)
+    ema_calls = []
+    handle = model.ema_denoiser.register_forward_hook(lambda *a: ema_calls.append(1))
+    teacher = snapshot(model._reference_denoiser)
+    before = snapshot(model.backbone.denoiser)
+    trainer(3).fit(model, datamodule=prompts_data())
+    handle.remove()
+    assert not ema_calls and len(model._trajectories) == 3 * 2
+    assert any(not torch.equal(before[n], p) for n, p in model.backbone.denoiser.named_parameters())
+    assert all(torch.equal(teacher[n], p) for n, p in model._reference_denoiser.named_parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # the cache is part of a checkpoint
+    checkpoint = {}
+    model.on_save_checkpoint(checkpoint)
+    fresh = make_cd(tiny_pixel_pipeline, num_timesteps=8, skip_steps=2, num_inference_steps=4, phased=True,
+                    teacher_trajectories=3, points_per_trajectory=2)
+    fresh.on_load_checkpoint(checkpoint)
+    assert torch.equal(fresh._trajectories.x_next, model._trajectories.x_next)
+
+
+def test_trajectory_arguments_are_checked(tiny_pixel_pipeline):
+    with pytest.raises(ValueError, match="teacher_trajectories"):
+        make_cd(tiny_pixel_pipeline, teacher_trajectories=-1)
+    with pytest.raises(ValueError, match="multiple of num_inference_steps=3"):
+        make_cd(tiny_pixel_pipeline, num_timesteps=8, num_inference_steps=3, phased=True, teacher_trajectories=2)
+
+
+def test_adversarial_term_trains_student_and_head_through_a_frozen_teacher(tiny_pixel_pipeline):
+    """PCM's adversarial term: the head learns from its classifier loss only, the student from the rest; the teacher
+    it reads features from never moves."""
+    torch.manual_seed(0)
+    kwargs = dict(num_timesteps=8, skip_steps=2, num_inference_steps=4, phased=True, teacher_trajectories=2,
+                  points_per_trajectory=2)
+    model = make_cd(tiny_pixel_pipeline, gan_weight=0.1, gan_lr=1e-2, **kwargs)
+    pts = model.trajectory_batch(["a red ball falls", "a blue ball falls"])
+    sigma = model.schedule()[pts.n_next]
+    cond = model.backbone.encode_prompts(pts.prompts)
+    fake = (pts.x_next + 0.1 * torch.randn_like(pts.x_next)).requires_grad_(True)
+    d_loss, g_loss = model.adversarial_losses(pts.x_next, fake, sigma, cond)
+    head = list(model.gan_head.parameters())
+    assert all(g is None for g in torch.autograd.grad(g_loss, head, retain_graph=True, allow_unused=True))
+    assert torch.autograd.grad(d_loss, fake, allow_unused=True)[0] is None  # the classifier loss leaves the student
+    assert torch.autograd.grad(g_loss, fake)[0].abs().sum() > 0  # the student's loss reaches it through the teacher
+    teacher = snapshot(model._reference_denoiser)
+    before, head_before = snapshot(model.backbone.denoiser), snapshot(model.gan_head)
+    trainer(2).fit(model, datamodule=prompts_data())
+    assert any(not torch.equal(before[n], p) for n, p in model.backbone.denoiser.named_parameters())
+    assert all(not torch.equal(head_before[n], p) for n, p in model.gan_head.named_parameters())
+    assert all(torch.equal(teacher[n], p) for n, p in model._reference_denoiser.named_parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(ValueError, match="gan_weight"):
+        make_cd(tiny_pixel_pipeline, gan_weight=0.1, phased=True)  # no teacher trajectories: no real samples
+
+
+def test_on_policy_trajectories_start_each_phase_where_the_student_landed(tiny_pixel_pipeline):
+    """DAgger pairs: after the first phase, a phase starts at the student's own Euler step from the previous phase
+    start, and its target is the teacher's walk from there; the cache turns over every ``trajectory_every`` steps."""
+    torch.manual_seed(0)
+    model = make_cd(tiny_pixel_pipeline, num_timesteps=8, skip_steps=4, num_inference_steps=2, phased=True,
+                    teacher_trajectories=1, points_per_trajectory=16, on_policy=True, trajectory_every=1)
+    torch.manual_seed(1)
+    pts = model.teacher_trajectory_points(["a red ball falls"])
+    grid = model.schedule().tolist()
+    cond = model.backbone.encode_prompts(["a red ball falls"])
+    uncond = model.backbone.encode_prompts([model.hparams.negative_prompt])
+    first = (pts.n == 0).nonzero().flatten()
+    second = (pts.n == 4).nonzero().flatten()
+    assert len(first) and len(second), "seed 1 draws pairs at both phase starts"
+    start = pts.x[first[0]:first[0] + 1]
+    landing = start + (grid[4] - grid[0]) * model.backbone.predict_velocity(start, torch.tensor([grid[0]]), cond)
+    assert torch.allclose(pts.x[second[0]], landing[0], atol=1e-5)  # the student's point, not the teacher's
+    assert not torch.allclose(pts.x_next[first[0]], landing[0], atol=1e-3)  # the target stays the teacher's
+    x = landing
+    for j in range(4, 8):
+        x = x + (grid[j + 1] - grid[j]) * model.teacher_velocity(x, torch.tensor([grid[j]]), cond, uncond)
+    assert torch.allclose(pts.x_next[second[0]], x[0], atol=1e-5)
+    model._trajectories = pts  # full: every step now replaces it rather than growing it
+    trainer(2).fit(model, datamodule=prompts_data())
+    assert len(model._trajectories) == 16 and not torch.equal(model._trajectories.x, pts.x)
+    with pytest.raises(ValueError, match="on_policy"):
+        make_cd(tiny_pixel_pipeline, on_policy=True, teacher_trajectories=2)  # not phased

@@ -24,8 +24,17 @@ every phase end, and sampling is deterministic, one Euler step per phase: the st
 by the generic Euler sampler on its grid (a diffusers scheduler must be given the same sigmas, as its own 4-step grid
 differs).
 
+Adversarial term (``gan_weight > 0``; PCM's adversarial consistency loss, in DMD2's form): a small head on the
+frozen teacher's last-block features learns to tell the teacher's own points at a phase end (from
+``teacher_trajectories``) from the student's predictions of them, and the student is pushed (through the frozen
+teacher) towards the teacher's distribution. A regression target is matched on average, which at 4 steps blurs what
+the target decides late; the classifier rewards being on the teacher's distribution instead.
+
 Training points come from the batch's videos when it has them (LCM's setting) or, for prompt-only data, from the EMA
-student's own few-step samples re-noised to ``sigma_n``: the very inputs its sampler meets at inference.
+student's own few-step samples re-noised to ``sigma_n``. With ``teacher_trajectories`` they are instead points of
+cached teacher ODE trajectories (with its guidance) and the teacher's step is its own ``k``-step solution: a guided
+teacher's trajectories leave the forward process's marginals, so noised data are not where a few-step sampler lands,
+and with ``k`` spanning a phase the target is the teacher's own point at the phase end, with no bootstrapping.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import copy
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +51,7 @@ from typing_extensions import override
 
 from lit_videoalign.backbones.base import Conditioning
 from lit_videoalign.objectives.base import AlignmentModule
+from lit_videoalign.objectives.gan import GANHead, feature_width, gan_discriminator_loss, gan_generator_loss
 from lit_videoalign.schedules.flow import add_noise, euler_sample, euler_step, sampling_sigmas
 from reward_zoo.base import RewardModel
 
@@ -221,6 +232,26 @@ def multistep_sample(
     return x0
 
 
+@dataclass
+class TrajectoryPoints:
+    """Training pairs cut from teacher ODE trajectories, kept on CPU: ``x`` at grid index ``n`` and the teacher's own
+    solution ``x_next`` at ``n_next`` (``k`` grid steps on, or the phase end when nearer)."""
+
+    x: Tensor  # (m, c, t, h, w)
+    x_next: Tensor  # (m, c, t, h, w)
+    n: Tensor  # (m,) grid index of x
+    n_next: Tensor  # (m,) grid index of x_next
+    prompts: list[str]  # one per pair
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def cat(self, other: TrajectoryPoints) -> TrajectoryPoints:
+        return TrajectoryPoints(torch.cat([self.x, other.x]), torch.cat([self.x_next, other.x_next]),
+                                torch.cat([self.n, other.n]), torch.cat([self.n_next, other.n_next]),
+                                self.prompts + other.prompts)
+
+
 class AdapterRoles:
     """Several peft adapters over one frozen base, one active at a time, or none (the base alone).
 
@@ -327,6 +358,19 @@ class ConsistencyDistillation(AlignmentModule):
         timestep_scaling: LCM's timestep scaling (``"lcm"`` only).
         phased: map each point to the end of its phase of the student's grid rather than to ``x0`` and sample with
             deterministic Euler steps (see the module docstring); needs ``parameterization="flow"``.
+        teacher_trajectories: train on points of this many cached teacher ODE trajectories (sampled on the
+            schedule with the teacher's guidance, from the first training prompts, as DMD's regression pairs) rather
+            than on noised clean latents; 0 keeps LCM's noised training points. Phased, the student's grid must lie on
+            the schedule (``num_timesteps`` a multiple of ``num_inference_steps``).
+        points_per_trajectory: training pairs ``(x_n, x_{n+k})`` kept from each cached trajectory.
+        trajectory_every: once the cache is full, a new batch of trajectories replaces the oldest every this many
+            training steps (0: the cache is made once).
+        on_policy: each phase of a cached trajectory starts where the *student's* own step from the previous phase
+            start landed, and the teacher solves the phase from there (DAgger: the teacher corrects the student on
+            the inputs its sampler meets, so 4-step errors stop compounding); needs ``phased``.
+        gan_weight: weight of the adversarial term (0: off); needs ``phased`` and ``teacher_trajectories``.
+        gan_hidden_dim: width of the classifier head's MLP.
+        gan_lr: learning rate of the classifier head (None: the optimizer's own).
         reward: optional ``reward_zoo`` reward; validation then logs its scores of the student's samples.
         num_inference_steps: steps of the student's sampler (``generate`` and data-free training points).
         guidance_scale: guidance when sampling the student (1.0: the teacher's guidance is distilled in).
@@ -346,6 +390,13 @@ class ConsistencyDistillation(AlignmentModule):
         sigma_data: float = 0.5,
         timestep_scaling: float = 10.0,
         phased: bool = False,
+        teacher_trajectories: int = 0,
+        points_per_trajectory: int = 4,
+        trajectory_every: int = 0,
+        on_policy: bool = False,
+        gan_weight: float = 0.0,
+        gan_hidden_dim: int = 256,
+        gan_lr: float | None = None,
         reward: RewardModel | None = None,
         num_inference_steps: int = 4,
         guidance_scale: float = 1.0,
@@ -368,6 +419,17 @@ class ConsistencyDistillation(AlignmentModule):
         if huber_c <= 0 or teacher_guidance_scale < 0:
             raise ValueError(f"need huber_c > 0 and teacher_guidance_scale >= 0, got {huber_c}, "
                              f"{teacher_guidance_scale}")
+        if teacher_trajectories < 0 or points_per_trajectory < 1:
+            raise ValueError(f"need teacher_trajectories >= 0 and points_per_trajectory >= 1, got "
+                             f"{teacher_trajectories}, {points_per_trajectory}")
+        if trajectory_every < 0 or (on_policy and not (phased and teacher_trajectories)):
+            raise ValueError(f"need trajectory_every >= 0, and on_policy needs phased=True and teacher_trajectories > "
+                             f"0; got trajectory_every={trajectory_every}, on_policy={on_policy}, phased={phased}, "
+                             f"teacher_trajectories={teacher_trajectories}")
+        if gan_weight < 0 or (gan_weight > 0 and not (phased and teacher_trajectories)):
+            raise ValueError(f"gan_weight must be >= 0, and > 0 needs phased=True and teacher_trajectories > 0 (its "
+                             f"real samples are the teacher's points at phase ends); got gan_weight={gan_weight}, "
+                             f"phased={phased}, teacher_trajectories={teacher_trajectories}")
         if reward is not None and not isinstance(reward, RewardModel):
             raise TypeError(f"reward must be a reward_zoo RewardModel or None, got {type(reward).__name__}")
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "reward"])
@@ -384,6 +446,32 @@ class ConsistencyDistillation(AlignmentModule):
         else:
             self.roles = None
             self.ema_denoiser = copy.deepcopy(self.backbone.denoiser).requires_grad_(False).eval()
+        self._trajectories: TrajectoryPoints | None = None
+        self.gan_head: GANHead | None = None
+        self._capture, self._features = False, None
+        if gan_weight > 0:  # a head on the frozen teacher's last-block features
+            teacher = self.backbone.denoiser if self.roles is not None else self._reference_denoiser
+            blocks = [m for m in teacher.modules() if isinstance(m, self.backbone.block_classes)]
+            if not blocks:
+                raise ValueError(f"no transformer block of {self.backbone.block_classes} in the teacher to read "
+                                 "features from")
+            blocks[-1].register_forward_hook(self._feature_hook)
+            self.gan_head = GANHead(feature_width(self.backbone.denoiser), gan_hidden_dim)
+        # the grid index of each point's target end: its phase end (phased) or the schedule's end
+        self._end_index = torch.full((num_timesteps,), num_timesteps, dtype=torch.long)
+        self._phase_starts: list[int] = []  # grid indices where the student's phases start (phased, on the grid)
+        if phased:
+            grid, student = self.schedule(), self.student_sigmas()
+            on_grid = [int(torch.isclose(grid, s, atol=1e-6).nonzero()[0]) if torch.isclose(grid, s, atol=1e-6).any()
+                       else None for s in student]
+            if teacher_trajectories and None in on_grid:
+                raise ValueError(f"teacher trajectories of a phased student need its sigmas {student.tolist()} on the "
+                                 f"{num_timesteps}-point schedule; choose num_timesteps a multiple of "
+                                 f"num_inference_steps={num_inference_steps}")
+            if None not in on_grid:
+                for start, end in zip(on_grid[:-1], on_grid[1:]):
+                    self._end_index[start:end] = end
+                self._phase_starts = on_grid[:-1]
 
     @override
     def train(self, mode: bool = True):
@@ -440,6 +528,39 @@ class ConsistencyDistillation(AlignmentModule):
                 return guided_velocity(self.backbone, x, sigma, cond, uncond, g)
         return guided_velocity(self.backbone, x, sigma, cond, uncond, g, denoiser=self._reference_denoiser)
 
+    def _feature_hook(self, module: nn.Module, inputs, output) -> None:
+        if self._capture:
+            self._features = output[0] if isinstance(output, (tuple, list)) else output
+
+    def teacher_features(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+        """The frozen teacher's last-block features at ``(x, sigma)`` (``[B, tokens, dim]``), differentiable in
+        ``x``."""
+        self._capture, self._features = True, None
+        try:
+            if self.roles is not None:
+                with self.roles.use(None):
+                    self.backbone.predict_velocity(x, sigma, cond)
+            else:
+                self.backbone.predict_velocity(x, sigma, cond, denoiser=self._reference_denoiser)
+        finally:
+            self._capture = False
+        features, self._features = self._features, None
+        if features is None:
+            raise RuntimeError("the feature hook did not fire during the teacher's forward pass")
+        return features
+
+    def adversarial_losses(self, real: Tensor, fake: Tensor, sigma: Tensor, cond: Conditioning
+                           ) -> tuple[Tensor, Tensor]:
+        """``(classifier loss, student loss)`` of teacher points ``real`` against the student's ``fake`` ones at
+        ``sigma``: the head learns from the first only, the student (through the frozen teacher) from the second."""
+        with torch.no_grad():
+            f_real = self.teacher_features(real, sigma, cond)
+        f_fake = self.teacher_features(fake, sigma, cond)
+        d_loss = gan_discriminator_loss(self.gan_head(f_real), self.gan_head(f_fake.detach()))
+        frozen = {k: v.detach() for k, v in self.gan_head.named_parameters()}
+        g_loss = gan_generator_loss(torch.func.functional_call(self.gan_head, frozen, (f_fake,)))
+        return d_loss, g_loss
+
     # -- training -----------------------------------------------------------------------------------------------------
     def schedule(self) -> Tensor:
         """The discretised schedule ``sigma_0 = 1 > ... > sigma_N = 0``."""
@@ -463,33 +584,107 @@ class ConsistencyDistillation(AlignmentModule):
             return euler_sample(lambda x, s: self.ema_velocity(x, s, cond), noise, sigmas)
         return multistep_sample(lambda x, s: self.ema_x0(x, s, cond), noise, sigmas)
 
+    @torch.no_grad()
+    def teacher_trajectory_points(self, prompts: list[str]) -> TrajectoryPoints:
+        """Teacher ODE trajectories from fresh noise on the schedule (with the teacher's guidance), cut into
+        ``points_per_trajectory`` pairs each: the state at a random grid index ``n`` and the teacher's own solution
+        ``k`` grid steps on (or at the phase end when nearer). With ``on_policy`` each phase starts from the student's
+        own step instead (the teacher's state at the phase end is still the pair's target)."""
+        hp = self.hparams
+        cond = self.backbone.encode_prompts(prompts)
+        uncond = (self.backbone.encode_prompts([hp.negative_prompt] * len(prompts))
+                  if hp.teacher_guidance_scale != 1.0 else None)
+        grid = self.schedule().tolist()
+        b, p, big_n = len(prompts), hp.points_per_trajectory, hp.num_timesteps
+        n = torch.randint(0, big_n, (b, p))  # (b, p)
+        n_next = torch.minimum(n + hp.skip_steps, self._end_index[n])  # (b, p)
+        shape = self.backbone.latent_shape(hp.num_frames, hp.height, hp.width)
+        x = torch.randn((b, *shape), device=self.device)
+        xs, xs_next = torch.empty((b, p, *shape)), torch.empty((b, p, *shape))  # (b, p, c, t, h, w)
+        starts = set(self._phase_starts) if hp.on_policy else set()
+        landing = None  # where the student's step from the current phase start lands
+        for i in range(big_n + 1):
+            rows, cols = (n_next == i).nonzero(as_tuple=True)
+            xs_next[rows, cols] = x[rows].cpu()  # the teacher's point
+            if i in starts:
+                if landing is not None:
+                    x = landing
+                s = torch.full((b,), grid[i], device=self.device)
+                v = guided_velocity(self.backbone, x, s, cond, uncond, hp.guidance_scale)  # the student's sampler
+                landing = euler_step(x, v, grid[i], grid[int(self._end_index[i])])
+            rows, cols = (n == i).nonzero(as_tuple=True)
+            xs[rows, cols] = x[rows].cpu()
+            if i >= int(n_next.max()):
+                break
+            s = torch.full((b,), grid[i], device=self.device)
+            x = euler_step(x, self.teacher_velocity(x, s, cond, uncond), grid[i], grid[i + 1])
+        return TrajectoryPoints(xs.flatten(0, 1), xs_next.flatten(0, 1), n.flatten(), n_next.flatten(),
+                                [q for q in prompts for _ in range(p)])
+
+    def trajectory_batch(self, prompts: list[str]) -> TrajectoryPoints:
+        """``len(prompts)`` random cached pairs, after growing the cache with this batch's prompts until it holds
+        ``teacher_trajectories`` trajectories (and, every ``trajectory_every`` steps after that, replacing the oldest
+        with new ones)."""
+        hp = self.hparams
+        p = hp.points_per_trajectory
+        have = 0 if self._trajectories is None else len(self._trajectories) // p
+        full = have >= hp.teacher_trajectories
+        refresh = full and hp.trajectory_every > 0 and self.global_step % hp.trajectory_every == 0
+        if not full or refresh:
+            new = self.teacher_trajectory_points(prompts if refresh else prompts[:hp.teacher_trajectories - have])
+            cache = new if self._trajectories is None else self._trajectories.cat(new)
+            keep = slice(max(len(cache) - hp.teacher_trajectories * p, 0), None)  # the newest
+            self._trajectories = TrajectoryPoints(cache.x[keep], cache.x_next[keep], cache.n[keep], cache.n_next[keep],
+                                                  cache.prompts[keep])
+        cache = self._trajectories
+        idx = torch.randperm(len(cache))[:len(prompts)]
+        return TrajectoryPoints(cache.x[idx], cache.x_next[idx], cache.n[idx], cache.n_next[idx],
+                                [cache.prompts[i] for i in idx.tolist()])
+
     def loss(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         """Consistency-distillation loss of one batch and statistics to log."""
         hp = self.hparams
         prompts = list(batch["prompt"])
-        cond = self.backbone.encode_prompts(prompts)
-        uncond = (self.backbone.encode_prompts([hp.negative_prompt] * len(prompts))
-                  if hp.teacher_guidance_scale != 1.0 else None)
-        with torch.no_grad():
-            x0 = self.clean_latents(batch, cond)  # (b, c, t, h, w)
-        if x0.shape[0] != len(prompts):
-            raise ValueError(f"batch has {len(prompts)} prompts for {x0.shape[0]} videos")
         grid = self.schedule().to(self.device)
-        n = torch.randint(0, hp.num_timesteps - hp.skip_steps + 1, (len(prompts),), device=self.device)
-        sigma, sigma_next = grid[n], grid[n + hp.skip_steps]  # (b,), (b,)
-        noise = torch.randn_like(x0)
-        x_t = add_noise(x0, noise, sigma)
+        end_index = self._end_index.to(self.device)
+        if hp.teacher_trajectories:  # the teacher's k-step solution comes from the cache
+            pts = self.trajectory_batch(prompts)
+            cond = self.backbone.encode_prompts(pts.prompts)
+            x_t, x_next = pts.x.to(self.device), pts.x_next.to(self.device)
+            n, n_next = pts.n.to(self.device), pts.n_next.to(self.device)
+        else:
+            cond = self.backbone.encode_prompts(prompts)
+            uncond = (self.backbone.encode_prompts([hp.negative_prompt] * len(prompts))
+                      if hp.teacher_guidance_scale != 1.0 else None)
+            with torch.no_grad():
+                x0 = self.clean_latents(batch, cond)  # (b, c, t, h, w)
+            if x0.shape[0] != len(prompts):
+                raise ValueError(f"batch has {len(prompts)} prompts for {x0.shape[0]} videos")
+            n = torch.randint(0, hp.num_timesteps - hp.skip_steps + 1, (len(prompts),), device=self.device)
+            n_next = n + hp.skip_steps
+            x_t = add_noise(x0, torch.randn_like(x0), grid[n])
+        sigma, sigma_next = grid[n], grid[n_next]  # (b,), (b,)
         end = None
         if hp.phased:  # the teacher's step stops at the phase end, where the target is the point itself
             end = phase_ends(sigma, self.student_sigmas().to(self.device))  # (b,)
             sigma_next = torch.maximum(sigma_next, end)
         with torch.no_grad():
-            v_teacher = self.teacher_velocity(x_t, sigma, cond, uncond)
-            x_next = euler_step(x_t, v_teacher, sigma, sigma_next)
-            target = self._consistency_output(self.ema_velocity(x_next, sigma_next, cond), x_next, sigma_next, end)
+            if not hp.teacher_trajectories:
+                x_next = euler_step(x_t, self.teacher_velocity(x_t, sigma, cond, uncond), sigma, sigma_next)
+            at_end = (n_next >= end_index[n]) if end is None else (sigma_next <= end)  # (b,) target is x_next itself
+            target = x_next
+            if not bool(at_end.all()):
+                ema = self._consistency_output(self.ema_velocity(x_next, sigma_next, cond), x_next, sigma_next, end)
+                target = torch.where(at_end.view(-1, *[1] * (x_next.ndim - 1)), x_next, ema)
         pred = self._consistency_output(self.backbone.predict_velocity(x_t, sigma, cond), x_t, sigma, end)
         loss = consistency_loss(pred, target, hp.loss_type, hp.huber_c)
-        return loss, {"target_distance": (pred.detach() - target).pow(2).mean(), "sigma": sigma.mean()}
+        stats = {"target_distance": (pred.detach() - target).pow(2).mean(), "sigma": sigma.mean()}
+        rows = at_end.nonzero().flatten()  # the teacher's own phase-end points are the real samples
+        if self.gan_head is not None and len(rows):
+            d_loss, g_loss = self.adversarial_losses(x_next[rows], pred[rows], sigma_next[rows], cond.index(rows))
+            loss = loss + d_loss + hp.gan_weight * g_loss
+            stats.update(gan_classifier=d_loss.detach(), gan_student=g_loss.detach())
+        return loss, stats
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -509,10 +704,29 @@ class ConsistencyDistillation(AlignmentModule):
             ema_update(self.ema_parameters(), self.student_parameters(), self.hparams.ema_decay)
 
     @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        t = self._trajectories
+        checkpoint["consistency_trajectories"] = None if t is None else {
+            "x": t.x, "x_next": t.x_next, "n": t.n, "n_next": t.n_next, "prompts": list(t.prompts)}
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        t = checkpoint.get("consistency_trajectories")
+        self._trajectories = None if t is None else TrajectoryPoints(t["x"], t["x_next"], t["n"], t["n_next"],
+                                                                     list(t["prompts"]))
+
+    @override
     def configure_optimizers(self):
         params = [p for p in self.student_parameters() if p.requires_grad]
         if not params:
             raise RuntimeError("no trainable parameters: every weight of the student is frozen")
+        if self.gan_head is not None:
+            head = {"params": list(self.gan_head.parameters())}
+            if self.hparams.gan_lr is not None:
+                head["lr"] = self.hparams.gan_lr
+            params = [{"params": params}, head]
         optimizer = self.optimizer_fn(params)
         if self.lr_scheduler_fn is None:
             return optimizer

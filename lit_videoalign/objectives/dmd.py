@@ -44,6 +44,7 @@ from lit_videoalign.objectives.consistency import (
     multistep_sample,
     next_sample,
 )
+from lit_videoalign.objectives.gan import GANHead, feature_width, gan_discriminator_loss, gan_generator_loss
 from lit_videoalign.objectives.sft import flow_matching_loss
 from lit_videoalign.schedules.flow import (
     SIGMA_MODES,
@@ -83,36 +84,7 @@ def dmd_generator_loss(x0_student: Tensor, x0_real: Tensor, x0_fake: Tensor, eps
     return 0.5 * F.mse_loss(x, (x - grad).detach())
 
 
-def gan_generator_loss(logits_fake: Tensor) -> Tensor:
-    """Non-saturating GAN loss of the generator: ``mean(softplus(-D(fake)))``."""
-    return F.softplus(-logits_fake.float()).mean()
-
-
-def gan_discriminator_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
-    """Logistic GAN loss of the classifier: ``mean(softplus(-D(real))) + mean(softplus(D(fake)))``."""
-    return F.softplus(-logits_real.float()).mean() + F.softplus(logits_fake.float()).mean()
-
-
 # -- the module --------------------------------------------------------------------------------------------------------
-class GANHead(nn.Module):
-    """DMD2's classifier on the critic's features: a per-token MLP whose logits are averaged over tokens.
-
-    Args:
-        dim: width of the features (the transformer's hidden size).
-        hidden: width of the MLP.
-    """
-
-    def __init__(self, dim: int, hidden: int = 256) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
-
-    def forward(self, features: Tensor) -> Tensor:
-        """``[B, N, D]`` token features -> ``[B]`` logits."""
-        if features.ndim != 3:
-            raise ValueError(f"GAN features must be [B, tokens, dim], got shape {tuple(features.shape)}")
-        return self.net(features.float()).squeeze(-1).mean(1)
-
-
 @dataclass
 class ODEPairs:
     """Teacher ODE trajectories for the regression warm-up, kept on CPU."""
@@ -246,7 +218,7 @@ class DMD(AlignmentModule):
         self._capture, self._features = False, None
         if gan_weight > 0:
             critic_module = self.critic if self.critic is not None else self.backbone.denoiser
-            self.gan_head = GANHead(gan_feature_dim or self._feature_dim(), gan_hidden_dim)
+            self.gan_head = GANHead(gan_feature_dim or feature_width(self.backbone.denoiser), gan_hidden_dim)
             blocks = [m for m in critic_module.modules() if isinstance(m, self.backbone.block_classes)]
             if not blocks:
                 raise ValueError(f"no transformer block of {self.backbone.block_classes} in the critic to read GAN "
@@ -254,14 +226,6 @@ class DMD(AlignmentModule):
             blocks[-1].register_forward_hook(self._feature_hook)
         self.generator_updates = 0
         self._pairs: ODEPairs | None = None
-
-    def _feature_dim(self) -> int:
-        config = getattr(self.backbone.denoiser, "config", {})
-        heads, head_dim = config.get("num_attention_heads"), config.get("attention_head_dim")
-        if heads is None or head_dim is None:
-            raise ValueError("cannot read the critic's feature width from the denoiser config (num_attention_heads x "
-                             "attention_head_dim); set gan_feature_dim")
-        return int(heads) * int(head_dim)
 
     def _feature_hook(self, module: nn.Module, inputs, output) -> None:
         if self._capture:
