@@ -27,8 +27,8 @@ differs).
 Adversarial term (``gan_weight > 0``; PCM's adversarial consistency loss, in DMD2's form): a small head on the
 frozen teacher's last-block features learns to tell the teacher's own points at a phase end (from
 ``teacher_trajectories``) from the student's predictions of them, and the student is pushed (through the frozen
-teacher) towards the teacher's distribution. A regression target is matched on average, which at 4 steps blurs what
-the target decides late; the classifier rewards being on the teacher's distribution instead.
+teacher) towards the teacher's distribution: a regression target is matched on average, the classifier rewards being
+on the teacher's distribution.
 
 Training points come from the batch's videos when it has them (LCM's setting) or, for prompt-only data, from the EMA
 student's own few-step samples re-noised to ``sigma_n``. With ``teacher_trajectories`` they are instead points of
@@ -367,7 +367,7 @@ class ConsistencyDistillation(AlignmentModule):
             training steps (0: the cache is made once).
         on_policy: each phase of a cached trajectory starts where the *student's* own step from the previous phase
             start landed, and the teacher solves the phase from there (DAgger: the teacher corrects the student on
-            the inputs its sampler meets, so 4-step errors stop compounding); needs ``phased``.
+            the inputs its sampler meets rather than only on the teacher's own); needs ``phased``.
         gan_weight: weight of the adversarial term (0: off); needs ``phased`` and ``teacher_trajectories``.
         gan_hidden_dim: width of the classifier head's MLP.
         gan_lr: learning rate of the classifier head (None: the optimizer's own).
@@ -593,7 +593,7 @@ class ConsistencyDistillation(AlignmentModule):
         hp = self.hparams
         cond = self.backbone.encode_prompts(prompts)
         uncond = (self.backbone.encode_prompts([hp.negative_prompt] * len(prompts))
-                  if hp.teacher_guidance_scale != 1.0 else None)
+                  if hp.teacher_guidance_scale != 1.0 or hp.guidance_scale != 1.0 else None)
         grid = self.schedule().tolist()
         b, p, big_n = len(prompts), hp.points_per_trajectory, hp.num_timesteps
         n = torch.randint(0, big_n, (b, p))  # (b, p)
