@@ -51,7 +51,13 @@ from typing_extensions import override
 
 from lit_videoalign.backbones.base import Conditioning
 from lit_videoalign.objectives.base import AlignmentModule
-from lit_videoalign.objectives.gan import GANHead, feature_width, gan_discriminator_loss, gan_generator_loss
+from lit_videoalign.objectives.gan import (
+    GANHead,
+    LastBlockFeatures,
+    feature_width,
+    gan_discriminator_loss,
+    gan_generator_loss,
+)
 from lit_videoalign.schedules.flow import add_noise, euler_sample, euler_step, sampling_sigmas
 from reward_zoo.base import RewardModel
 
@@ -245,6 +251,11 @@ class TrajectoryPoints:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def subset(self, idx: Tensor | slice) -> TrajectoryPoints:
+        """The pairs at ``idx`` (an index tensor or a slice)."""
+        prompts = self.prompts[idx] if isinstance(idx, slice) else [self.prompts[i] for i in idx.tolist()]
+        return TrajectoryPoints(self.x[idx], self.x_next[idx], self.n[idx], self.n_next[idx], prompts)
 
     def cat(self, other: TrajectoryPoints) -> TrajectoryPoints:
         return TrajectoryPoints(torch.cat([self.x, other.x]), torch.cat([self.x_next, other.x_next]),
@@ -448,22 +459,18 @@ class ConsistencyDistillation(AlignmentModule):
             self.ema_denoiser = copy.deepcopy(self.backbone.denoiser).requires_grad_(False).eval()
         self._trajectories: TrajectoryPoints | None = None
         self.gan_head: GANHead | None = None
-        self._capture, self._features = False, None
+        self._teacher_tap: LastBlockFeatures | None = None
         if gan_weight > 0:  # a head on the frozen teacher's last-block features
             teacher = self.backbone.denoiser if self.roles is not None else self._reference_denoiser
-            blocks = [m for m in teacher.modules() if isinstance(m, self.backbone.block_classes)]
-            if not blocks:
-                raise ValueError(f"no transformer block of {self.backbone.block_classes} in the teacher to read "
-                                 "features from")
-            blocks[-1].register_forward_hook(self._feature_hook)
+            self._teacher_tap = LastBlockFeatures(teacher, self.backbone.block_classes, "teacher")
             self.gan_head = GANHead(feature_width(self.backbone.denoiser), gan_hidden_dim)
         # the grid index of each point's target end: its phase end (phased) or the schedule's end
         self._end_index = torch.full((num_timesteps,), num_timesteps, dtype=torch.long)
         self._phase_starts: list[int] = []  # grid indices where the student's phases start (phased, on the grid)
         if phased:
             grid, student = self.schedule(), self.student_sigmas()
-            on_grid = [int(torch.isclose(grid, s, atol=1e-6).nonzero()[0]) if torch.isclose(grid, s, atol=1e-6).any()
-                       else None for s in student]
+            matches = [torch.isclose(grid, s, atol=1e-6).nonzero().flatten() for s in student]
+            on_grid = [int(m[0]) if len(m) else None for m in matches]
             if teacher_trajectories and None in on_grid:
                 raise ValueError(f"teacher trajectories of a phased student need its sigmas {student.tolist()} on the "
                                  f"{num_timesteps}-point schedule; choose num_timesteps a multiple of "
@@ -528,26 +535,19 @@ class ConsistencyDistillation(AlignmentModule):
                 return guided_velocity(self.backbone, x, sigma, cond, uncond, g)
         return guided_velocity(self.backbone, x, sigma, cond, uncond, g, denoiser=self._reference_denoiser)
 
-    def _feature_hook(self, module: nn.Module, inputs, output) -> None:
-        if self._capture:
-            self._features = output[0] if isinstance(output, (tuple, list)) else output
-
     def teacher_features(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         """The frozen teacher's last-block features at ``(x, sigma)`` (``[B, tokens, dim]``), differentiable in
         ``x``."""
-        self._capture, self._features = True, None
-        try:
+        if self._teacher_tap is None:
+            raise RuntimeError("teacher features need the adversarial head (gan_weight > 0)")
+
+        def forward() -> Tensor:
             if self.roles is not None:
                 with self.roles.use(None):
-                    self.backbone.predict_velocity(x, sigma, cond)
-            else:
-                self.backbone.predict_velocity(x, sigma, cond, denoiser=self._reference_denoiser)
-        finally:
-            self._capture = False
-        features, self._features = self._features, None
-        if features is None:
-            raise RuntimeError("the feature hook did not fire during the teacher's forward pass")
-        return features
+                    return self.backbone.predict_velocity(x, sigma, cond)
+            return self.backbone.predict_velocity(x, sigma, cond, denoiser=self._reference_denoiser)
+
+        return self._teacher_tap.read(forward)[1]
 
     def adversarial_losses(self, real: Tensor, fake: Tensor, sigma: Tensor, cond: Conditioning
                            ) -> tuple[Tensor, Tensor]:
@@ -633,13 +633,8 @@ class ConsistencyDistillation(AlignmentModule):
         if not full or refresh:
             new = self.teacher_trajectory_points(prompts if refresh else prompts[:hp.teacher_trajectories - have])
             cache = new if self._trajectories is None else self._trajectories.cat(new)
-            keep = slice(max(len(cache) - hp.teacher_trajectories * p, 0), None)  # the newest
-            self._trajectories = TrajectoryPoints(cache.x[keep], cache.x_next[keep], cache.n[keep], cache.n_next[keep],
-                                                  cache.prompts[keep])
-        cache = self._trajectories
-        idx = torch.randperm(len(cache))[:len(prompts)]
-        return TrajectoryPoints(cache.x[idx], cache.x_next[idx], cache.n[idx], cache.n_next[idx],
-                                [cache.prompts[i] for i in idx.tolist()])
+            self._trajectories = cache.subset(slice(max(len(cache) - hp.teacher_trajectories * p, 0), None))  # newest
+        return self._trajectories.subset(torch.randperm(len(self._trajectories))[:len(prompts)])
 
     def loss(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         """Consistency-distillation loss of one batch and statistics to log."""
@@ -707,15 +702,13 @@ class ConsistencyDistillation(AlignmentModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         t = self._trajectories
-        checkpoint["consistency_trajectories"] = None if t is None else {
-            "x": t.x, "x_next": t.x_next, "n": t.n, "n_next": t.n_next, "prompts": list(t.prompts)}
+        checkpoint["consistency_trajectories"] = None if t is None else dict(vars(t))
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         t = checkpoint.get("consistency_trajectories")
-        self._trajectories = None if t is None else TrajectoryPoints(t["x"], t["x_next"], t["n"], t["n_next"],
-                                                                     list(t["prompts"]))
+        self._trajectories = None if t is None else TrajectoryPoints(**t)
 
     @override
     def configure_optimizers(self):

@@ -44,7 +44,13 @@ from lit_videoalign.objectives.consistency import (
     multistep_sample,
     next_sample,
 )
-from lit_videoalign.objectives.gan import GANHead, feature_width, gan_discriminator_loss, gan_generator_loss
+from lit_videoalign.objectives.gan import (
+    GANHead,
+    LastBlockFeatures,
+    feature_width,
+    gan_discriminator_loss,
+    gan_generator_loss,
+)
 from lit_videoalign.objectives.sft import flow_matching_loss
 from lit_videoalign.schedules.flow import (
     SIGMA_MODES,
@@ -215,21 +221,13 @@ class DMD(AlignmentModule):
             self.critic = copy.deepcopy(self.backbone.denoiser)
 
         self.gan_head: GANHead | None = None
-        self._capture, self._features = False, None
+        self._critic_tap: LastBlockFeatures | None = None
         if gan_weight > 0:
             critic_module = self.critic if self.critic is not None else self.backbone.denoiser
             self.gan_head = GANHead(gan_feature_dim or feature_width(self.backbone.denoiser), gan_hidden_dim)
-            blocks = [m for m in critic_module.modules() if isinstance(m, self.backbone.block_classes)]
-            if not blocks:
-                raise ValueError(f"no transformer block of {self.backbone.block_classes} in the critic to read GAN "
-                                 "features from")
-            blocks[-1].register_forward_hook(self._feature_hook)
+            self._critic_tap = LastBlockFeatures(critic_module, self.backbone.block_classes, "critic")
         self.generator_updates = 0
         self._pairs: ODEPairs | None = None
-
-    def _feature_hook(self, module: nn.Module, inputs, output) -> None:
-        if self._capture:
-            self._features = output[0] if isinstance(output, (tuple, list)) else output
 
     @override
     def train(self, mode: bool = True):
@@ -276,15 +274,9 @@ class DMD(AlignmentModule):
 
     def critic_features(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor]:
         """The critic's velocity and its last block's features (for the GAN head)."""
-        self._capture, self._features = True, None
-        try:
-            v = self.velocity("critic", x, sigma, cond)
-        finally:
-            self._capture = False
-        features, self._features = self._features, None
-        if features is None:
-            raise RuntimeError("the GAN feature hook did not fire during the critic's forward pass")
-        return v, features
+        if self._critic_tap is None:
+            raise RuntimeError("critic features need the GAN head (gan_weight > 0)")
+        return self._critic_tap.read(lambda: self.velocity("critic", x, sigma, cond))
 
     # -- the student's sampler --------------------------------------------------------------------------------------
     def student_grid(self, num_steps: int | None = None) -> Tensor:

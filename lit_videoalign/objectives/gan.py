@@ -6,6 +6,9 @@ with the logistic (non-saturating) GAN losses. DMD2 puts it on its trained criti
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -49,3 +52,36 @@ class GANHead(nn.Module):
         if features.ndim != 3:
             raise ValueError(f"GAN features must be [B, tokens, dim], got shape {tuple(features.shape)}")
         return self.net(features.float()).squeeze(-1).mean(1)
+
+
+class LastBlockFeatures:
+    """Reads a transformer's last block output (``[B, tokens, dim]``) during the forward passes it is asked to.
+
+    Args:
+        model: the transformer to tap.
+        block_classes: its block classes (the backbone's ``block_classes``).
+        role: what the model is, for the error message.
+    """
+
+    def __init__(self, model: nn.Module, block_classes: tuple[type, ...], role: str = "model") -> None:
+        blocks = [m for m in model.modules() if isinstance(m, block_classes)]
+        if not blocks:
+            raise ValueError(f"no transformer block of {block_classes} in the {role} to read features from")
+        self._capture, self._features = False, None
+        blocks[-1].register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs, output) -> None:
+        if self._capture:
+            self._features = output[0] if isinstance(output, (tuple, list)) else output
+
+    def read(self, forward: Callable[[], Any]) -> tuple[Any, Tensor]:
+        """Run ``forward()`` and return its result with the last block's output during it."""
+        self._capture, self._features = True, None
+        try:
+            result = forward()
+        finally:
+            self._capture = False
+        features, self._features = self._features, None
+        if features is None:
+            raise RuntimeError("the feature hook did not fire during the forward pass")
+        return result, features
