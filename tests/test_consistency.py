@@ -352,3 +352,87 @@ def test_on_policy_trajectories_start_each_phase_where_the_student_landed(tiny_p
     assert len(model._trajectories) == 16 and not torch.equal(model._trajectories.x, pts.x)
     with pytest.raises(ValueError, match="on_policy"):
         make_cd(tiny_pixel_pipeline, on_policy=True, teacher_trajectories=2)  # not phased
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_score_regulariser_trains_student_and_critic_never_the_teacher(tiny_pixel_pipeline, lora):
+    """rCM's regulariser: DMD's loss reaches only the student, the critic's flow matching only the critic; a few
+    Trainer steps move both (under LoRA: their two adapters over the untouched base) and stay finite."""
+    torch.manual_seed(0)
+    model = make_cd(tiny_pixel_pipeline, phased=True, num_inference_steps=4, dmd_weight=1.0, critic_lr=1e-2,
+                    lora_rank=4 if lora else None)
+    cond = model.backbone.encode_prompts(["a red ball falls", "a blue ball falls"])
+    uncond = model.backbone.encode_prompts(["", ""])
+    dm, critic, stats = model.score_regularizer(cond, uncond)
+    student, critic_params = model.student_parameters(), model.critic_parameters()
+    assert not set(map(id, student)) & set(map(id, critic_params))
+    assert all(g is None for g in torch.autograd.grad(dm, critic_params, retain_graph=True, allow_unused=True))
+    assert all(g is None for g in torch.autograd.grad(critic, student, retain_graph=True, allow_unused=True))
+    assert sum(g.abs().sum() for g in torch.autograd.grad(dm, student, allow_unused=True) if g is not None) > 0
+    assert stats["fake_real_distance"] > 0  # the guided teacher and the unguided critic disagree from the start
+    base = snapshot(model.backbone.denoiser if lora else model._reference_denoiser)
+    before, critic_before = [p.detach().clone() for p in student], [p.detach().clone() for p in critic_params]
+    trainer(2).fit(model, datamodule=prompts_data())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.student_parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(critic_before, model.critic_parameters()))
+    if lora:
+        assert all(torch.equal(base[n], p) for n, p in model.backbone.denoiser.named_parameters() if "lora_" not in n)
+        flags = {n: p.requires_grad for n, p in model.backbone.denoiser.named_parameters()}
+        assert all(flags[n] == ("lora_" in n and (".default." in n or ".critic." in n)) for n in flags)
+    else:
+        assert all(torch.equal(base[n], p) for n, p in model._reference_denoiser.named_parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_score_regulariser_is_silent_while_the_critic_is_the_teacher(tiny_pixel_pipeline):
+    """Without guidance the critic starts as an exact copy of the teacher, so the fake and real scores agree and the
+    DMD term gives the student no gradient until the critic has learnt the student's samples."""
+    torch.manual_seed(0)
+    model = make_cd(tiny_pixel_pipeline, teacher_guidance_scale=1.0, phased=True, dmd_weight=1.0)
+    cond = model.backbone.encode_prompts(["a red ball falls"])
+    dm, _, stats = model.score_regularizer(cond, None)
+    assert stats["fake_real_distance"] == 0
+    grads = torch.autograd.grad(dm, model.student_parameters(), allow_unused=True)
+    assert all(g is None or g.abs().max() == 0 for g in grads)
+    with pytest.raises(ValueError, match="dmd_weight"):
+        make_cd(tiny_pixel_pipeline, dmd_weight=-1.0)
+
+
+def test_critic_and_teacher_gradients_are_right_under_gradient_checkpointing(tiny_pixel_pipeline):
+    """Under LoRA the critic's (and, for the adversarial term, the teacher's) backward runs once the student's adapter
+    is active again; checkpointed blocks would be recomputed with the student's adapter. Their forwards keep their
+    activations instead, so every gradient equals the one without checkpointing."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        bb = DiffusersVideoBackbone(tiny_pixel_pipeline, max_sequence_length=16, gradient_checkpointing=checkpointing)
+        model = ConsistencyDistillation(bb, lora_rank=4, teacher_guidance_scale=2.0, num_timesteps=8, skip_steps=4,
+                                        phased=True, teacher_trajectories=2, points_per_trajectory=2, gan_weight=0.1,
+                                        dmd_weight=1.0)
+        with torch.no_grad():  # a critic and a student that differ from the teacher (LoRA starts as a no-op)
+            for n, p in model.backbone.denoiser.named_parameters():
+                if "lora_" in n:
+                    p.add_(0.02 * torch.randn_like(p))
+        model.train()
+        loss, _ = model.loss({"prompt": ["a red ball falls", "a blue ball falls"]})
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.backbone.denoiser.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(".critic." in n for n in grads[0])
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4), n
+
+
+def test_each_role_is_clipped_on_its_own_norm(tiny_pixel_pipeline):
+    """Gradient clipping per parameter group: a huge critic gradient does not shrink the student's step."""
+    model = make_cd(tiny_pixel_pipeline, phased=True, dmd_weight=1.0, critic_lr=1e-2)
+    optimizer = model.configure_optimizers()
+    student, critic = model.student_parameters(), model.critic_parameters()
+    assert [len(g["params"]) for g in optimizer.param_groups] == [len(student), len(critic)]
+    assert optimizer.param_groups[1]["lr"] == 1e-2
+    for p in student:
+        p.grad = torch.full_like(p, 1e-4)
+    for p in critic:
+        p.grad = torch.full_like(p, 1e3)
+    model.configure_gradient_clipping(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    assert all(torch.equal(p.grad, torch.full_like(p, 1e-4)) for p in student)  # under its own norm: untouched
+    assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in critic])) <= 1.0 + 1e-4
