@@ -793,9 +793,10 @@ class ConsistencyDistillation(AlignmentModule):
             loss = loss + d_loss + hp.gan_weight * g_loss
             stats.update(gan_classifier=d_loss.detach(), gan_student=g_loss.detach())
         if hp.dmd_weight > 0:  # on the batch's prompts; the critic's loss reaches only the critic
-            cond = self.backbone.encode_prompts(prompts)
-            uncond = (self.backbone.encode_prompts([hp.negative_prompt] * len(prompts))
-                      if hp.teacher_guidance_scale != 1.0 else None)
+            if hp.teacher_trajectories:  # cond above is the cached pairs' prompts; otherwise it is the batch's
+                cond = self.backbone.encode_prompts(prompts)
+                uncond = (self.backbone.encode_prompts([hp.negative_prompt] * len(prompts))
+                          if hp.teacher_guidance_scale != 1.0 else None)
             dm, critic, dm_stats = self.score_regularizer(cond, uncond)
             loss = loss + hp.dmd_weight * dm + critic
             stats.update(dm_stats)
