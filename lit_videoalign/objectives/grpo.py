@@ -6,12 +6,19 @@ reward, and each video's advantage is its reward standardised within its group (
 is updated with PPO's clipped surrogate on the recorded steps, plus an optional KL term to the reference policy,
 which between two Gaussian steps of equal variance is ``||mean - mean_ref||^2 / (2 std^2)``. MixGRPO's sliding
 window (arXiv 2507.21802) and DanceGRPO's shared group noise and best/worst-k selection are options.
+
+Stabilisers, all off by default: GRPO-Guard's ratio normalisation (arXiv 2510.22319), which re-centres and rescales
+each step's log-ratio so that the PPO clip binds evenly across noise levels; per-step weighting of the policy loss by
+the step's noise (TempFlow-GRPO, arXiv 2508.04324) or by ``1/dt`` (GRPO-Guard's gradient reweighting); and a KL
+coefficient that decays or grows over optimizer steps.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -76,6 +83,115 @@ def gaussian_kl(mean: Tensor, mean_ref: Tensor, std: Tensor | float) -> Tensor:
     return sq / (2 * std**2)
 
 
+def _per_sample(std: Tensor | float, n: int, device) -> Tensor:
+    std = torch.as_tensor(std, dtype=torch.float32, device=device)
+    return std.reshape(n, -1)[:, 0] if std.ndim else std.expand(n)  # (b,)
+
+
+def ratio_norm_log_ratio(log_prob: Tensor, old_log_prob: Tensor, mean: Tensor, old_mean: Tensor,
+                         std: Tensor | float) -> Tensor:
+    """GRPO-Guard's RatioNorm (Wang et al., arXiv 2510.22319): the log-ratio a step's clip should act on, per sample.
+
+    A step is ``x' = old_mean + std * eps``. With ``d = mean - old_mean`` (the policy's drift) and log-probs averaged
+    over the ``D`` elements, ``log_prob - old_log_prob = mean(eps * d) / std - mean(d^2) / (2 std^2)``: its mean sits
+    below 0 by the drift term (the ratio is biased below 1, so positive-advantage samples rarely reach ``1 + clip``) and
+    its spread scales like ``1 / std``, which differs by an order of magnitude between noisy and clean steps. RatioNorm
+    adds the drift term back and multiplies by ``std``: ``std * (log_prob - old_log_prob + mean(d^2) / (2 std^2))``,
+    which equals ``mean(eps * d)``, centred at 0 with a spread set by the drift alone, at every step.
+
+    Args:
+        log_prob, old_log_prob: ``Tensor[B]`` element-averaged log-probs of the recorded step (current, rollout).
+        mean, old_mean: the step's Gaussian means under the current and the rollout policy, ``(b, ...)``.
+        std: the step's std ``std_t * sqrt(-dt)``, a float or broadcastable to ``mean`` with one value per sample.
+
+    Returns:
+        ``Tensor[B]`` normalised log-ratios; ``exp`` of it is the ratio to clip.
+    """
+    if mean.shape != old_mean.shape or mean.shape[0] != log_prob.shape[0] or log_prob.shape != old_log_prob.shape:
+        raise ValueError(f"need log_prob, old_log_prob of shape (b,) and mean, old_mean of shape (b, ...) with the "
+                         f"same b; got {tuple(log_prob.shape)}, {tuple(old_log_prob.shape)}, {tuple(mean.shape)}, "
+                         f"{tuple(old_mean.shape)}")
+    drift = (mean.float() - old_mean.float()).pow(2).flatten(1).mean(1)  # (b,)
+    std = _per_sample(std, len(log_prob), mean.device)
+    return std * (log_prob - old_log_prob + drift / (2 * std**2))
+
+
+STEP_WEIGHTINGS = ("uniform", "noise", "inverse_dt")
+KL_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def step_weights(sigmas: Tensor, steps: Sequence[int], mode: str = "uniform", noise_level: float = 0.7) -> Tensor:
+    """Weight of the policy loss of each step in ``steps``, ``Tensor[len(steps)]`` (float32, on CPU).
+
+    - ``"uniform"``: 1 for every step (Flow-GRPO).
+    - ``"noise"``: TempFlow-GRPO's noise-aware weighting (arXiv 2508.04324): proportional to the step's SDE std
+      ``std_t * sqrt(sigma - sigma_next)`` (the ``std`` that ``sde_step_with_logprob`` returns), normalised to mean 1
+      over ``steps``. Noisy early steps, where the layout is decided, weigh more than the clean
+      last steps, whose unweighted log-prob gradients (``~ 1 / std``) would otherwise dominate.
+    - ``"inverse_dt"``: GRPO-Guard's gradient reweighting (arXiv 2510.22319): ``1 / (sigma - sigma_next)``, not
+      normalised. With ``ratio_norm`` the gradient of a step scales like ``dt``; this makes it the same at every step.
+
+    Args:
+        sigmas: ``Tensor[S + 1]`` sampling sigmas, decreasing.
+        steps: indices of the weighted steps (each in ``[0, S)``).
+        mode: one of ``"uniform"``, ``"noise"``, ``"inverse_dt"``.
+        noise_level: the SDE's ``a`` (cancels in ``"noise"``; kept so the std is the rollout's).
+    """
+    if mode not in STEP_WEIGHTINGS:
+        raise ValueError(f"step_weighting must be one of {STEP_WEIGHTINGS}, got {mode!r}")
+    sigmas = sigmas.detach().float().cpu()
+    if sigmas.ndim != 1 or not steps or not all(0 <= k < len(sigmas) - 1 for k in steps):
+        raise ValueError(f"need sigmas of shape (S + 1,) and steps in [0, S); got {tuple(sigmas.shape)} and {steps}")
+    idx = torch.tensor(list(steps))
+    s, s_next = sigmas[idx], sigmas[idx + 1]  # (k,)
+    if mode != "noise":
+        return torch.ones(len(idx)) if mode == "uniform" else 1.0 / (s - s_next)
+    zeros = torch.zeros(len(idx), 1)
+    std = sde_step_with_logprob(zeros, zeros, s, s_next, noise_level=noise_level, prev_sample=zeros)[3].flatten()
+    return std / std.mean()
+
+
+def kl_coefficient(step: int, kl_beta: float, kl_beta_final: float | None = None, schedule: str = "constant",
+                   schedule_steps: int | None = None) -> float:
+    """The KL weight at optimizer step ``step``: ``kl_beta`` moving to ``kl_beta_final`` over ``schedule_steps``.
+
+    With ``p = min(step / schedule_steps, 1)``: ``"constant"`` gives ``kl_beta``; ``"linear"`` gives
+    ``kl_beta + (kl_beta_final - kl_beta) * p``; ``"cosine"`` gives
+    ``kl_beta_final + (kl_beta - kl_beta_final) * (1 + cos(pi * p)) / 2``. After ``schedule_steps`` it stays at
+    ``kl_beta_final``. Either end may be the larger (a decaying or a growing KL).
+    """
+    if schedule not in KL_SCHEDULES:
+        raise ValueError(f"kl_schedule must be one of {KL_SCHEDULES}, got {schedule!r}")
+    if schedule == "constant":
+        return kl_beta
+    if kl_beta_final is None or schedule_steps is None or schedule_steps < 1:
+        raise ValueError(f"kl_schedule={schedule!r} needs kl_beta_final and kl_schedule_steps >= 1, got "
+                         f"kl_beta_final={kl_beta_final}, kl_schedule_steps={schedule_steps}")
+    p = min(max(step, 0) / schedule_steps, 1.0)
+    if schedule == "linear":
+        return kl_beta + (kl_beta_final - kl_beta) * p
+    return kl_beta_final + (kl_beta - kl_beta_final) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def micro_batches_per_update(num_prompts: int, group_size: int, micro_batch_size: int | None,
+                             updates_per_epoch: int) -> int:
+    """Micro-batches each optimizer step of an inner epoch accumulates, for ``num_prompts * group_size`` rollouts.
+
+    Raises a ``ValueError`` naming the values and the fix when the rollouts give fewer micro-batches than
+    ``updates_per_epoch``.
+    """
+    n = num_prompts * group_size
+    mb = micro_batch_size or n
+    chunks = -(-n // mb)
+    if updates_per_epoch > chunks:
+        fix = (f"lower micro_batch_size to at most {n // updates_per_epoch} or updates_per_epoch to at most {chunks}"
+               if n >= updates_per_epoch else f"lower updates_per_epoch to at most {chunks} or raise the batch size")
+        raise ValueError(f"updates_per_epoch={updates_per_epoch} needs at least that many micro-batches; {n} rollouts "
+                         f"({num_prompts} prompts x group_size={group_size}) in micro-batches of "
+                         f"micro_batch_size={mb} give {chunks}: {fix}")
+    return -(-chunks // updates_per_epoch)
+
+
 # -- the module ------------------------------------------------------------------------------------------------------
 @dataclass
 class Rollout:
@@ -91,6 +207,7 @@ class Rollout:
     rewards: dict[str, Tensor]  # per dimension, (n,)
     valid: Tensor  # (n,) bool: the reward was finite
     advantages: Tensor  # (n,)
+    means: dict[int, Tensor] = field(default_factory=dict)  # step -> (n, c, t, h, w) rollout-policy means (ratio_norm)
 
 
 class GRPO(AlignmentModule):
@@ -117,6 +234,19 @@ class GRPO(AlignmentModule):
         clip_range: PPO ratio clip (small, since log-probs are averaged over elements).
         adv_clip_max: advantages are clipped to ``[-adv_clip_max, adv_clip_max]``.
         kl_beta: weight of the KL to the reference policy; 0 skips the reference forward entirely.
+        kl_schedule: ``"constant"`` (``kl_beta`` throughout), ``"linear"`` or ``"cosine"``: the KL weight moves from
+            ``kl_beta`` to ``kl_beta_final`` over the first ``kl_schedule_steps`` optimizer steps, then stays there
+            (:func:`kl_coefficient`). It follows ``trainer.global_step``, so a resumed run continues the schedule.
+        kl_beta_final: the KL weight at the end of the schedule (larger than ``kl_beta`` for a growing KL).
+        kl_schedule_steps: optimizer steps the schedule takes (e.g. ``trainer.max_steps``).
+        ratio_norm: GRPO-Guard's RatioNorm (:func:`ratio_norm_log_ratio`): clip ``exp(std * (log-ratio + drift))``
+            instead of the raw ratio, so the clip binds evenly across steps. The rollout keeps each SDE step's mean
+            (memory of one more latent per step). ``clip_range`` then bounds a latent-space quantity (about
+            ``std`` times the raw log-ratio) and may need retuning.
+        step_weighting: per-step weight of the policy loss (:func:`step_weights`): ``"uniform"`` (Flow-GRPO),
+            ``"noise"`` (TempFlow-GRPO: proportional to the step's SDE std, mean 1 over the rollout's SDE steps) or
+            ``"inverse_dt"`` (GRPO-Guard: ``1 / dt``; with ``ratio_norm`` this is GRPO-Guard as published). The KL
+            term is not weighted.
         per_prompt_stats: standardise with each prompt's running reward history instead of its current group.
         history_size: rewards kept per prompt for ``per_prompt_stats``.
         top_bottom_k: keep only the best and worst k rollouts of each group in the loss (DanceGRPO).
@@ -144,13 +274,19 @@ class GRPO(AlignmentModule):
         clip_range: float = 1e-4,
         adv_clip_max: float = 5.0,
         kl_beta: float = 0.0,
+        kl_schedule: str = "constant",
+        kl_beta_final: float | None = None,
+        kl_schedule_steps: int | None = None,
+        ratio_norm: bool = False,
+        step_weighting: str = "uniform",
         per_prompt_stats: bool = False,
         history_size: int = 32,
         top_bottom_k: int | None = None,
         max_grad_norm: float | None = 1.0,
         **kwargs,
     ) -> None:
-        self.requires_reference = kl_beta > 0  # no reference copy or forward when the KL term is off
+        kl_max = kl_beta if kl_schedule == "constant" or kl_beta_final is None else max(kl_beta, kl_beta_final)
+        self.requires_reference = kl_max > 0  # no reference copy or forward when the KL term is off
         super().__init__(*args, **kwargs)
         if not isinstance(reward, RewardModel):
             raise TypeError(f"reward must be a reward_zoo RewardModel, got {type(reward).__name__}")
@@ -162,8 +298,20 @@ class GRPO(AlignmentModule):
             raise ValueError(f"sde_window must be in [1, num_sampling_steps={num_sampling_steps}], got {sde_window}")
         if top_bottom_k is not None and not 1 <= 2 * top_bottom_k <= group_size:
             raise ValueError(f"top_bottom_k must satisfy 1 <= 2k <= group_size={group_size}, got {top_bottom_k}")
-        if updates_per_epoch < 1:
-            raise ValueError(f"updates_per_epoch must be at least 1, got {updates_per_epoch}")
+        if updates_per_epoch < 1 or inner_epochs < 1 or window_shift_every < 1:
+            raise ValueError(f"updates_per_epoch, inner_epochs and window_shift_every must be at least 1, got "
+                             f"{updates_per_epoch}, {inner_epochs}, {window_shift_every}")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be at least 1 (None: the whole batch), got {micro_batch_size}")
+        if micro_batch_size is None and updates_per_epoch > 1:
+            raise ValueError(f"updates_per_epoch={updates_per_epoch} needs micro_batch_size: without it an inner epoch "
+                             f"is one micro-batch, so one optimizer step; set micro_batch_size to at most "
+                             f"batch_size * group_size / {updates_per_epoch}")
+        if step_weighting not in STEP_WEIGHTINGS:
+            raise ValueError(f"step_weighting must be one of {STEP_WEIGHTINGS}, got {step_weighting!r}")
+        if kl_beta_final is not None and kl_beta_final < 0:
+            raise ValueError(f"kl_beta_final must be >= 0, got {kl_beta_final}")
+        kl_coefficient(0, kl_beta, kl_beta_final, kl_schedule, kl_schedule_steps)  # names a bad schedule now
         if kl_beta < 0 or clip_range <= 0 or noise_level <= 0:
             raise ValueError(f"need kl_beta >= 0, clip_range > 0, noise_level > 0; got {kl_beta}, {clip_range}, "
                              f"{noise_level}")
@@ -178,6 +326,36 @@ class GRPO(AlignmentModule):
         super().train(mode)
         self.reward.eval()  # rewards are judges, never in training mode
         return self
+
+    @override
+    def on_fit_start(self) -> None:
+        """Called at the start of ``fit``, before the sanity check and any rollout: the datamodule's batch size must
+        feed ``updates_per_epoch`` micro-batches."""
+        super().on_fit_start()
+        self.check_batch_arithmetic(getattr(self.trainer.datamodule, "batch_size", None), "the datamodule")
+
+    @override
+    def on_train_start(self) -> None:
+        """Called once the train loader exists, before the first rollout: the same check on the loader's batch size
+        (for loaders passed to ``fit`` directly)."""
+        super().on_train_start()
+        self.check_batch_arithmetic(getattr(self.trainer.train_dataloader, "batch_size", None), "the train loader")
+
+    def check_batch_arithmetic(self, batch_size: int | None, source: str) -> None:
+        """Raise if ``batch_size`` prompts cannot give ``updates_per_epoch`` optimizer steps; None skips the check."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            return
+        hp = self.hparams
+        try:
+            per_update = micro_batches_per_update(batch_size, hp.group_size, hp.micro_batch_size, hp.updates_per_epoch)
+        except ValueError as err:
+            raise ValueError(f"{err} (batch_size={batch_size} from {source}, before the first rollout)") from None
+        n = batch_size * hp.group_size
+        chunks = -(-n // (hp.micro_batch_size or n))
+        if (steps := -(-chunks // per_update)) != hp.updates_per_epoch:
+            rank_zero_warn(f"GRPO: {chunks} micro-batches per inner epoch in groups of {per_update} give {steps} "
+                           f"optimizer steps, not updates_per_epoch={hp.updates_per_epoch}; choose micro_batch_size so "
+                           f"that batch_size * group_size = {n} splits evenly")
 
     # -- rollouts -----------------------------------------------------------------------------------------------
     @property
@@ -212,14 +390,16 @@ class GRPO(AlignmentModule):
             steps = self.sde_steps()
             uncond = self._uncond(len(group_prompts))
             velocity = self.guided_velocity_fn(cond, self.rollout_guidance, uncond)
-            x, latents = noise, [noise]
+            x, latents, means = noise, [noise], {}
             log_probs = torch.zeros(len(group_prompts), hp.num_sampling_steps, device=self.device)
             for i in range(hp.num_sampling_steps):
                 s, s_next = sigmas[i].expand(len(x)), sigmas[i + 1].expand(len(x))
                 v = velocity(x, s)
                 if i in steps:
-                    x, log_probs[:, i], _, _ = sde_step_with_logprob(x, v, s, s_next, noise_level=hp.noise_level,
-                                                                     generator=generator)
+                    x, log_probs[:, i], mean, _ = sde_step_with_logprob(x, v, s, s_next, noise_level=hp.noise_level,
+                                                                        generator=generator)
+                    if hp.ratio_norm:
+                        means[i] = mean
                 else:
                     x = euler_step(x, v, s, s_next)
                 latents.append(x)
@@ -229,7 +409,7 @@ class GRPO(AlignmentModule):
         finally:
             self.train(was_training)
         return Rollout(torch.stack(latents, dim=1), log_probs, sigmas, steps, cond, uncond, group_prompts, rewards,
-                       valid, advantages)
+                       valid, advantages, means)
 
     def score(self, videos: Tensor, prompts: list[str]) -> tuple[dict[str, Tensor], Tensor]:
         """Reward every video; samples whose reward is NaN, or all samples if the reward raises, are masked out."""
@@ -316,34 +496,43 @@ class GRPO(AlignmentModule):
         if not bool(rollout.valid.any()):
             self.skip_nonfinite_step("reward")  # nothing to learn from; weights untouched, and counted
             return last_loss
+        weights = None  # step -> weight of its policy loss
+        if hp.step_weighting != "uniform":
+            w = step_weights(rollout.sigmas, rollout.sde_steps, hp.step_weighting, hp.noise_level).tolist()
+            weights = dict(zip(rollout.sde_steps, w))
         for epoch in range(hp.inner_epochs):
             n_train = max(1, round(hp.train_fraction * len(rollout.sde_steps)))
             pick = torch.randperm(len(rollout.sde_steps))[:n_train].tolist()
             steps = sorted(rollout.sde_steps[i] for i in pick)
             order = torch.randperm(n, device=self.device)
             chunks = [order[i:i + mb] for i in range(0, n, mb)]
-            if hp.updates_per_epoch > len(chunks):
-                raise ValueError(f"updates_per_epoch={hp.updates_per_epoch} needs at least that many micro-batches; "
-                                 f"{n} samples in micro-batches of {mb} give {len(chunks)} (lower micro_batch_size)")
-            per_update = -(-len(chunks) // hp.updates_per_epoch)
+            per_update = micro_batches_per_update(len(prompts), hp.group_size, hp.micro_batch_size,
+                                                  hp.updates_per_epoch)  # a short last batch may still fail here
             stats = {"ratio": [], "clipfrac": [], "kl": [], "approx_kl": [], "policy": []}
             for u in range(0, len(chunks), per_update):
                 group = chunks[u:u + per_update]
                 n_group = sum(len(idx) for idx in group)
+                kl_beta = kl_coefficient(self.global_step, hp.kl_beta, hp.kl_beta_final, hp.kl_schedule,
+                                         hp.kl_schedule_steps)
                 opt.zero_grad()
                 for idx in group:
                     adv = rollout.advantages[idx]
                     for step in steps:
                         log_prob, mean, std = self.step_log_prob(rollout, idx, step)
                         old = rollout.log_probs[idx, step]
-                        policy = grpo_policy_loss(log_prob, old, adv, hp.clip_range)
-                        loss = policy
-                        if hp.kl_beta > 0:
+                        if hp.ratio_norm:
+                            log_ratio = ratio_norm_log_ratio(log_prob, old, mean, rollout.means[step][idx], std)
+                            policy = grpo_policy_loss(log_ratio, torch.zeros_like(log_ratio), adv, hp.clip_range)
+                        else:
+                            log_ratio = log_prob - old
+                            policy = grpo_policy_loss(log_prob, old, adv, hp.clip_range)
+                        loss = policy if weights is None else weights[step] * policy
+                        if kl_beta > 0:
                             kl = gaussian_kl(mean, self.reference_mean(rollout, idx, step), std).mean()
-                            loss = loss + hp.kl_beta * kl
+                            loss = loss + kl_beta * kl
                             stats["kl"].append(kl.detach())
                         self.manual_backward(loss * len(idx) / n_group / len(steps))
-                        ratio = torch.exp(log_prob.detach() - old)
+                        ratio = torch.exp(log_ratio.detach())  # the ratio the clip acts on
                         if epoch == 0 and u == 0:  # on-policy check: nothing has moved yet, so the ratio must be 1
                             first_dev = max(first_dev, (ratio - 1).abs().max().item())
                         stats["ratio"].append(ratio)
@@ -364,6 +553,8 @@ class GRPO(AlignmentModule):
                            "train/policy_loss": torch.stack(stats["policy"]).mean()}, batch_size=n)
             if stats["kl"]:
                 self.log("train/kl", torch.stack(stats["kl"]).mean(), batch_size=n)
+            if hp.kl_schedule != "constant":
+                self.log("train/kl_beta", kl_beta, batch_size=n)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
