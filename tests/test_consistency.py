@@ -17,6 +17,7 @@ from lit_videoalign.objectives.consistency import (
     next_sample,
     phase_ends,
 )
+from lit_videoalign.schedules.samplers import seeded_noise
 
 
 def make_cd(path, **kwargs):
@@ -231,6 +232,18 @@ def test_generate_is_few_step_and_seeded(tiny_pixel_pipeline):
     b = model.generate(["a red ball falls", "a blue ball falls"], seeds=[1, 3])
     assert len(calls) == 3 and a.shape == (2, 16, 3, 32, 32)
     assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+
+
+def test_generate_goes_through_sample_latents_with_each_seeds_draws(tiny_pixel_pipeline):
+    model = make_cd(tiny_pixel_pipeline, num_inference_steps=3, parameterization="lcm", guidance_scale=1.5).eval()
+    prompts = ["a red ball falls", "a blue ball falls"]
+    hp = model.hparams
+    noise, generators = seeded_noise(model.backbone.latent_shape(hp.num_frames, hp.height, hp.width), [1, 2])
+    with torch.no_grad():
+        latents = model.sample_latents(noise, model.backbone.encode_prompts(prompts), generator=generators)
+    assert torch.equal(latents, model.generate(prompts, seeds=[1, 2], return_latents=True))
+    alone = model.generate(prompts[1:], seeds=[2], return_latents=True)
+    assert torch.allclose(alone[0], latents[1], atol=1e-5)  # a video's re-noising draws come from its own seed
 
 
 def test_bad_arguments_are_named(tiny_pixel_pipeline):

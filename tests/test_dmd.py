@@ -9,6 +9,7 @@ from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
 from lit_videoalign.cli import load_weights
 from lit_videoalign.data.toyworld import ToyWorldDataModule
 from lit_videoalign.objectives.dmd import DMD, dmd_generator_loss, gan_discriminator_loss, gan_generator_loss
+from lit_videoalign.schedules.samplers import seeded_noise
 
 
 def make_dmd(path, **kwargs):
@@ -238,6 +239,18 @@ def test_generate_takes_the_student_steps_and_is_seeded(tiny_pixel_pipeline):
     for h in handles:
         h.remove()
     assert model.student_grid().tolist() == pytest.approx([1.0, 0.8, 0.5, 0.2, 0.0])
+
+
+def test_generate_goes_through_sample_latents_with_each_seeds_draws(tiny_pixel_pipeline):
+    model = make_dmd(tiny_pixel_pipeline, student_sigmas=[1.0, 0.8, 0.5, 0.2], guidance_scale=1.5).eval()
+    prompts = ["a red ball falls", "a blue ball falls"]
+    hp = model.hparams
+    noise, generators = seeded_noise(model.backbone.latent_shape(hp.num_frames, hp.height, hp.width), [1, 2])
+    with torch.no_grad():
+        latents = model.sample_latents(noise, model.backbone.encode_prompts(prompts), generator=generators)
+    assert torch.equal(latents, model.generate(prompts, seeds=[1, 2], return_latents=True))
+    alone = model.generate(prompts[1:], seeds=[2], return_latents=True)
+    assert torch.allclose(alone[0], latents[1], atol=1e-5)  # a video's re-noising draws come from its own seed
 
 
 def test_checkpoint_loads_for_generation(tiny_pixel_pipeline, tmp_path):

@@ -14,14 +14,16 @@ from lit_videoalign.inference import (
     reward_guided_sample,
     sample_from_noise,
 )
+from lit_videoalign.inference.base import seeded_candidates
 from lit_videoalign.inference.noise_search import perturb_noise
 from lit_videoalign.inference.reward_guidance import guided_steps, normalize_per_sample, predicted_x0
+from lit_videoalign.objectives.dmd import DMD
 from lit_videoalign.objectives.sft import SFT
 from lit_videoalign.testing import Brightness
 from reward_zoo.composite import CompositeReward
 
 PROMPTS = ["a red ball falls", "a blue ball moves left"]
-
+STUDENT_SIGMAS = [1.0, 0.8, 0.4]  # off the 3-step Euler grid (1, 2/3, 1/3), so the sigmas show whose sampler ran
 
 
 class Judge(Brightness):
@@ -35,6 +37,27 @@ def model(tiny_pixel_pipeline):
     torch.manual_seed(0)
     bb = DiffusersVideoBackbone(tiny_pixel_pipeline, max_sequence_length=16)
     return SFT(bb, num_inference_steps=3, guidance_scale=2.0)
+
+
+@pytest.fixture(scope="module")
+def student(tiny_pixel_pipeline):
+    torch.manual_seed(0)
+    bb = DiffusersVideoBackbone(tiny_pixel_pipeline, max_sequence_length=16)
+    return DMD(bb, num_inference_steps=3, student_sigmas=STUDENT_SIGMAS)
+
+
+def count_denoiser_calls(monkeypatch, model) -> list[tuple[int, float]]:
+    """Record ``(rows, sigma)`` of every velocity prediction of ``model``'s backbone from now on (samplers call it
+    with one sigma for the whole batch)."""
+    calls, predict = [], model.backbone.predict_velocity
+
+    def counting(x, sigma, cond, **kwargs):
+        (s,) = set(torch.as_tensor(sigma).flatten().tolist())
+        calls.append((x.shape[0], s))
+        return predict(x, sigma, cond, **kwargs)
+
+    monkeypatch.setattr(model.backbone, "predict_velocity", counting)
+    return calls
 
 
 # -- pure maths ------------------------------------------------------------------------------------------------------
@@ -146,3 +169,30 @@ def test_noise_search_keeps_to_its_budget_and_never_loses_its_best(model, mode):
                               atol=1e-5)
     with pytest.raises(ValueError, match="below the cost of one sample"):
         noise_search(model, PROMPTS, reward, budget_nfe=3 * 2 - 1)
+
+
+# -- a few-step student ----------------------------------------------------------------------------------------------
+def test_best_of_n_and_noise_search_sample_a_dmd_student_with_its_own_sampler(student, monkeypatch):
+    reward = Brightness()
+    calls = count_denoiser_calls(monkeypatch, student)
+    res = best_of_n(student, PROMPTS, reward, n=3, seeds=[3, 4], return_candidates=True)
+    assert res.nfe == 3 * 3  # candidates x student steps (no guidance)
+    assert sum(rows for rows, _ in calls) == len(PROMPTS) * res.nfe  # NFE per video as counted at the denoiser
+    assert sorted({round(s, 6) for _, s in calls}, reverse=True) == STUDENT_SIGMAS  # the student's sigmas, not Euler's
+    assert torch.allclose(res.info["candidates"][:, 0], student.generate(PROMPTS, seeds=[3, 4]), atol=1e-5)
+
+    calls.clear()
+    res = noise_search(student, PROMPTS, reward, budget_nfe=4 * 3 + 2, seeds=[3, 4], population=2)
+    assert res.nfe == 4 * 3 and res.info["samples"] == 4  # four samples of three steps fit the budget
+    assert sum(rows for rows, _ in calls) == len(PROMPTS) * res.nfe
+    assert sorted({round(s, 6) for _, s in calls}, reverse=True) == STUDENT_SIGMAS
+    plain = reward(student.generate(PROMPTS, seeds=[3, 4]))["overall"]
+    assert (res.scores >= plain - 1e-6).all()  # the first candidate is the student's plain sample
+    again = sample_from_noise(student, PROMPTS, res.info["noise"],
+                              generators=seeded_candidates(student, res.info["seeds"])[1])
+    assert torch.allclose(again, res.videos, atol=1e-5)  # noise and seed reproduce a re-noising student's winner
+
+
+def test_reward_guidance_refuses_a_student_with_its_own_sampler(student):
+    with pytest.raises(ValueError, match="DMD samples with its own sampler"):
+        reward_guided_sample(student, PROMPTS, Brightness(), scale=0.1)

@@ -1,7 +1,10 @@
 """What every inference-time method shares: the result record, the sampler from given noise, scoring, NFE counts.
 
-No method-specific maths here. ``NFE`` (number of function evaluations) counts forward passes of the denoiser per
-returned video, each classifier-free-guidance branch separately: an ``S``-step sample with guidance costs ``2 S``.
+No method-specific maths here. Every method samples through the model's own sampler,
+:meth:`~lit_videoalign.objectives.base.AlignmentModule.sample_latents`, so a few-step DMD or consistency student is
+searched and best-of-N'd with its own few steps. ``NFE`` (number of function evaluations) counts forward passes of
+the denoiser per returned video, each classifier-free-guidance branch separately: an ``S``-step sample with guidance
+costs ``2 S`` (a few-step student calls its denoiser once per step, like the Euler sampler).
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import torch
 from torch import Tensor
 
 from lit_videoalign.objectives.base import AlignmentModule
-from lit_videoalign.schedules.flow import euler_sample, sampling_sigmas
+from lit_videoalign.objectives.losses import check_reward, require_differentiable  # noqa: F401  (re-exported)
+from lit_videoalign.schedules.samplers import seeded_noise
 from reward_zoo.base import RewardModel
-from reward_zoo.composite import CompositeReward
 
 # Candidate j of the prompt with seed s starts from the noise of seed ``s + j * SEED_STRIDE``: candidate 0 is the
 # plain sample of that seed, and the candidates of consecutive seeds never share a noise.
@@ -54,35 +57,6 @@ def check_prompts_and_seeds(prompts: Sequence[str], seeds: Sequence[int] | None)
     return prompts, seeds
 
 
-def check_reward(reward: RewardModel, who: str) -> None:
-    if not isinstance(reward, RewardModel):
-        raise TypeError(f"{who} needs a reward_zoo RewardModel (or CompositeReward), got {type(reward).__name__}")
-    if reward.requires_references:
-        raise ValueError(f"{who} scores text-to-video samples and has no reference images, but reward "
-                         f"{type(reward).__name__} requires references")
-
-
-def require_differentiable(reward: RewardModel, who: str) -> None:
-    """Refuse a reward whose gradient with respect to the videos is missing or useless, naming it and why.
-
-    A reward with ``differentiable=False`` has no gradient; a ``CompositeReward`` normalised within the batch
-    (``"zscore"``, ``"rank"``) has scores that sum to a constant over the batch, so the gradient of the batch's
-    total reward is zero (or absent) and a gradient method would learn nothing.
-    """
-    check_reward(reward, who)
-    name = type(reward).__name__
-    if isinstance(reward, CompositeReward):
-        if reward.normalize != "none":
-            raise ValueError(f"{who} needs a differentiable reward; CompositeReward with normalize="
-                             f"{reward.normalize!r} normalises scores within the batch, so their sum has no useful "
-                             f"gradient; use normalize='none' and set the weights to balance the scales")
-        for sub_name, sub in reward.rewards.items():
-            require_differentiable(sub, f"{who} (sub-reward {sub_name!r})")
-    if not reward.differentiable:
-        raise ValueError(f"{who} needs a differentiable reward, but {name} has differentiable=False (no gradient "
-                         f"reaches the videos); use a gradient-free method such as best-of-N or noise search")
-
-
 def cfg_factor(guidance_scale: float) -> int:
     """Denoiser evaluations per step and video: 2 with classifier-free guidance, 1 without."""
     return 1 if guidance_scale == 1.0 else 2
@@ -105,29 +79,41 @@ def candidate_seeds(seeds: Sequence[int], num_candidates: int, start: int = 0) -
     return [[s + j * SEED_STRIDE for j in range(start, start + num_candidates)] for s in seeds]
 
 
+def seeded_candidates(module: AlignmentModule, seeds: Sequence[int]) -> tuple[Tensor, list[torch.Generator]]:
+    """The initial noise of each seed, as :meth:`AlignmentModule.generate` draws it, and each seed's generator,
+    advanced past that draw: a stochastic sampler (a few-step student re-noises between its steps) continues from it,
+    so :func:`sample_from_noise` with both samples what ``generate`` samples for these seeds."""
+    hp = module.hparams
+    return seeded_noise(module.backbone.latent_shape(hp.num_frames, hp.height, hp.width), seeds, module.device)
+
+
 @torch.no_grad()
 def sample_from_noise(module: AlignmentModule, prompts: Sequence[str], noise: Tensor,
                       num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                      batch_size: int | None = None) -> Tensor:
-    """Euler ODE samples from the given initial noise, decoded to ``[B, T, C, H, W]``.
+                      batch_size: int | None = None, generators: Sequence[torch.Generator] | None = None) -> Tensor:
+    """Samples from the given initial noise with the module's own sampler (:meth:`AlignmentModule.sample_latents`:
+    the Euler ODE, or a student's few-step sampler), decoded to ``[B, T, C, H, W]``.
 
     The same computation as :meth:`AlignmentModule.generate` (which draws the noise from seeds), in chunks of
-    ``batch_size`` videos.
+    ``batch_size`` videos. ``generators`` (one per video, e.g. from :func:`seeded_candidates`) feed a stochastic
+    sampler's draws; None leaves them to the global RNG (a deterministic sampler draws nothing).
     """
     prompts = list(prompts)
     if noise.shape[0] != len(prompts):
         raise ValueError(f"got {noise.shape[0]} noises for {len(prompts)} prompts; expected one per prompt")
-    steps, scale = resolve_sampling(module, num_inference_steps, guidance_scale)
+    if generators is not None and len(generators) != len(prompts):
+        raise ValueError(f"got {len(generators)} generators for {len(prompts)} prompts; expected one per prompt")
+    _, scale = resolve_sampling(module, num_inference_steps, guidance_scale)
     batch_size = batch_size or len(prompts)
     was_training = module.training
     module.eval()
     try:
-        sigmas = sampling_sigmas(steps, shift=module.sampling_shift)
         out = []
         for i in range(0, len(prompts), batch_size):
             cond = module.backbone.encode_prompts(prompts[i:i + batch_size])
-            latents = euler_sample(module.guided_velocity_fn(cond, scale), noise[i:i + batch_size].to(module.device),
-                                   sigmas)
+            latents = module.sample_latents(noise[i:i + batch_size].to(module.device), cond,
+                                            num_inference_steps=num_inference_steps, guidance_scale=scale,
+                                            generator=None if generators is None else generators[i:i + batch_size])
             out.append(module.backbone.decode_latents(latents))
         return torch.cat(out)
     finally:

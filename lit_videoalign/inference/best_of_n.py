@@ -39,15 +39,16 @@ def best_of_n(
     batch_size: int = 16,
     return_candidates: bool = False,
 ) -> InferenceResult:
-    """Sample ``n`` candidates per prompt with the module's ODE sampler and return the best of each.
+    """Sample ``n`` candidates per prompt with the module's own sampler and return the best of each.
 
     Args:
-        module: the model (any :class:`AlignmentModule`); its ``generate`` draws the candidates.
+        module: the model (any :class:`AlignmentModule`); its ``generate`` (:meth:`~AlignmentModule.sample_latents`:
+            the Euler ODE, or a student's few-step sampler) draws the candidates.
         prompts: one prompt per returned video.
         reward: any ``reward_zoo`` reward or ``CompositeReward``; ``reward_key`` of its output is maximised.
         n: candidates per prompt (``n = 1`` is plain sampling).
         seeds: one seed per prompt (default ``0 .. B-1``); candidate ``j`` uses ``seed + j * SEED_STRIDE``.
-        num_inference_steps: sampler steps (default: the module's).
+        num_inference_steps: sampler steps (default: the module's own, e.g. a DMD student's training sigmas).
         guidance_scale: classifier-free guidance (default: the module's).
         reward_key: which score to maximise.
         batch_size: videos generated at once (rounded to whole prompts, at least one prompt's ``n``).
@@ -71,7 +72,8 @@ def best_of_n(
         chunk = prompts[start:start + per_chunk]
         flat_prompts = [p for p in chunk for _ in range(n)]
         flat_seeds = [s for ss in all_seeds[start:start + per_chunk] for s in ss]
-        videos = module.generate(flat_prompts, flat_seeds, num_inference_steps=steps, guidance_scale=scale)
+        videos = module.generate(flat_prompts, flat_seeds, num_inference_steps=num_inference_steps,
+                                 guidance_scale=scale)  # the module's own sampler: a student's few steps
         videos = videos.view(len(chunk), n, *videos.shape[1:])  # (p, n, t, c, h, w)
         for i, prompt in enumerate(chunk):
             s = score(reward, videos[i], [prompt] * n, reward_key)  # (n,) one batch per prompt

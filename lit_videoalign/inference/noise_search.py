@@ -31,6 +31,7 @@ from lit_videoalign.inference.base import (
     resolve_sampling,
     sample_from_noise,
     score,
+    seeded_candidates,
 )
 from lit_videoalign.objectives.base import AlignmentModule
 from reward_zoo.base import RewardModel
@@ -65,7 +66,9 @@ def noise_search(
     """Refine the initial noise of each prompt by reward within ``budget_nfe`` denoiser evaluations per prompt.
 
     Args:
-        module: the model (any :class:`AlignmentModule`).
+        module: the model (any :class:`AlignmentModule`); candidates are sampled with its own sampler
+            (:meth:`~AlignmentModule.sample_latents`: the Euler ODE, or a student's few-step sampler). Candidate ``j``
+            of the prompt with seed ``s`` draws any sampler noise from seed ``s + j * SEED_STRIDE``.
         prompts: one prompt per returned video.
         reward: any ``reward_zoo`` reward or ``CompositeReward``; ``reward_key`` of its output is maximised.
         budget_nfe: denoiser evaluations allowed per prompt (at least one sample's worth).
@@ -74,7 +77,7 @@ def noise_search(
         mode: ``"random"`` (fresh noises) or ``"greedy"`` (perturb the best noise after the first population).
         population: candidates per round and prompt.
         perturbation: ``lambda`` of the greedy perturbation, in (0, 1] (1 draws fresh noise).
-        num_inference_steps: sampler steps (default: the module's).
+        num_inference_steps: sampler steps (default: the module's own, e.g. a DMD student's training sigmas).
         guidance_scale: classifier-free guidance (default: the module's).
         reward_key: which score to maximise.
         batch_size: videos sampled at once.
@@ -83,7 +86,9 @@ def noise_search(
         :class:`InferenceResult` with the best videos, their ``scores``, ``nfe`` (spent per prompt, at most
         ``budget_nfe``), ``all_scores`` ``[B, samples]`` (each candidate as scored in its round) and
         ``info["history"]`` ``[B, rounds]`` (the incumbent's score after each round), ``info["noise"]`` (the best
-        initial noises), ``info["rounds"]``, ``info["samples"]``.
+        initial noises), ``info["seeds"]`` (the best candidates' seeds), ``info["rounds"]``, ``info["samples"]``.
+        ``sample_from_noise(module, prompts, info["noise"], generators=seeded_candidates(module, info["seeds"])[1])``
+        samples the winners again, with a stochastic few-step sampler too.
     """
     prompts, seeds = check_prompts_and_seeds(prompts, seeds)
     check_reward(reward, "noise_search")
@@ -102,28 +107,29 @@ def noise_search(
     b = len(prompts)
     shape = module.backbone.latent_shape(module.hparams.num_frames, module.hparams.height, module.hparams.width)
 
-    def fresh(j0: int, k: int) -> Tensor:  # (b, k, ...) noises of candidates j0 .. j0 + k - 1 of each prompt
-        return torch.stack([module.initial_noise([s + j * SEED_STRIDE for j in range(j0, j0 + k)]).cpu()
-                            for s in seeds])
+    def fresh(j0: int, k: int) -> tuple[Tensor, list[torch.Generator]]:
+        # candidates j0 .. j0 + k - 1 of each prompt: (b, k, ...) noises and their b * k generators, prompt by prompt
+        drawn = [seeded_candidates(module, [s + j * SEED_STRIDE for j in range(j0, j0 + k)]) for s in seeds]
+        return torch.stack([noise.cpu() for noise, _ in drawn]), [g for _, gens in drawn for g in gens]
 
-    def run(noises: Tensor) -> Tensor:  # (b, k, ...) noises -> (b, k, t, c, h, w) videos
+    def run(noises: Tensor, generators: list[torch.Generator]) -> Tensor:  # (b, k, ...) -> (b, k, t, c, h, w)
         k = noises.shape[1]
-        flat = sample_from_noise(module, [p for p in prompts for _ in range(k)], noises.flatten(0, 1), steps, scale,
-                                 batch_size=batch_size)
+        flat = sample_from_noise(module, [p for p in prompts for _ in range(k)], noises.flatten(0, 1),
+                                 num_inference_steps, scale, batch_size=batch_size, generators=generators)
         return flat.view(b, k, *flat.shape[1:]).cpu()
 
     used, rounds = 0, 0
-    best_noise = best_video = best_score = None
+    best_noise = best_video = best_score = best_seed = None
     all_scores, history = [], []
     while used < total:
         k = min(population, total - used)
-        if mode == "random" or best_noise is None:
-            noises = fresh(used, k)
-        else:
+        noises, generators = fresh(used, k)  # a perturbed candidate keeps only its seed's generator
+        if mode == "greedy" and best_noise is not None:
             eps = torch.stack([torch.randn((k, *shape), generator=torch.Generator().manual_seed(
                 (s * 7919 + rounds) % 2**63)) for s in seeds])  # per prompt, so batching does not change it
             noises = perturb_noise(best_noise[:, None].expand(-1, k, *shape), eps, perturbation)
-        videos = run(noises)
+        videos = run(noises, generators)
+        round_seeds = torch.tensor([[s + j * SEED_STRIDE for j in range(used, used + k)] for s in seeds])  # (b, k)
         round_scores = []
         for i, prompt in enumerate(prompts):
             batch = videos[i] if best_video is None else torch.cat([best_video[i:i + 1], videos[i]])
@@ -133,18 +139,21 @@ def noise_search(
         challengers = round_scores if best_video is None else round_scores[:, 1:]
         top = challengers.argmax(1)
         top_score = challengers.gather(1, top[:, None]).squeeze(1)
+        top_seed = round_seeds[torch.arange(b), top]
         if best_video is None:
             best_noise, best_video, best_score = noises[torch.arange(b), top], videos[torch.arange(b), top], top_score
+            best_seed = top_seed
         else:
             better = top_score > round_scores[:, 0]  # ties keep the incumbent
             best_score = torch.where(better, top_score, round_scores[:, 0])
             best_noise = torch.where(better.view(-1, *[1] * len(shape)), noises[torch.arange(b), top], best_noise)
             best_video = torch.where(better.view(-1, 1, 1, 1, 1), videos[torch.arange(b), top], best_video)
+            best_seed = torch.where(better, top_seed, best_seed)
         all_scores.append(challengers)
         history.append(best_score)
         used += k
         rounds += 1
-    info = {"history": torch.stack(history, dim=1), "noise": best_noise, "rounds": rounds, "samples": used,
-            "mode": mode}
+    info = {"history": torch.stack(history, dim=1), "noise": best_noise, "seeds": best_seed.tolist(),
+            "rounds": rounds, "samples": used, "mode": mode}
     return InferenceResult(best_video.to(module.device), best_score, nfe=used * cost,
                            all_scores=torch.cat(all_scores, dim=1), info=info)

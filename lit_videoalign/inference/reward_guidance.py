@@ -11,6 +11,10 @@ At a chosen step of the Euler ODE sampler, the model's velocity gives its predic
 with ``g = d reward(decode(x0_hat)) / dx`` normalised per video to unit root-mean-square, so ``scale`` is the size of
 the nudge in latent units (the initial noise has unit RMS). With ``scale = 0`` the nudge is exactly zero and the
 samples are bit-for-bit those of :meth:`AlignmentModule.generate`. No weights change.
+
+Guidance needs control of every step, so it runs on models whose sampler is the Euler ODE walk of
+:meth:`AlignmentModule.sample_latents`; a model with its own sampler (a few-step DMD or consistency student) is
+refused with an error naming its class (best-of-N and noise search sample through any model's own sampler).
 """
 
 from __future__ import annotations
@@ -30,22 +34,28 @@ from lit_videoalign.inference.base import (
 )
 from lit_videoalign.objectives.base import AlignmentModule
 from lit_videoalign.schedules.flow import euler_step, sampling_sigmas
+from lit_videoalign.schedules.samplers import predicted_x0  # its old home was here: still importable
 from reward_zoo.base import RewardModel
 
 
 # -- pure maths ------------------------------------------------------------------------------------------------------
-def predicted_x0(x: Tensor, velocity: Tensor, sigma: float | Tensor) -> Tensor:
-    """The clean sample the velocity points to: ``x - sigma * v``."""
-    if x.shape != velocity.shape:
-        raise ValueError(f"x and velocity must have the same shape, got {tuple(x.shape)} and {tuple(velocity.shape)}")
-    s = sigma if not isinstance(sigma, Tensor) or sigma.ndim == 0 else sigma.view(-1, *([1] * (x.ndim - 1)))
-    return x - s * velocity
-
-
 def normalize_per_sample(grad: Tensor, eps: float = 1e-12) -> Tensor:
     """``grad`` divided by its root-mean-square over each sample's elements (a zero gradient stays zero)."""
     rms = grad.float().pow(2).flatten(1).mean(1).sqrt()  # (b,)
     return grad / (rms + eps).view(-1, *([1] * (grad.ndim - 1))).to(grad.dtype)
+
+
+def require_euler_sampler(module: AlignmentModule, who: str) -> None:
+    """Refuse a model whose sampler is not the Euler ODE walk of :meth:`AlignmentModule.sample_latents`.
+
+    Reward guidance steers that walk step by step, so it would silently sample a model that samples otherwise (a
+    few-step DMD or consistency student overrides ``sample_latents``) with the wrong sampler.
+    """
+    name = type(module).__name__
+    if type(module).sample_latents is not AlignmentModule.sample_latents:
+        raise ValueError(f"{who} steers the Euler ODE sampler step by step, but {name} samples with its own sampler "
+                         f"({name}.sample_latents, e.g. a few-step student's); use best_of_n or noise_search, which "
+                         f"sample through it")
 
 
 def guided_steps(num_steps: int, step_range: tuple[int, int | None] | None) -> list[int]:
@@ -82,7 +92,9 @@ def reward_guided_sample(
     """Sample with the Euler ODE sampler, nudging the latent up the reward's gradient at the guided steps.
 
     Args:
-        module: the model (any :class:`AlignmentModule`).
+        module: the model, an :class:`AlignmentModule` that samples with the Euler ODE (one that overrides
+            ``sample_latents``, such as a few-step DMD or consistency student, is refused: see
+            :func:`require_euler_sampler`).
         prompts: one prompt per video.
         reward: a differentiable ``reward_zoo`` reward (a non-differentiable one is refused).
         seeds: one seed per prompt (default ``0 .. B-1``); the same seed as ``generate`` gives the same noise.
@@ -104,6 +116,7 @@ def reward_guided_sample(
         ``info["guided_reward"]`` ``[B, len(guided_steps)]`` (the reward of ``x0_hat`` at each guided step).
     """
     prompts, seeds = check_prompts_and_seeds(prompts, seeds)
+    require_euler_sampler(module, "reward guidance")
     require_differentiable(reward, "reward guidance")
     if not isinstance(scale, (int, float)) or not scale >= 0:
         raise ValueError(f"scale must be a non-negative number, got {scale!r}")

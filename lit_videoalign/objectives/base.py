@@ -25,6 +25,7 @@ from typing_extensions import override
 
 from lit_videoalign.backbones.base import Conditioning, VideoBackbone
 from lit_videoalign.schedules.flow import euler_sample, sampling_sigmas
+from lit_videoalign.schedules.samplers import Generators, seeded_noise
 
 # The frozen VAE and text encoder stay in eval mode on purpose (no dropout, fixed norms); Lightning's generic
 # warning about eval-mode modules at the start of fit says nothing useful here.
@@ -332,6 +333,28 @@ class AlignmentModule(L.LightningModule):
 
         return velocity
 
+    def sample_latents(self, noise: Tensor, cond: Conditioning, *, num_inference_steps: int | None = None,
+                       guidance_scale: float | None = None, generator: Generators = None,
+                       uncond: Conditioning | None = None) -> Tensor:
+        """How this model samples: latents ``(b, c, t, h, w)`` from ``noise`` of the same shape, conditioned on
+        ``cond``. The one sampling entry point (DESIGN section 7): ``generate``, rollouts, callbacks and inference-time
+        methods call it, so a model that samples differently (a few-step student) overrides this alone.
+
+        The base: the Euler ODE with classifier-free guidance. Gradients flow if the caller enables them.
+
+        Args:
+            noise: initial latents at sigma 1.
+            cond: prompt conditioning, batch first.
+            num_inference_steps: sampler steps; None takes the module's.
+            guidance_scale: classifier-free guidance; None takes the module's (1.0 disables it).
+            generator: for stochastic samplers, one for the batch or one per sample (the Euler ODE draws nothing).
+            uncond: the negative-prompt conditioning (encoded here when guidance needs it and it is None).
+        """
+        steps = num_inference_steps or self.hparams.num_inference_steps
+        scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
+        sigmas = sampling_sigmas(steps, shift=self.sampling_shift)
+        return euler_sample(self.guided_velocity_fn(cond, scale, uncond), noise, sigmas)
+
     @torch.no_grad()
     def generate(
         self,
@@ -341,7 +364,7 @@ class AlignmentModule(L.LightningModule):
         guidance_scale: float | None = None,
         return_latents: bool = False,
     ) -> Tensor:
-        """Sample videos with the Euler ODE sampler.
+        """Sample videos with this model's sampler (:meth:`sample_latents`).
 
         Args:
             prompts: one prompt per video.
@@ -357,15 +380,15 @@ class AlignmentModule(L.LightningModule):
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; expected one seed per prompt")
-        steps = num_inference_steps or self.hparams.num_inference_steps
-        scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
         was_training = self.training
         self.eval()
         try:
             cond = self.backbone.encode_prompts(prompts)
-            noise = self.initial_noise(seeds)
-            sigmas = sampling_sigmas(steps, shift=self.sampling_shift)
-            latents = euler_sample(self.guided_velocity_fn(cond, scale), noise, sigmas)
+            hp = self.hparams
+            shape = self.backbone.latent_shape(hp.num_frames, hp.height, hp.width)
+            noise, generators = seeded_noise(shape, seeds, self.device)  # a sampler's draws follow each seed
+            latents = self.sample_latents(noise, cond, num_inference_steps=num_inference_steps,
+                                          guidance_scale=guidance_scale, generator=generators)
             return latents if return_latents else self.backbone.decode_latents(latents)
         finally:
             self.train(was_training)

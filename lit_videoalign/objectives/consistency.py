@@ -32,7 +32,7 @@ on the teacher's distribution.
 
 Score regulariser (``dmd_weight > 0``; rCM, Zheng et al., arXiv 2510.08431): consistency distillation matches the
 teacher's trajectories point by point, and small errors of the early phases compound along the student's own chain.
-rCM adds DMD's reverse-divergence loss (:func:`lit_videoalign.objectives.dmd.dmd_generator_loss`) on the student's
+rCM adds DMD's reverse-divergence loss (:func:`lit_videoalign.objectives.losses.dmd_generator_loss`) on the student's
 own few-step samples: the frozen, guided teacher is the real score and a critic, trained by flow matching on the same
 samples in the same optimizer step, the fake one. On the toy world it turns the phased student from 0.63 logits of
 the learned physics judge below the 40-step teacher to 0.70 above it.
@@ -42,57 +42,56 @@ student's own few-step samples re-noised to ``sigma_n``. With ``teacher_trajecto
 cached teacher ODE trajectories (with its guidance) and the teacher's step is its own ``k``-step solution: a guided
 teacher's trajectories leave the forward process's marginals, so noised data are not where a few-step sampler lands,
 and with ``k`` spanning a phase the target is the teacher's own point at the phase end, with no bootstrapping.
+
+Layout: the method and its pure losses are here; its options (the trajectory cache, the adversarial term, the score
+regulariser) are parts in ``objectives/consistency_parts.py``; the few-step sampler is in ``schedules/samplers.py``;
+the adapter roles and the weight EMA in ``backbones/adapters.py``.
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
+# The adapter, sampler and EMA helpers moved to backbones/adapters.py and schedules/samplers.py; their names stay
+# importable from here for one release.
+from lit_videoalign.backbones.adapters import (  # noqa: F401
+    AdapterRoles,
+    add_named_adapter,
+    checkpointing_off,
+    ema_update,
+    guided_velocity,
+)
 from lit_videoalign.backbones.base import Conditioning
 from lit_videoalign.objectives.base import AlignmentModule
-from lit_videoalign.objectives.gan import (
-    GANHead,
-    LastBlockFeatures,
-    feature_width,
-    gan_discriminator_loss,
-    gan_generator_loss,
+from lit_videoalign.objectives.consistency_parts import (
+    AdversarialTerm,
+    ScoreRegularizer,
+    TeacherTrajectories,
+    TrajectoryPoints,
 )
-from lit_videoalign.objectives.sft import flow_matching_loss
-from lit_videoalign.schedules.flow import (
-    add_noise,
-    euler_sample,
-    euler_step,
-    sample_training_sigmas,
-    sampling_sigmas,
-    shift_sigmas,
-    velocity_target,
+from lit_videoalign.objectives.gan import GANHead, LastBlockFeatures, feature_width
+from lit_videoalign.schedules.flow import add_noise, euler_sample, euler_step, sampling_sigmas
+from lit_videoalign.schedules.samplers import (  # noqa: F401
+    SAMPLER_MODES,
+    Generators,
+    draw_noise,
+    multistep_sample,
+    next_sample,
+    per_sample_sigma,
+    predicted_x0,
+    seeded_noise,
 )
 from reward_zoo.base import RewardModel
 
 PARAMETERIZATIONS = ("flow", "lcm")
 LOSS_TYPES = ("huber", "l2")
-SAMPLER_MODES = ("renoise", "euler")
 
 
 # -- pure functions ----------------------------------------------------------------------------------------------------
-def _per_sample(sigma: float | Tensor, like: Tensor) -> Tensor:
-    """``sigma`` (float or ``Tensor[B]``) as a float tensor shaped ``[B, 1, 1, ...]`` (or a scalar) against ``like``."""
-    s = torch.as_tensor(sigma, dtype=torch.float32, device=like.device)
-    if s.ndim == 0:
-        return s
-    if s.ndim != 1 or s.shape[0] != like.shape[0]:
-        raise ValueError(f"sigma must be a float or Tensor[B] with B={like.shape[0]}, got shape {tuple(s.shape)}")
-    return s.view(-1, *([1] * (like.ndim - 1)))
-
-
 def boundary_coefficients(sigma: Tensor, parameterization: str = "flow", sigma_data: float = 0.5,
                           timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
     """``(c_skip, c_out)`` of ``x0 = c_skip * x + c_out * F``, with ``c_skip(0) = 1`` and ``c_out(0) = 0`` exactly.
@@ -130,12 +129,10 @@ def consistency_x0(x: Tensor, velocity: Tensor, sigma: float | Tensor, parameter
     """
     if x.shape != velocity.shape:
         raise ValueError(f"x and velocity must have the same shape, got {tuple(x.shape)} and {tuple(velocity.shape)}")
-    s = _per_sample(sigma, x)
-    c_skip, c_out = boundary_coefficients(s, parameterization, sigma_data, timestep_scaling)
-    c_skip, c_out = c_skip.to(x.dtype), c_out.to(x.dtype)
-    if parameterization == "flow":
-        return c_skip * x + c_out * velocity
-    return c_skip * x + c_out * (x - s.to(x.dtype) * velocity)
+    if parameterization == "flow":  # c_skip = 1, c_out = -sigma: the flow model's own x0 prediction
+        return predicted_x0(x, velocity, sigma)
+    c_skip, c_out = boundary_coefficients(per_sample_sigma(sigma, x), parameterization, sigma_data, timestep_scaling)
+    return c_skip.to(x.dtype) * x + c_out.to(x.dtype) * predicted_x0(x, velocity, sigma)
 
 
 def consistency_loss(pred: Tensor, target: Tensor, loss_type: str = "huber", huber_c: float = 1e-3) -> Tensor:
@@ -174,212 +171,8 @@ def phase_ends(sigma: Tensor, boundaries: Tensor, atol: float = 1e-6) -> Tensor:
     return torch.where(below, boundaries.view(1, -1), torch.zeros_like(boundaries).view(1, -1)).amax(dim=1)
 
 
-@torch.no_grad()
-def ema_update(target: Iterable[Tensor], online: Iterable[Tensor], decay: float) -> None:
-    """In place, ``target = decay * target + (1 - decay) * online`` for every pair of tensors."""
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
-    target, online = list(target), list(online)
-    if len(target) != len(online):
-        raise ValueError(f"EMA target has {len(target)} tensors but the online model {len(online)}")
-    for t, o in zip(target, online):
-        if t.shape != o.shape:
-            raise ValueError(f"EMA tensor shapes differ: {tuple(t.shape)} vs {tuple(o.shape)}")
-        t.lerp_(o.to(t.dtype), 1.0 - decay)
-
-
-def next_sample(x: Tensor, x0: Tensor, sigma: float, sigma_next: float, mode: str = "renoise",
-                noise: Tensor | None = None) -> Tensor:
-    """One few-step sampler transition from ``x`` at ``sigma``, given the prediction ``x0``, to ``sigma_next``.
-
-    ``"renoise"`` (consistency models, DMD2): ``(1 - sigma_next) * x0 + sigma_next * noise`` with fresh ``noise``;
-    ``"euler"``: the Euler step of the velocity the prediction implies, ``x + (sigma_next - sigma) * (x - x0) / sigma``.
-    """
-    if mode == "renoise":
-        if noise is None:
-            raise ValueError("the renoise transition needs fresh noise, got None")
-        return add_noise(x0, noise, sigma_next)
-    if mode == "euler":
-        if sigma <= 0:
-            raise ValueError(f"an Euler transition needs sigma > 0, got {sigma}")
-        return x + (sigma_next - sigma) / sigma * (x - x0)
-    raise ValueError(f"sampler mode must be one of {list(SAMPLER_MODES)}, got {mode!r}")
-
-
-def draw_noise(like: Tensor, generators: Sequence[torch.Generator] | None = None) -> Tensor:
-    """Standard normal noise shaped like ``like``: one draw per sample from ``generators`` (seeded, on CPU, so a seed
-    gives the same draw on every device), or from the global RNG."""
-    if generators is None:
-        return torch.randn_like(like)
-    if len(generators) != like.shape[0]:
-        raise ValueError(f"got {len(generators)} generators for a batch of {like.shape[0]}; expected one per sample")
-    return torch.stack([torch.randn(like.shape[1:], generator=g) for g in generators]).to(like)
-
-
-def multistep_sample(
-    x0_fn: Callable[[Tensor, Tensor], Tensor],
-    noise: Tensor,
-    sigmas: Tensor,
-    generators: Sequence[torch.Generator] | None = None,
-    mode: str = "renoise",
-) -> Tensor:
-    """Few-step sampling of an x0 predictor: predict ``x0``, move to the next sigma (:func:`next_sample`), repeat.
-
-    With ``mode="renoise"`` this is multistep consistency sampling (Song et al., Algorithm 1).
-
-    Args:
-        x0_fn: ``(x, sigma Tensor[B]) -> x0`` of a few-step student.
-        noise: the starting sample at ``sigmas[0]``.
-        sigmas: decreasing grid ending at 0, e.g. ``[1.0, 0.75, 0.5, 0.25, 0.0]`` for 4 steps.
-        generators: one generator per sample for the re-noising draws (seeded sampling); None uses the global RNG.
-        mode: ``"renoise"`` or ``"euler"``.
-
-    Returns:
-        The last ``x0`` prediction.
-    """
-    if sigmas.ndim != 1 or len(sigmas) < 2:
-        raise ValueError(f"sigmas must be a 1-D grid of at least 2 values, got shape {tuple(sigmas.shape)}")
-    if mode not in SAMPLER_MODES:
-        raise ValueError(f"sampler mode must be one of {list(SAMPLER_MODES)}, got {mode!r}")
-    if generators is not None and len(generators) != noise.shape[0]:
-        raise ValueError(f"got {len(generators)} generators for a batch of {noise.shape[0]}; expected one per sample")
-    x, x0 = noise, noise
-    values = sigmas.tolist()
-    for i, (sigma, sigma_next) in enumerate(zip(values[:-1], values[1:])):
-        x0 = x0_fn(x, torch.full((x.shape[0],), sigma, device=x.device))
-        if i == len(values) - 2 or sigma_next <= 0:
-            break
-        eps = draw_noise(x0, generators) if mode == "renoise" else None
-        x = next_sample(x, x0, sigma, sigma_next, mode, eps)
-    return x0
-
-
-@dataclass
-class TrajectoryPoints:
-    """Training pairs cut from teacher ODE trajectories, kept on CPU: ``x`` at grid index ``n`` and the teacher's own
-    solution ``x_next`` at ``n_next`` (``k`` grid steps on, or the phase end when nearer)."""
-
-    x: Tensor  # (m, c, t, h, w)
-    x_next: Tensor  # (m, c, t, h, w)
-    n: Tensor  # (m,) grid index of x
-    n_next: Tensor  # (m,) grid index of x_next
-    prompts: list[str]  # one per pair
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def subset(self, idx: Tensor | slice) -> TrajectoryPoints:
-        """The pairs at ``idx`` (an index tensor or a slice)."""
-        prompts = self.prompts[idx] if isinstance(idx, slice) else [self.prompts[i] for i in idx.tolist()]
-        return TrajectoryPoints(self.x[idx], self.x_next[idx], self.n[idx], self.n_next[idx], prompts)
-
-    def cat(self, other: TrajectoryPoints) -> TrajectoryPoints:
-        return TrajectoryPoints(torch.cat([self.x, other.x]), torch.cat([self.x_next, other.x_next]),
-                                torch.cat([self.n, other.n]), torch.cat([self.n_next, other.n_next]),
-                                self.prompts + other.prompts)
-
-
-class AdapterRoles:
-    """Several peft adapters over one frozen base, one active at a time, or none (the base alone).
-
-    peft's ``set_adapter`` and ``enable_adapters`` rewrite ``requires_grad`` of every adapter (active ones True,
-    others False); after every switch this puts back the flags given here, so an optimizer's parameters stay
-    trainable and an EMA adapter stays frozen whichever adapter runs. The ``default`` adapter is active outside
-    :meth:`use`, which is what ``generate`` and the pipeline export (which merges the active adapter) see.
-
-    With gradient checkpointing, blocks are recomputed in the backward pass with whatever adapter is active *then*:
-    run the backward of a loss inside the same :meth:`use` as its forward (contexts nest).
-
-    Args:
-        denoiser: a diffusers model with peft adapters.
-        trainable: adapter name -> whether its weights train.
-        default: the adapter active outside :meth:`use`.
-    """
-
-    def __init__(self, denoiser: nn.Module, trainable: dict[str, bool], default: str) -> None:
-        if default not in trainable:
-            raise ValueError(f"default adapter {default!r} is not one of {sorted(trainable)}")
-        self.denoiser, self.trainable, self.default = denoiser, dict(trainable), default
-        self.active: str | None = default
-        self.activate(default)
-
-    def parameters(self, name: str) -> list[nn.Parameter]:
-        """The weights of adapter ``name``."""
-        if name not in self.trainable:
-            raise ValueError(f"unknown adapter {name!r}; expected one of {sorted(self.trainable)}")
-        return [p for n, p in self.denoiser.named_parameters() if f".{name}." in n and "lora_" in n]
-
-    def _restore_flags(self) -> None:
-        for name, train in self.trainable.items():
-            for p in self.parameters(name):
-                p.requires_grad_(train)
-
-    def activate(self, name: str | None) -> None:
-        """Make adapter ``name`` the only active one (None: run the base with every adapter off)."""
-        if name is None:
-            self.denoiser.disable_adapters()
-        else:
-            if name not in self.trainable:
-                raise ValueError(f"unknown adapter {name!r}; expected one of {sorted(self.trainable)}")
-            self.denoiser.enable_adapters()
-            self.denoiser.set_adapter(name)
-        self.active = name
-        self._restore_flags()
-
-    @contextmanager
-    def use(self, name: str | None) -> Iterator[None]:
-        """Context in which adapter ``name`` (None: no adapter) runs; the previously active one is restored after."""
-        previous = self.active
-        if name != previous:
-            self.activate(name)
-        try:
-            yield
-        finally:
-            if self.active != previous:
-                self.activate(previous)
-
-
-@contextmanager
-def checkpointing_off(module: nn.Module) -> Iterator[None]:
-    """Context in which ``module``'s blocks keep their activations instead of recomputing them in the backward pass
-    (diffusers' ``gradient_checkpointing`` flags, restored after).
-
-    For a forward under one adapter whose backward runs once another adapter is active again: a checkpointed block
-    would be recomputed with the adapter active *then*, and the gradient would be the wrong network's.
-    """
-    flagged = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    for m in flagged:
-        m.gradient_checkpointing = False
-    try:
-        yield
-    finally:
-        for m in flagged:
-            m.gradient_checkpointing = True
-
-
-def add_named_adapter(backbone, name: str, rank: int, alpha: float | None, target_modules: list[str] | None) -> None:
-    """Add one more peft LoRA adapter ``name`` to ``backbone.denoiser`` (peft warns about a second adapter; that is
-    the point here)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        backbone.add_lora(rank, alpha, target_modules, adapter_name=name)
-
-
-def guided_velocity(backbone, x: Tensor, sigma: Tensor, cond: Conditioning, uncond: Conditioning | None,
-                    guidance_scale: float, denoiser: nn.Module | None = None) -> Tensor:
-    """``v_u + g * (v_c - v_u)`` in one batched call (just ``v_c`` when ``g = 1``), with ``denoiser`` if given."""
-    if guidance_scale == 1.0:
-        return backbone.predict_velocity(x, sigma, cond, denoiser=denoiser)
-    if uncond is None:
-        raise ValueError(f"guidance_scale={guidance_scale} needs the unconditional (negative-prompt) conditioning")
-    both = Conditioning.cat([cond, uncond])
-    v_c, v_u = backbone.predict_velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both,
-                                         denoiser=denoiser).chunk(2)
-    return v_u + guidance_scale * (v_c - v_u)
-
-
 # -- the module --------------------------------------------------------------------------------------------------------
-class ConsistencyDistillation(AlignmentModule):
+class ConsistencyDistillation(TeacherTrajectories, AdversarialTerm, ScoreRegularizer, AlignmentModule):
     """Multistep latent consistency distillation of the backbone (teacher) into a few-step student.
 
     The student starts as a copy of the teacher: the backbone's denoiser itself, fully or through LoRA. The teacher
@@ -589,91 +382,6 @@ class ConsistencyDistillation(AlignmentModule):
                 return guided_velocity(self.backbone, x, sigma, cond, uncond, g)
         return guided_velocity(self.backbone, x, sigma, cond, uncond, g, denoiser=self._reference_denoiser)
 
-    def teacher_features(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
-        """The frozen teacher's last-block features at ``(x, sigma)`` (``[B, tokens, dim]``), differentiable in
-        ``x``."""
-        if self._teacher_tap is None:
-            raise RuntimeError("teacher features need the adversarial head (gan_weight > 0)")
-
-        def forward() -> Tensor:
-            if self.roles is not None:  # back-propagated once the student's adapter is back: keep the activations
-                with self.roles.use(None), checkpointing_off(self.backbone.denoiser):
-                    return self.backbone.predict_velocity(x, sigma, cond)
-            return self.backbone.predict_velocity(x, sigma, cond, denoiser=self._reference_denoiser)
-
-        return self._teacher_tap.read(forward)[1]
-
-    def critic_velocity(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
-        """The critic's (fake score's) velocity, with gradients when enabled."""
-        if self.roles is not None:  # its backward runs after the student's adapter is back: keep its activations
-            with self.roles.use("critic"), checkpointing_off(self.backbone.denoiser):
-                return self.backbone.predict_velocity(x, sigma, cond)
-        return self.backbone.predict_velocity(x, sigma, cond, denoiser=self.critic)
-
-    def critic_parameters(self) -> list[nn.Parameter]:
-        if self.roles is not None:
-            return self.roles.parameters("critic")
-        return [p for p in self.critic.parameters() if p.requires_grad]
-
-    def student_sample(self, cond: Conditioning, noise: Tensor) -> Tensor:
-        """The student's few-step sample from ``noise`` with its own sampler, differentiable from a random step on
-        (backward simulation: the steps before it run without gradients, as at inference)."""
-        grid = self.student_sigmas().tolist()
-        k = len(grid) - 1
-        first = int(torch.randint(k, ()))
-        x = noise
-        for i in range(k):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first):
-                sigma = torch.full((len(x),), grid[i], device=x.device)
-                v = self.backbone.predict_velocity(x, sigma, cond)
-                if self.hparams.phased:  # Euler to the phase end; the last phase ends at 0
-                    x = euler_step(x, v, grid[i], grid[i + 1])
-                else:  # multistep consistency: predict x0, re-noise it to the next sigma
-                    x = self._x0(v, x, sigma)
-                    if i < k - 1:
-                        x = add_noise(x, torch.randn_like(x), grid[i + 1])
-        return x
-
-    def score_regularizer(self, cond: Conditioning, uncond: Conditioning | None) -> tuple[Tensor, Tensor, dict]:
-        """rCM's long-skip regulariser: ``(DMD loss of the student, flow-matching loss of the critic, statistics)``.
-
-        The student's samples are noised at a random sigma, where the teacher (with guidance) and the critic predict
-        x0; DMD's loss moves the samples towards the teacher's prediction and away from the critic's. The critic
-        learns from the same samples, detached, so each loss reaches only its own network.
-        """
-        from lit_videoalign.objectives.dmd import dmd_generator_loss  # dmd.py imports this module's helpers
-
-        hp = self.hparams
-        n = len(cond)
-        shape = self.backbone.latent_shape(hp.num_frames, hp.height, hp.width)
-        x0 = self.student_sample(cond, torch.randn((n, *shape), device=self.device))  # (b, c, t, h, w)
-        u = hp.dm_sigma_min + (hp.dm_sigma_max - hp.dm_sigma_min) * torch.rand(n)
-        sigma = shift_sigmas(u, self.sampling_shift).to(self.device)  # (b,)
-        x_t = add_noise(x0.detach(), torch.randn_like(x0), sigma)
-        with torch.no_grad():
-            x0_real = consistency_x0(x_t, self.teacher_velocity(x_t, sigma, cond, uncond), sigma)
-            x0_fake = consistency_x0(x_t, self.critic_velocity(x_t, sigma, cond), sigma)
-        dm = dmd_generator_loss(x0, x0_real, x0_fake)
-        sigma_c = sample_training_sigmas(n, mode="logit_normal", shift=self.sampling_shift).to(self.device)
-        noise = torch.randn_like(x0)
-        fake = x0.detach()
-        critic = flow_matching_loss(self.critic_velocity(add_noise(fake, noise, sigma_c), sigma_c, cond),
-                                    velocity_target(fake, noise))
-        return dm, critic, {"dm_loss": dm.detach(), "critic_loss": critic.detach(),
-                            "fake_real_distance": (x0_fake - x0_real).abs().mean()}
-
-    def adversarial_losses(self, real: Tensor, fake: Tensor, sigma: Tensor, cond: Conditioning
-                           ) -> tuple[Tensor, Tensor]:
-        """``(classifier loss, student loss)`` of teacher points ``real`` against the student's ``fake`` ones at
-        ``sigma``: the head learns from the first only, the student (through the frozen teacher) from the second."""
-        with torch.no_grad():
-            f_real = self.teacher_features(real, sigma, cond)
-        f_fake = self.teacher_features(fake, sigma, cond)
-        d_loss = gan_discriminator_loss(self.gan_head(f_real), self.gan_head(f_fake.detach()))
-        frozen = {k: v.detach() for k, v in self.gan_head.named_parameters()}
-        g_loss = gan_generator_loss(torch.func.functional_call(self.gan_head, frozen, (f_fake,)))
-        return d_loss, g_loss
-
     # -- training -----------------------------------------------------------------------------------------------------
     def schedule(self) -> Tensor:
         """The discretised schedule ``sigma_0 = 1 > ... > sigma_N = 0``."""
@@ -696,58 +404,6 @@ class ConsistencyDistillation(AlignmentModule):
         if hp.phased:
             return euler_sample(lambda x, s: self.ema_velocity(x, s, cond), noise, sigmas)
         return multistep_sample(lambda x, s: self.ema_x0(x, s, cond), noise, sigmas)
-
-    @torch.no_grad()
-    def teacher_trajectory_points(self, prompts: list[str]) -> TrajectoryPoints:
-        """Teacher ODE trajectories from fresh noise on the schedule (with the teacher's guidance), cut into
-        ``points_per_trajectory`` pairs each: the state at a random grid index ``n`` and the teacher's own solution
-        ``k`` grid steps on (or at the phase end when nearer). With ``on_policy`` each phase starts from the student's
-        own step instead (the teacher's state at the phase end is still the pair's target)."""
-        hp = self.hparams
-        cond = self.backbone.encode_prompts(prompts)
-        uncond = (self.backbone.encode_prompts([hp.negative_prompt] * len(prompts))
-                  if hp.teacher_guidance_scale != 1.0 or hp.guidance_scale != 1.0 else None)
-        grid = self.schedule().tolist()
-        b, p, big_n = len(prompts), hp.points_per_trajectory, hp.num_timesteps
-        n = torch.randint(0, big_n, (b, p))  # (b, p)
-        n_next = torch.minimum(n + hp.skip_steps, self._end_index[n])  # (b, p)
-        shape = self.backbone.latent_shape(hp.num_frames, hp.height, hp.width)
-        x = torch.randn((b, *shape), device=self.device)
-        xs, xs_next = torch.empty((b, p, *shape)), torch.empty((b, p, *shape))  # (b, p, c, t, h, w)
-        starts = set(self._phase_starts) if hp.on_policy else set()
-        landing = None  # where the student's step from the current phase start lands
-        for i in range(big_n + 1):
-            rows, cols = (n_next == i).nonzero(as_tuple=True)
-            xs_next[rows, cols] = x[rows].cpu()  # the teacher's point
-            if i in starts:
-                if landing is not None:
-                    x = landing
-                s = torch.full((b,), grid[i], device=self.device)
-                v = guided_velocity(self.backbone, x, s, cond, uncond, hp.guidance_scale)  # the student's sampler
-                landing = euler_step(x, v, grid[i], grid[int(self._end_index[i])])
-            rows, cols = (n == i).nonzero(as_tuple=True)
-            xs[rows, cols] = x[rows].cpu()
-            if i >= int(n_next.max()):
-                break
-            s = torch.full((b,), grid[i], device=self.device)
-            x = euler_step(x, self.teacher_velocity(x, s, cond, uncond), grid[i], grid[i + 1])
-        return TrajectoryPoints(xs.flatten(0, 1), xs_next.flatten(0, 1), n.flatten(), n_next.flatten(),
-                                [q for q in prompts for _ in range(p)])
-
-    def trajectory_batch(self, prompts: list[str]) -> TrajectoryPoints:
-        """``len(prompts)`` random cached pairs, after growing the cache with this batch's prompts until it holds
-        ``teacher_trajectories`` trajectories (and, every ``trajectory_every`` steps after that, replacing the oldest
-        with new ones)."""
-        hp = self.hparams
-        p = hp.points_per_trajectory
-        have = 0 if self._trajectories is None else len(self._trajectories) // p
-        full = have >= hp.teacher_trajectories
-        refresh = full and hp.trajectory_every > 0 and self.global_step % hp.trajectory_every == 0
-        if not full or refresh:
-            new = self.teacher_trajectory_points(prompts if refresh else prompts[:hp.teacher_trajectories - have])
-            cache = new if self._trajectories is None else self._trajectories.cat(new)
-            self._trajectories = cache.subset(slice(max(len(cache) - hp.teacher_trajectories * p, 0), None))  # newest
-        return self._trajectories.subset(torch.randperm(len(self._trajectories))[:len(prompts)])
 
     def loss(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         """Consistency-distillation loss of one batch and statistics to log."""
@@ -861,36 +517,35 @@ class ConsistencyDistillation(AlignmentModule):
             torch.nn.utils.clip_grad_norm_(group["params"], gradient_clip_val)
 
     # -- sampling and evaluation --------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int] | None = None,
-                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 return_latents: bool = False) -> Tensor:
-        """Sample the student with the multistep consistency sampler (``num_inference_steps`` steps, default the
-        module's); seeds fix both the starting noise and the re-noising draws. ``guidance_scale`` other than 1 applies
-        classifier-free guidance to the student's velocity. A phased student samples with plain Euler steps."""
+    @override
+    def sample_latents(self, noise: Tensor, cond: Conditioning, *, num_inference_steps: int | None = None,
+                       guidance_scale: float | None = None, generator: Generators = None,
+                       uncond: Conditioning | None = None) -> Tensor:
+        """The student's sampler: multistep consistency sampling (predict ``x0``, re-noise it to the next sigma,
+        :func:`~lit_videoalign.schedules.samplers.multistep_sample`) on ``num_inference_steps`` steps (default the
+        module's), or for a phased student the Euler ODE on its phase grid. ``guidance_scale`` other than 1 applies
+        classifier-free guidance to the student's velocity. One denoiser call per step (two with guidance).
+
+        Args:
+            noise: initial latents at sigma 1.
+            cond: prompt conditioning.
+            num_inference_steps: student steps; None takes the module's.
+            guidance_scale: classifier-free guidance; None takes the module's.
+            generator: the re-noising draws' source: one generator per sample (seeded sampling), one for the batch,
+                or None for the global RNG.
+            uncond: the negative-prompt conditioning (encoded here when guidance needs it and it is None).
+        """
         if self.hparams.phased:
-            return super().generate(prompts, seeds, num_inference_steps, guidance_scale, return_latents)
-        prompts = list(prompts)
-        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-        if len(seeds) != len(prompts):
-            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; expected one seed per prompt")
+            return super().sample_latents(noise, cond, num_inference_steps=num_inference_steps,
+                                          guidance_scale=guidance_scale, generator=generator, uncond=uncond)
         scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
-        was_training = self.training
-        self.eval()
-        try:
-            cond = self.backbone.encode_prompts(prompts)
-            uncond = self.backbone.encode_prompts([self.hparams.negative_prompt] * len(prompts)) if scale != 1 else None
-            generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-            shape = self.backbone.latent_shape(self.hparams.num_frames, self.hparams.height, self.hparams.width)
-            noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
+        if scale != 1 and uncond is None:
+            uncond = self.backbone.encode_prompts([self.hparams.negative_prompt] * len(cond))
 
-            def x0_fn(x: Tensor, s: Tensor) -> Tensor:
-                return self._x0(guided_velocity(self.backbone, x, s, cond, uncond, scale), x, s)
+        def x0_fn(x: Tensor, s: Tensor) -> Tensor:
+            return self._x0(guided_velocity(self.backbone, x, s, cond, uncond, scale), x, s)
 
-            latents = multistep_sample(x0_fn, noise, self.student_sigmas(num_inference_steps), generators)
-            return latents if return_latents else self.backbone.decode_latents(latents)
-        finally:
-            self.train(was_training)
+        return multistep_sample(x0_fn, noise, self.student_sigmas(num_inference_steps), generator)
 
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:

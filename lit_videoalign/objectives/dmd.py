@@ -17,12 +17,16 @@ regression warm-up on teacher ODE pairs (noise -> teacher sample) is an option t
 
 Memory: with ``shared_base`` the student and the critic are two peft LoRA adapters over one frozen base and the
 teacher is that base with adapters disabled, so the three roles cost one set of base weights.
+
+The pure loss, :func:`~lit_videoalign.objectives.losses.dmd_generator_loss`, lives in ``objectives/losses.py`` (rCM's
+regulariser of consistency distillation uses it too); the student's sampler in ``schedules/samplers.py``; the adapter
+roles in ``backbones/adapters.py``.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -32,18 +36,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lit_videoalign.backbones.adapters import AdapterRoles, add_named_adapter, guided_velocity
 from lit_videoalign.backbones.base import Conditioning
 from lit_videoalign.objectives.base import AlignmentModule
-from lit_videoalign.objectives.consistency import (
-    SAMPLER_MODES,
-    AdapterRoles,
-    add_named_adapter,
-    consistency_x0,
-    draw_noise,
-    guided_velocity,
-    multistep_sample,
-    next_sample,
-)
 from lit_videoalign.objectives.gan import (
     GANHead,
     LastBlockFeatures,
@@ -51,6 +46,7 @@ from lit_videoalign.objectives.gan import (
     gan_discriminator_loss,
     gan_generator_loss,
 )
+from lit_videoalign.objectives.losses import dmd_generator_loss  # its old home was here: still importable
 from lit_videoalign.objectives.sft import flow_matching_loss
 from lit_videoalign.schedules.flow import (
     SIGMA_MODES,
@@ -61,33 +57,14 @@ from lit_videoalign.schedules.flow import (
     shift_sigmas,
     velocity_target,
 )
+from lit_videoalign.schedules.samplers import (
+    SAMPLER_MODES,
+    Generators,
+    multistep_sample,
+    next_sample,
+    predicted_x0,
+)
 from reward_zoo.base import RewardModel
-
-
-# -- pure losses -------------------------------------------------------------------------------------------------------
-def dmd_generator_loss(x0_student: Tensor, x0_real: Tensor, x0_fake: Tensor, eps: float = 1e-8) -> Tensor:
-    """DMD's distribution-matching loss for the student (scalar).
-
-    ``grad = (x0_fake - x0_real) / mean|x0_student - x0_real|`` (the mean per sample, over non-batch dims, floored at
-    ``eps``); ``loss = 0.5 * mse(x0_student, stopgrad(x0_student - grad))``, so the gradient with respect to
-    ``x0_student`` is ``grad / numel``: a descent step moves the student towards the teacher's prediction and away
-    from the critic's.
-
-    Args:
-        x0_student: ``[B, ...]`` the student's samples (with gradients).
-        x0_real: ``[B, ...]`` the teacher's x0 prediction at the noised samples (no gradients needed).
-        x0_fake: ``[B, ...]`` the critic's x0 prediction at the same points.
-        eps: floor of the per-sample normaliser.
-    """
-    if not (x0_student.shape == x0_real.shape == x0_fake.shape):
-        raise ValueError(f"x0_student, x0_real and x0_fake must share a shape, got {tuple(x0_student.shape)}, "
-                         f"{tuple(x0_real.shape)}, {tuple(x0_fake.shape)}")
-    x = x0_student.float()
-    real, fake = x0_real.detach().float(), x0_fake.detach().float()
-    norm = (x.detach() - real).abs().flatten(1).mean(1).clamp_min(eps)  # (b,)
-    grad = (fake - real) / norm.view(-1, *([1] * (x.ndim - 1)))
-    grad = torch.nan_to_num(grad)
-    return 0.5 * F.mse_loss(x, (x - grad).detach())
 
 
 # -- the module --------------------------------------------------------------------------------------------------------
@@ -289,7 +266,7 @@ class DMD(AlignmentModule):
     def student_x0(self, x: Tensor, sigma: Tensor, cond: Conditioning, uncond: Conditioning | None = None,
                    guidance_scale: float = 1.0) -> Tensor:
         """The student's x0 prediction ``x - sigma * v`` (with gradients when enabled)."""
-        return consistency_x0(x, self.velocity("student", x, sigma, cond, uncond, guidance_scale), sigma)
+        return predicted_x0(x, self.velocity("student", x, sigma, cond, uncond, guidance_scale), sigma)
 
     def sample_student(self, cond: Conditioning, noise: Tensor, grad: bool = False) -> Tensor:
         """Student samples for training: with backward simulation from a random step ``j`` (steps ``< j`` without
@@ -363,9 +340,9 @@ class DMD(AlignmentModule):
         sigma = self.dm_sigmas(len(x0))
         x_t = add_noise(x0.detach(), torch.randn_like(x0), sigma)
         with torch.no_grad():
-            x0_real = consistency_x0(x_t, self.velocity("teacher", x_t, sigma, cond, uncond,
-                                                        hp.teacher_guidance_scale), sigma)
-            x0_fake = consistency_x0(x_t, self.velocity("critic", x_t, sigma, cond), sigma)
+            x0_real = predicted_x0(x_t, self.velocity("teacher", x_t, sigma, cond, uncond,
+                                                      hp.teacher_guidance_scale), sigma)
+            x0_fake = predicted_x0(x_t, self.velocity("critic", x_t, sigma, cond), sigma)
         loss = dmd_generator_loss(x0, x0_real, x0_fake)
         stats = {"dm_loss": loss.detach(), "fake_real_distance": (x0_fake - x0_real).abs().mean()}
         if self.gan_head is not None:
@@ -490,35 +467,29 @@ class DMD(AlignmentModule):
         self._pairs = None if pairs is None else ODEPairs(pairs["states"], pairs["x0"], list(pairs["prompts"]))
 
     # -- sampling and evaluation ------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int] | None = None,
-                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 return_latents: bool = False) -> Tensor:
-        """Sample the student in its few steps (its training sigmas, or ``num_inference_steps`` steps of the sampling
-        grid when given); seeds fix the starting noise and the re-noising draws.
+    @override
+    def sample_latents(self, noise: Tensor, cond: Conditioning, *, num_inference_steps: int | None = None,
+                       guidance_scale: float | None = None, generator: Generators = None,
+                       uncond: Conditioning | None = None) -> Tensor:
+        """The student's few-step sampler (:func:`~lit_videoalign.schedules.samplers.multistep_sample`): its training
+        sigmas, or ``num_inference_steps`` steps of the sampling grid when given, with ``student_sampler``
+        transitions. One denoiser call per step (two with guidance).
 
-        Returns:
-            Pixel videos ``[B, T, C, H, W]`` in ``[0, 1]`` (or latents ``[B, C, T', H', W']``).
+        Args:
+            noise: initial latents at sigma 1.
+            cond: prompt conditioning.
+            num_inference_steps: overrides the student's own steps.
+            guidance_scale: classifier-free guidance of the student's velocity; None takes the module's.
+            generator: the re-noising draws' source: one generator per sample (seeded sampling), one for the batch,
+                or None for the global RNG.
+            uncond: the negative-prompt conditioning (encoded here when guidance needs it and it is None).
         """
-        prompts = list(prompts)
-        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-        if len(seeds) != len(prompts):
-            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; expected one seed per prompt")
         hp = self.hparams
         scale = hp.guidance_scale if guidance_scale is None else guidance_scale
-        was_training = self.training
-        self.eval()
-        try:
-            cond = self.backbone.encode_prompts(prompts)
-            uncond = self.backbone.encode_prompts([hp.negative_prompt] * len(prompts)) if scale != 1.0 else None
-            generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-            shape = self.backbone.latent_shape(hp.num_frames, hp.height, hp.width)
-            noise = draw_noise(torch.empty((len(prompts), *shape), device=self.device), generators)
-            latents = multistep_sample(lambda x, s: self.student_x0(x, s, cond, uncond, scale), noise,
-                                       self.student_grid(num_inference_steps), generators, hp.student_sampler)
-            return latents if return_latents else self.backbone.decode_latents(latents)
-        finally:
-            self.train(was_training)
+        if scale != 1.0 and uncond is None:
+            uncond = self.backbone.encode_prompts([hp.negative_prompt] * len(cond))
+        return multistep_sample(lambda x, s: self.student_x0(x, s, cond, uncond, scale), noise,
+                                self.student_grid(num_inference_steps), generator, hp.student_sampler)
 
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:

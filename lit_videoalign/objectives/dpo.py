@@ -37,6 +37,7 @@ from lit_videoalign.schedules.flow import (
     sampling_sigmas,
     velocity_target,
 )
+from lit_videoalign.schedules.samplers import cfg_velocity
 from reward_zoo.base import RewardModel
 
 GENERATORS = ("policy", "reference")
@@ -405,9 +406,7 @@ class DPO(AlignmentModule):
         return loss, stats
 
     # -- online pairs ---------------------------------------------------------------------------------------------
-    def _velocity_fn(self, cond: Conditioning, guidance: float) -> Callable[[Tensor, Tensor], Tensor]:
-        if self.hparams.generate_with == "policy":
-            return self.guided_velocity_fn(cond, guidance)
+    def _reference_velocity_fn(self, cond: Conditioning, guidance: float) -> Callable[[Tensor, Tensor], Tensor]:
         uncond = None if guidance == 1.0 else self.backbone.encode_prompts([self.hparams.negative_prompt] * len(cond))
 
         def reference(x: Tensor, s: Tensor) -> Tensor:
@@ -415,7 +414,7 @@ class DPO(AlignmentModule):
                 return self.reference_velocity(x, s, cond)
             both = Conditioning.cat([cond, uncond])
             v_c, v_u = self.reference_velocity(torch.cat([x, x]), torch.cat([s, s]), both).chunk(2)
-            return v_u + guidance * (v_c - v_u)
+            return cfg_velocity(v_c, v_u, guidance)
 
         return reference
 
@@ -448,8 +447,11 @@ class DPO(AlignmentModule):
             noise = torch.randn((len(group), *shape), generator=self.pool_generator).to(self.device)
             steps = hp.candidate_steps or hp.num_inference_steps
             guidance = hp.guidance_scale if hp.candidate_guidance_scale is None else hp.candidate_guidance_scale
-            sigmas = sampling_sigmas(steps, shift=self.sampling_shift)
-            latents = euler_sample(self._velocity_fn(cond, guidance), noise, sigmas)  # (n * k, c, t, h, w)
+            if hp.generate_with == "policy":  # the policy's own sampler; latents (n * k, c, t, h, w)
+                latents = self.sample_latents(noise, cond, num_inference_steps=steps, guidance_scale=guidance)
+            else:  # the reference's Euler ODE
+                sigmas = sampling_sigmas(steps, shift=self.sampling_shift)
+                latents = euler_sample(self._reference_velocity_fn(cond, guidance), noise, sigmas)
             scores = self.score(self.backbone.decode_latents(latents), group)
         finally:
             self.train(was_training)

@@ -22,9 +22,10 @@ from torch.utils.checkpoint import checkpoint
 from typing_extensions import override
 
 from lit_videoalign.backbones.base import Conditioning
-from lit_videoalign.inference.base import require_differentiable
 from lit_videoalign.objectives.base import AlignmentModule
+from lit_videoalign.objectives.losses import require_differentiable
 from lit_videoalign.schedules.flow import euler_step, sampling_sigmas
+from lit_videoalign.schedules.samplers import cfg_velocity
 from reward_zoo.base import RewardModel
 
 REGULARIZERS = ("velocity_kl", "l2")
@@ -146,8 +147,7 @@ class RewardGradient(AlignmentModule):
         """The reference policy's (guided) velocity at ``x``, without gradients."""
         v = self.reference_velocity(x, s, cond)
         if uncond is not None:
-            v_u = self.reference_velocity(x, s, uncond)
-            v = v_u + self.rollout_guidance * (v - v_u)
+            v = cfg_velocity(v, self.reference_velocity(x, s, uncond), self.rollout_guidance)
         return v
 
     def weight_deltas(self) -> list[Tensor]:
