@@ -29,6 +29,7 @@ from lit_videoalign.objectives.consistency import ConsistencyDistillation
 from lit_videoalign.objectives.dmd import DMD
 from lit_videoalign.objectives.dpo import DPO
 from lit_videoalign.objectives.grpo import GRPO
+from lit_videoalign.objectives.nft import DiffusionNFT
 from lit_videoalign.objectives.rejection_sft import RejectionSFT
 from lit_videoalign.objectives.reward_gradient import RewardGradient
 from lit_videoalign.objectives.sft import SFT
@@ -61,6 +62,12 @@ CASES = {
                                   optimizer=adamw(1e-2)), toy, 3, 1, False),
     "grpo": (lambda bb: GRPO(bb, reward=Brightness(), lora_rank=4, group_size=2, num_sampling_steps=2,
                              num_inference_steps=2, per_prompt_stats=True, optimizer=adamw(3e-2)), toy, 3, 1, False),
+    "nft": (lambda bb: DiffusionNFT(bb, reward=Brightness(), lora_rank=4, group_size=2, num_sampling_steps=2,
+                                    num_inference_steps=2, micro_batch_size=1, updates_per_epoch=2,
+                                    old_decay_rate=0.1, optimizer=adamw(3e-2)), toy, 6, 2, False),
+    "awm_full": (lambda bb: DiffusionNFT(bb, reward=Brightness(), loss_type="awm", group_size=2, num_sampling_steps=2,
+                                         num_inference_steps=2, sigma_sampling="logit_normal", old_decay_rate=0.1,
+                                         optimizer=adamw(1e-3)), toy, 3, 1, False),
     "dmd": (lambda bb: DMD(bb, teacher_guidance_scale=2.0, num_inference_steps=2, optimizer=adamw(1e-3)),
             toy, 6, 2, False),
     "consistency": (lambda bb: ConsistencyDistillation(bb, lora_rank=4, teacher_guidance_scale=2.0, num_timesteps=4,
@@ -187,21 +194,39 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
-def sft_config(tmp: Path, pipeline: str) -> Path:
-    cfg = tmp / "sft.yaml"
-    cfg.write_text(textwrap.dedent(f"""
-        seed_everything: 0
-        model:
-          class_path: lit_videoalign.objectives.sft.SFT
-          init_args:
-            backbone:
-              class_path: lit_videoalign.backbones.diffusers.DiffusersVideoBackbone
-              init_args: {{pretrained_model_name_or_path: {pipeline}, max_sequence_length: 16}}
-            lora_rank: 4
-            optimizer: {{class_path: torch.optim.AdamW, init_args: {{lr: 1.0e-2}}}}
+MODELS = {  # the model block of a fit config per objective: LoRA SFT on videos, LoRA DiffusionNFT on prompts
+    "sft": """
+        class_path: lit_videoalign.objectives.sft.SFT
+        init_args:
+          backbone:
+            class_path: lit_videoalign.backbones.diffusers.DiffusersVideoBackbone
+            init_args: {{pretrained_model_name_or_path: {pipeline}, max_sequence_length: 16}}
+          lora_rank: 4
+          optimizer: {{class_path: torch.optim.AdamW, init_args: {{lr: 1.0e-2}}}}""",
+    "nft": """
+        class_path: lit_videoalign.objectives.nft.DiffusionNFT
+        init_args:
+          backbone:
+            class_path: lit_videoalign.backbones.diffusers.DiffusersVideoBackbone
+            init_args: {{pretrained_model_name_or_path: {pipeline}, max_sequence_length: 16}}
+          reward: {{class_path: lit_videoalign.testing.Brightness}}
+          lora_rank: 4
+          group_size: 2
+          num_sampling_steps: 2
+          num_inference_steps: 2
+          old_decay_rate: 0.1
+          optimizer: {{class_path: torch.optim.AdamW, init_args: {{lr: 3.0e-2}}}}""",
+}
+
+
+def fit_config(tmp: Path, pipeline: str, objective: str = "sft") -> Path:
+    cfg = tmp / f"{objective}.yaml"
+    model = textwrap.indent(textwrap.dedent(MODELS[objective].format(pipeline=pipeline)).strip(), "  ")
+    prompts_only = "true" if objective == "nft" else "false"
+    cfg.write_text("seed_everything: 0\nmodel:\n" + model + "\n" + textwrap.dedent(f"""
         data:
           class_path: lit_videoalign.data.toyworld.ToyWorldDataModule
-          init_args: {{batch_size: 2, train_size: 6, val_size: 2, max_balls: 1}}
+          init_args: {{batch_size: 2, train_size: 6, val_size: 2, max_balls: 1, prompts_only: {prompts_only}}}
         trainer:
           max_steps: 4
           accelerator: cpu
@@ -223,11 +248,12 @@ def cli_fit(cfg: Path, ckpt_dir: Path, *extra: str) -> VideoAlignCLI:
                                *extra])
 
 
-def test_sigkilled_fit_resumes_exactly(tiny_pixel_pipeline, tmp_path, monkeypatch):
+@pytest.mark.parametrize("objective", sorted(MODELS))
+def test_sigkilled_fit_resumes_exactly(objective, tiny_pixel_pipeline, tmp_path, monkeypatch):
     """A `videoalign fit` killed with SIGKILL right after its step-1 checkpoint (mid-epoch) and resumed with
     --ckpt_path ends like an uninterrupted run; the killed process wrote exactly the checkpoints it finished."""
     monkeypatch.chdir(tmp_path)
-    cfg = sft_config(tmp_path, tiny_pixel_pipeline)
+    cfg = fit_config(tmp_path, tiny_pixel_pipeline, objective)
     killed = tmp_path / "killed"
     args = ["fit", "--config", str(cfg), "--trainer.callbacks+=ModelCheckpoint",
             f"--trainer.callbacks.dirpath={killed}", "--trainer.callbacks.filename={step}",
@@ -243,7 +269,7 @@ def test_sigkilled_fit_resumes_exactly(tiny_pixel_pipeline, tmp_path, monkeypatc
     assert_same_state(training_state(load(killed / "step=1.ckpt")),
                       training_state(load(tmp_path / "full" / "step=1.ckpt")), "step 1 in two processes")
     assert_same_state(training_state(load(tmp_path / "full" / "step=4.ckpt")),
-                      training_state(load(tmp_path / "resumed" / "step=4.ckpt")), "sft via the CLI")
+                      training_state(load(tmp_path / "resumed" / "step=4.ckpt")), f"{objective} via the CLI")
 
 
 # -- resumable data -------------------------------------------------------------------------------------------------
