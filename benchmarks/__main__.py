@@ -46,8 +46,8 @@ class Benchmark:
 
 
 BENCHMARKS = (
-    Benchmark("overhead", "step time of SFT, DPO, GRPO (update), DMD and consistency through Lightning vs a "
-              "hand-written loop (target: at most 5 % overhead)", ("--quick",), "--output"),
+    Benchmark("overhead", "step time of SFT, DPO, GRPO (update), NFT (update), DMD and consistency through Lightning "
+              "vs a hand-written loop (target: at most 5 % overhead)", ("--quick",), "--output"),
     Benchmark("memory_objectives", "peak memory of LoRA-SFT, LoRA-DPO, LoRA-GRPO and shared-base DMD on one batch",
               ("--quick",), "--output"),
     Benchmark("grpo_overhead", "GRPO rollout vs K x steps bare denoiser forwards; update vs a hand-written loop",
@@ -74,6 +74,10 @@ BENCHMARKS = (
     Benchmark("toyworld_inference", "inference-time alignment: best-of-N, noise search, reward guidance",
               ("--num_prompts", "2", "--ns", "1", "2", "--num_inference_steps", "2", "--batch_size", "2"), "--out",
               "dir"),
+    Benchmark("toyworld_rl", "online RL (GRPO, DiffusionNFT, AWM) from the shipped base: held-out scores against "
+              "training CPU-minutes, paired with the base", ("--methods", "nft", "--seeds", "0", "--minutes",
+              "nft=0.05", "--eval_every", "nft=0.05", "--num_prompts", "2", "--diversity_prompts", "1",
+              "--diversity_seeds", "2", "--batch_size", "2"), "--output"),
     Benchmark("toyworld_dpo", "a trained DPO model against the base on the toy world", (), "--out",
               needs="--pipeline PIPELINE or --ckpt CKPT of a trained DPO model"),
     Benchmark("toyworld_distill", "distilled few-step students against the teacher on the toy world", (), "--out",

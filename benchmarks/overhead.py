@@ -1,6 +1,6 @@
 """Framework overhead: each objective's step through Lightning against a minimal hand-written loop doing the same maths.
 
-    python -m benchmarks.overhead [--rounds 5] [--steps 3] [--objectives sft dpo grpo dmd consistency] [--quick]
+    python -m benchmarks.overhead [--rounds 5] [--steps 3] [--objectives sft dpo grpo dmd consistency nft] [--quick]
 
 For each objective, two identically initialised copies of the same module train side by side in one process:
 
@@ -8,7 +8,8 @@ For each objective, two identically initialised copies of the same module train 
   optimizer configuration, non-finite guard, logging) with ``logger=False``, no progress bar and no checkpointing;
 - **hand-written**: a plain ``for batch in loader`` loop over the same ``DataLoader`` that calls the transformer as
   the diffusers pipeline does, the objective's pure loss functions, ``backward`` and the same optimizer, switching
-  peft adapters itself where the objective keeps several (reference, critic, EMA target).
+  peft adapters itself where the objective keeps several (reference, critic, EMA target); it lives in
+  ``benchmarks/overhead_hand.py``.
 
 Both see the same batch on the same backbone: a random-initialised diffusers ``WanTransformer3DModel`` of 4.9 M
 parameters (4 blocks, width 256, FFN 1024) on 8x32x32 pixel-space clips with 1x4x4 patches (512 video tokens) and
@@ -22,7 +23,10 @@ parameters (4 blocks, width 256, FFN 1024) on 8x32x32 pixel-space clips with 1x4
 - ``dmd``: one DMD2 critic update and one generator update, student and critic as two adapters of one shared base,
   a one-step student, teacher guidance 3;
 - ``consistency``: latent consistency distillation on 2 clips (teacher Euler step with guidance 3, EMA target as a
-  frozen second adapter, pseudo-Huber loss, EMA update).
+  frozen second adapter, pseudo-Huber loss, EMA update);
+- ``nft``: the update phase of DiffusionNFT on a fixed, pre-recorded rollout of 2 prompts x 2 clean samples with
+  synthetic rewards (fresh sigma from the rollout's grid and fresh noise, ``v_theta`` with gradients and ``v_old`` of
+  the EMA sampling policy, a second adapter, on 4 clips; adaptive weighting, gradient clipping, EMA update).
 
 A step is timed from one ``on_train_batch_start`` to the next (so it includes fetching the batch and everything
 Lightning does between steps); the hand-written loop is timed the same way at the top of its loop body. The two sides
@@ -51,13 +55,14 @@ from pathlib import Path
 import torch
 
 from benchmarks import write_result
+from benchmarks.overhead_hand import HandWritten, adamw
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 RESULTS = Path(__file__).resolve().parent / "results"
-OBJECTIVES = ("sft", "dpo", "grpo", "dmd", "consistency")
+OBJECTIVES = ("sft", "dpo", "grpo", "dmd", "consistency", "nft")
 TARGET = 0.05
 PROMPTS = ["a red ball falls and bounces", "a blue ball moves left", "a green ball moves right and bounces",
            "a yellow ball falls"]
@@ -159,10 +164,6 @@ def machine() -> dict:
     return info
 
 
-def adamw(params):
-    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-
-
 def build(objective: str, pipeline: str, size: Size, lora: bool = True):
     """The objective module on a freshly loaded backbone; the same seed gives the same weights and adapters.
     ``lora=False`` trains the full denoiser (SFT only here)."""
@@ -195,6 +196,13 @@ def build(objective: str, pipeline: str, size: Size, lora: bool = True):
         from lit_videoalign.objectives.consistency import ConsistencyDistillation
 
         return ConsistencyDistillation(bb, num_timesteps=40, skip_steps=1, teacher_guidance_scale=3.0, **common)
+    if objective == "nft":
+        from lit_videoalign.objectives.nft import DiffusionNFT
+        from reward_zoo import create_reward
+
+        return DiffusionNFT(bb, reward=create_reward("newton"), group_size=2, num_sampling_steps=10,
+                            sigmas_per_sample=1, micro_batch_size=None, updates_per_epoch=1, old_policy="ema",
+                            adaptive_weighting=True, **common)
     raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
 
 
@@ -212,189 +220,6 @@ def batch_items(objective: str, size: Size, batch: int = 2) -> list[dict]:
             item["rejected_latents"] = torch.rand(shape, generator=g) * 2 - 1
         items.append(item)
     return items
-
-
-# -- the hand-written side ---------------------------------------------------------------------------------------------
-def lora_params(denoiser: torch.nn.Module, adapter: str) -> list[torch.nn.Parameter]:
-    return [p for n, p in denoiser.named_parameters() if "lora_" in n and f".{adapter}." in n]
-
-
-def use(denoiser, adapter: str | None) -> None:
-    """Run ``adapter`` alone (None: the base weights), with diffusers' peft calls."""
-    if adapter is None:
-        denoiser.disable_adapters()
-    else:
-        denoiser.enable_adapters()
-        denoiser.set_adapter(adapter)
-
-
-def transformer(denoiser, x, sigma, embeds):
-    """The transformer called as the diffusers Wan pipeline calls it: the output is the velocity at ``sigma``."""
-    return denoiser(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=embeds, return_dict=False)[0]
-
-
-def guided(denoiser, x, sigma, cond, uncond, scale: float):
-    v_c, v_u = transformer(denoiser, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, uncond])).chunk(2)
-    return v_u + scale * (v_c - v_u)
-
-
-class HandWritten:
-    """The maths of each objective's training step in plain PyTorch, on the module's backbone (weights only)."""
-
-    def __init__(self, module, objective: str, rollout=None) -> None:
-        self.m, self.objective, self.rollout = module, objective, rollout
-        self.den = module.backbone.denoiser
-        self.hp = module.hparams
-        self.shift = module.backbone.default_sampling_shift
-        self.optimizers()
-
-    def optimizers(self) -> None:
-        if self.objective == "dmd":
-            self.student, self.critic = lora_params(self.den, "default"), lora_params(self.den, "critic")
-            self.opts = [adamw(self.student), adamw(self.critic)]
-        else:
-            self.student = lora_params(self.den, "default")
-            self.opts = [adamw(self.student)]
-
-    def embeds(self, prompts: list[str]) -> torch.Tensor:
-        return self.m.backbone.encode_prompts(list(prompts)).prompt_embeds
-
-    def step(self, batch: dict) -> None:
-        getattr(self, self.objective)(batch)
-
-    def sft(self, batch: dict) -> None:
-        from lit_videoalign.objectives.sft import flow_matching_loss
-        from lit_videoalign.schedules.flow import add_noise, sample_training_sigmas, velocity_target
-
-        x0 = batch["latents"]
-        cond = self.embeds(batch["prompt"])
-        sigma = sample_training_sigmas(len(x0), mode="logit_normal", shift=self.shift).to(x0.device)
-        noise = torch.randn_like(x0)
-        loss = flow_matching_loss(transformer(self.den, add_noise(x0, noise, sigma), sigma, cond),
-                                  velocity_target(x0, noise))
-        opt = self.opts[0]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    def dpo(self, batch: dict) -> None:
-        from lit_videoalign.objectives.dpo import flow_dpo_loss, per_sample_mse
-        from lit_videoalign.schedules.flow import add_noise, sample_training_sigmas, velocity_target
-
-        x_w, x_l = batch["chosen_latents"], batch["rejected_latents"]
-        cond = self.embeds(batch["prompt"])
-        sigma = sample_training_sigmas(len(x_w), mode="logit_normal", shift=self.shift).to(x_w.device)
-        noise = torch.randn_like(x_w)  # shared by winner and loser
-        x0, noise2, sigma2, cond2 = (torch.cat([x_w, x_l]), torch.cat([noise, noise]), torch.cat([sigma, sigma]),
-                                     torch.cat([cond, cond]))
-        x_t, target = add_noise(x0, noise2, sigma2), velocity_target(x0, noise2)
-        with torch.no_grad():
-            use(self.den, None)
-            ref_w, ref_l = per_sample_mse(transformer(self.den, x_t, sigma2, cond2), target).chunk(2)
-            use(self.den, "default")
-        err_w, err_l = per_sample_mse(transformer(self.den, x_t, sigma2, cond2), target).chunk(2)
-        loss = flow_dpo_loss(err_w, err_l, ref_w, ref_l, self.hp.beta)
-        opt = self.opts[0]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    def grpo(self, batch: dict) -> None:
-        from lit_videoalign.objectives.grpo import grpo_policy_loss
-        from lit_videoalign.schedules.flow import sde_step_with_logprob
-
-        r = self.rollout
-        n, steps = len(r.prompts), r.sde_steps
-        opt = self.opts[0]
-        opt.zero_grad()
-        for step in steps:
-            x, x_next = r.latents[:, step], r.latents[:, step + 1]
-            s, s_next = r.sigmas[step].expand(n), r.sigmas[step + 1].expand(n)
-            v = transformer(self.den, x, s, r.cond.prompt_embeds)
-            _, log_prob, _, _ = sde_step_with_logprob(x, v, s, s_next, noise_level=self.hp.noise_level,
-                                                      prev_sample=x_next)
-            loss = grpo_policy_loss(log_prob, r.log_probs[:, step], r.advantages, self.hp.clip_range)
-            (loss / len(steps)).backward()
-        torch.nn.utils.clip_grad_norm_(self.student, self.hp.max_grad_norm)
-        opt.step()
-
-    def dmd(self, batch: dict) -> None:
-        from lit_videoalign.objectives.consistency import consistency_x0
-        from lit_videoalign.objectives.dmd import dmd_generator_loss
-        from lit_videoalign.objectives.sft import flow_matching_loss
-        from lit_videoalign.schedules.flow import (
-            add_noise,
-            sample_training_sigmas,
-            sampling_sigmas,
-            shift_sigmas,
-            velocity_target,
-        )
-
-        hp, den = self.hp, self.den
-        prompts = list(batch["prompt"])
-        n = len(prompts)
-        cond, uncond = self.embeds(prompts), self.embeds([hp.negative_prompt] * n)
-        shape = (n, *self.m.backbone.latent_shape(hp.num_frames, hp.height, hp.width))
-        dev = cond.device
-        sigma0 = torch.full((n,), float(sampling_sigmas(1, shift=self.m.sampling_shift)[0]), device=dev)
-        opt_g, opt_c = self.opts
-        # critic: flow matching on fresh one-step student samples
-        with torch.no_grad():
-            noise = torch.randn(shape, device=dev)
-            x0 = consistency_x0(noise, transformer(den, noise, sigma0, cond), sigma0)
-        use(den, "critic")
-        sigma = sample_training_sigmas(n, mode="logit_normal", shift=self.shift).to(dev)
-        eps = torch.randn_like(x0)
-        loss = flow_matching_loss(transformer(den, add_noise(x0, eps, sigma), sigma, cond), velocity_target(x0, eps))
-        opt_c.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.critic, hp.max_grad_norm)
-        opt_c.step()
-        use(den, "default")
-        # generator: distribution matching between the teacher (base, guided) and the critic
-        noise = torch.randn(shape, device=dev)
-        x0 = consistency_x0(noise, transformer(den, noise, sigma0, cond), sigma0)
-        u = hp.dm_sigma_min + (hp.dm_sigma_max - hp.dm_sigma_min) * torch.rand(n)
-        sigma = shift_sigmas(u, self.shift).to(dev)
-        x_t = add_noise(x0.detach(), torch.randn_like(x0), sigma)
-        with torch.no_grad():
-            use(den, None)
-            x0_real = consistency_x0(x_t, guided(den, x_t, sigma, cond, uncond, hp.teacher_guidance_scale), sigma)
-            use(den, "critic")
-            x0_fake = consistency_x0(x_t, transformer(den, x_t, sigma, cond), sigma)
-            use(den, "default")
-        loss = dmd_generator_loss(x0, x0_real, x0_fake)
-        opt_g.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.student, hp.max_grad_norm)
-        opt_g.step()
-
-    def consistency(self, batch: dict) -> None:
-        from lit_videoalign.objectives.consistency import consistency_loss, consistency_x0, ema_update
-        from lit_videoalign.schedules.flow import add_noise, euler_step, sampling_sigmas
-
-        hp, den = self.hp, self.den
-        x0 = batch["latents"]
-        prompts = list(batch["prompt"])
-        cond, uncond = self.embeds(prompts), self.embeds([hp.negative_prompt] * len(prompts))
-        grid = sampling_sigmas(hp.num_timesteps, shift=self.m.sampling_shift).to(x0.device)
-        idx = torch.randint(0, hp.num_timesteps - hp.skip_steps + 1, (len(prompts),), device=x0.device)
-        sigma, sigma_next = grid[idx], grid[idx + hp.skip_steps]
-        x_t = add_noise(x0, torch.randn_like(x0), sigma)
-        with torch.no_grad():
-            use(den, None)
-            x_next = euler_step(x_t, guided(den, x_t, sigma, cond, uncond, hp.teacher_guidance_scale), sigma,
-                                sigma_next)
-            use(den, "ema")
-            target = consistency_x0(x_next, transformer(den, x_next, sigma_next, cond), sigma_next)
-            use(den, "default")
-        pred = consistency_x0(x_t, transformer(den, x_t, sigma, cond), sigma)
-        loss = consistency_loss(pred, target, hp.loss_type, hp.huber_c)
-        opt = self.opts[0]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ema_update(lora_params(den, "ema"), self.student, hp.ema_decay)
 
 
 # -- timing ------------------------------------------------------------------------------------------------------------
@@ -468,14 +293,32 @@ def recorded_rollout(module, n_prompts: int):
                                advantages=group_advantages(rewards, module.hparams.group_size))
 
 
+def recorded_nft_rollout(module, n_prompts: int):
+    """One real DiffusionNFT rollout (clean samples of the EMA sampling policy) with synthetic seeded rewards turned
+    into optimality probabilities, so ``r`` is non-degenerate whatever the reward makes of a random model."""
+    from lit_videoalign.objectives.nft import optimality_probability
+
+    import warnings
+
+    hp = module.hparams
+    with warnings.catch_warnings():  # the reward may refuse --quick's 2-frame clips: the rewards are replaced anyway
+        warnings.filterwarnings("ignore", message=".*the reward raised.*")
+        rollout = module.rollout(PROMPTS[:n_prompts], generator=torch.Generator().manual_seed(0))
+    n, dev = len(rollout.prompts), rollout.latents.device
+    rewards = torch.randn(n, generator=torch.Generator().manual_seed(2)).to(dev)
+    r, adv = optimality_probability(rewards, hp.group_size, hp.adv_clip_max, global_std=hp.global_std)
+    return dataclasses.replace(rollout, rewards={**rollout.rewards, hp.reward_key: rewards}, r=r, advantages=adv,
+                               valid=torch.ones(n, dtype=torch.bool, device=dev))
+
+
 def run_objective(objective: str, pipeline: str, size: Size, rounds: int, warmup: int, steps: int) -> dict:
     light, hand_module = build(objective, pipeline, size), build(objective, pipeline, size)
     light.to(device())
     hand_module.to(device())
     items = batch_items(objective, size)
     rollout = None
-    if objective == "grpo":
-        rollout = recorded_rollout(light, len(items))
+    if objective in ("grpo", "nft"):
+        rollout = (recorded_rollout if objective == "grpo" else recorded_nft_rollout)(light, len(items))
         light.rollout = lambda _prompts, generator=None: rollout  # only the update is timed
     hand = HandWritten(hand_module, objective, rollout)
     per_round = []
@@ -517,6 +360,7 @@ STEP_WHAT = {
     "grpo": "GRPO update on a recorded rollout, 4 clips x 2 SDE steps",
     "dmd": "DMD2 critic + generator update, shared base, 1-step student, teacher CFG 3",
     "consistency": "LCM step, 2 clips, teacher CFG 3, EMA adapter",
+    "nft": "DiffusionNFT update on a recorded rollout, 4 clips (v_theta + EMA-adapter v_old), EMA update",
 }
 
 
@@ -544,7 +388,7 @@ def markdown(result: dict) -> str:
                      f"{'met' if r['target_met'] else '**missed**'} | {r['lightning_fit_fixed_s']['median']:.2f} |")
     lines += ["", "The Lightning side includes what the suite adds to every step: the non-finite guard (a finiteness "
               "check of the loss and of every gradient before each optimizer step), `self.log` of the objective's "
-              "statistics, and for GRPO/DMD manual optimisation through `manual_backward`/`clip_gradients`. "
+              "statistics, and for GRPO/DMD/NFT manual optimisation through `manual_backward`/`clip_gradients`. "
               "The fixed cost is paid once per `Trainer.fit`, not per step.", "",
               f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
