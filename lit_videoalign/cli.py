@@ -9,14 +9,14 @@
 
 Every subcommand reads the same YAML (``model:``, ``data:``, ``trainer:``); extra subcommands are methods of
 :class:`VideoAlignCLI` whose signature becomes their arguments. ``fit`` shows a Rich progress bar with the objective's
-key metrics and ends with a table of where its outputs went.
+key metrics and ends with a table of where its outputs went. A wrong value, file or checkpoint ends the command with
+one line ``error: ...`` (:mod:`lit_videoalign.errors`; ``--traceback`` shows the stack).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -27,6 +27,9 @@ import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
+from lit_videoalign import errors
+from lit_videoalign.checkpoint_io import check_model_class, check_state_dict, load_weights, read_checkpoint
+from lit_videoalign.errors import UsageError
 from lit_videoalign.objectives.base import AlignmentModule
 
 EXTRA_SUBCOMMANDS = {"generate": {"model", "datamodule", "prompts", "seeds"},
@@ -43,56 +46,32 @@ MULTI_VALUE_ARGS = {"generate": {"prompts": _PROMPTS, "seeds": _SEEDS},
 OPTIONAL_MODEL = {"evaluate"}
 
 
-def load_weights(model: AlignmentModule, ckpt_path: str | os.PathLike) -> None:
-    """Load trained weights into ``model`` from a safetensors file or a Lightning ``.ckpt`` (read with
-    ``weights_only=True``, so nothing is unpickled beyond tensors and primitives). Keys must match exactly."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(path)
-        except SafetensorError as err:  # e.g. a pickle renamed .safetensors: refused, never unpickled
-            raise ValueError(f"{path} is not a valid safetensors file ({err}); expected one written by "
-                             "safetensors.torch.save_file, or a .ckpt from `videoalign fit`") from err
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:  # arbitrary objects are refused, not run
-            raise ValueError(f"cannot read {path} as a weights-only checkpoint: {err}") from err
-        if not isinstance(state, dict) or "state_dict" not in state:
-            raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict'); expected .ckpt or .safetensors")
-        state = state["state_dict"]
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    resized = [f"{k} {tuple(state[k].shape)} (expected {expected[k]})" for k in expected
-               if k in state and isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != expected[k]]
-    if missing or unexpected or resized:
-        problems = [f"{len(found)} {what}, e.g. {', '.join(found[:3])}" for what, found in
-                    (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", resized)) if found]
-        raise ValueError(f"{path} does not hold the weights of this {type(model).__name__}: {'; '.join(problems)}. "
-                         "Use a checkpoint trained with the same config (model class, backbone, lora_rank)")
-    model.load_state_dict(state, strict=True)
-
-
-def new_log_folders(trainer: L.Trainer) -> list[Path]:
-    """The outermost folders of the trainer's log directories that do not exist yet (a run would create them)."""
-    folders = []
-    for logger in trainer.loggers:
-        log_dir = getattr(logger, "log_dir", None)
-        if not log_dir:
-            continue
-        path = Path(log_dir).absolute()
-        if path.exists():
-            continue
-        while not path.parent.exists():
-            path = path.parent
-        folders.append(path)
+def new_run_folders(trainer: L.Trainer) -> dict[Path, Path]:
+    """The folders a run would create that do not exist yet (the loggers' ``version_N``, the callbacks' ``dirpath`` for
+    checkpoints and exports, the root's default ``checkpoints/``), each mapped to its nearest existing ancestor."""
+    candidates = [getattr(logger, "log_dir", None) for logger in trainer.loggers]
+    candidates += [getattr(cb, "dirpath", None) for cb in trainer.callbacks]
+    candidates.append(Path(trainer.default_root_dir) / "checkpoints")
+    folders = {}
+    for candidate in candidates:
+        if (isinstance(candidate, (str, os.PathLike)) and candidate and "://" not in str(candidate)
+                and not (path := Path(candidate).absolute()).exists()):
+            folders[path] = next(p for p in path.parents if p.exists())
     return folders
+
+
+def remove_run_folders(folders: dict[Path, Path]) -> None:
+    """Remove the folders of :func:`new_run_folders` and their new parents, as long as those are empty (a folder another
+    run has written into meanwhile stays)."""
+    for folder, existing in folders.items():
+        shutil.rmtree(folder, ignore_errors=True)
+        parent = folder.parent
+        while parent != existing and parent.is_relative_to(existing):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
 
 
 def with_atomic_checkpoints(trainer_config: dict) -> dict:
@@ -117,6 +96,10 @@ class MethodSubcommandsCLI(LightningCLI):
     A method subcommand's signature becomes its arguments (LightningCLI alone takes every subcommand from the
     Trainer). Models take their optimizers as callables in their config, so LightningCLI's automatic optimizer
     arguments are off; a re-run overwrites the saved ``config.yaml``.
+
+    ``--ckpt_path`` must be a Lightning checkpoint of the config's model class (LightningCLI alone would build the
+    checkpoint's class instead) with the model's keys and shapes, checked before any state is touched. A Trainer
+    subcommand that fails before its first optimizer step removes the log and checkpoint folders it created.
 
     Args:
         model_class: the LightningModule base class the config's ``model:`` subclasses.
@@ -160,7 +143,53 @@ class MethodSubcommandsCLI(LightningCLI):
 
     def before_fit(self) -> None:
         if self.datamodule is None:
-            raise ValueError(f"fit needs a 'data:' section in the config ({self.fit_data_hint})")
+            raise UsageError(f"fit needs a 'data:' section in the config ({self.fit_data_hint})")
+
+    @override
+    def _parse_ckpt_path(self) -> None:
+        # Before LightningCLI takes the checkpoint's hyperparameters (and, unchecked, its model class): the file must be
+        # a Lightning checkpoint of the config's model class. Its tensors are memory-mapped, not read.
+        self._ckpt = None
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        with errors.config_phase():
+            if path and not (Path(path).is_dir() or path in ("last", "best", "hpc") or "://" in str(path)
+                             or Path(path).suffix == ".safetensors"):
+                ckpt = read_checkpoint(path, mmap=True)
+                model = self.config[subcommand].get("model")
+                init_args = model.get("init_args") if model is not None else None
+                check_model_class(ckpt, path, model.get("class_path") if model is not None else None,
+                                  init_args.as_dict() if init_args is not None else None)
+                self._ckpt = {"path": path, "state_dict": ckpt["state_dict"], "global_step": ckpt.get("global_step", 0),
+                              "class_path": (ckpt.get("hyper_parameters") or {}).get("_class_path")}
+            super()._parse_ckpt_path()
+
+    @override
+    def instantiate_classes(self) -> None:
+        with errors.config_phase():
+            super().instantiate_classes()
+
+    @override
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand in self.method_subcommands:
+            getattr(self, subcommand)(**self._prepare_subcommand_kwargs(subcommand))
+            return
+        new_folders = new_run_folders(self.trainer)
+        start_step = self._ckpt["global_step"] if self._ckpt and subcommand == "fit" else 0
+        try:
+            if self._ckpt is not None and self.model is not None:  # keys and shapes, before any state is restored
+                with errors.config_phase():
+                    check_state_dict(self.model, self._ckpt["state_dict"], self._ckpt["path"],
+                                     self._ckpt["class_path"])
+            self._ckpt = None  # the memory-mapped file is not needed any more
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            # A run that fails before its first optimizer step (bad data, config, checkpoint or disk) leaves nothing
+            # behind: no log folder with an empty event file and config.yaml, no empty checkpoint folder. One that
+            # trained keeps its logs and checkpoints.
+            if self.trainer.global_step <= start_step:
+                remove_run_folders(new_folders)
+            raise
 
 
 class VideoAlignCLI(MethodSubcommandsCLI):
@@ -182,17 +211,6 @@ class VideoAlignCLI(MethodSubcommandsCLI):
         return {**LightningCLI.subcommands(), **EXTRA_SUBCOMMANDS}
 
     @override
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the hyperparameters of --ckpt_path with weights_only=True; say clearly when that refuses.
-        try:
-            super()._parse_ckpt_path()
-        except pickle.UnpicklingError as err:
-            path = self.config[self.config.subcommand].get("ckpt_path")
-            raise ValueError(f"cannot read {path} as a weights-only checkpoint: it holds pickled objects, which are "
-                             "never unpickled; use a checkpoint written by `videoalign fit` or a .safetensors file"
-                             ) from err
-
-    @override
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
         if subcommand in OPTIONAL_MODEL:
             parser = self.init_parser(**kwargs)
@@ -207,22 +225,6 @@ class VideoAlignCLI(MethodSubcommandsCLI):
             parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         self._add_multi_value_args(parser, subcommand)
         return parser
-
-    @override
-    def _run_subcommand(self, subcommand: str) -> None:
-        if subcommand in EXTRA_SUBCOMMANDS:
-            getattr(self, subcommand)(**self._prepare_subcommand_kwargs(subcommand))
-            return
-        new_folders = new_log_folders(self.trainer)
-        try:
-            super()._run_subcommand(subcommand)
-        except BaseException:
-            # A run that fails before its first training batch (bad data, config or checkpoint) leaves no empty log
-            # folder (event file, config.yaml) behind; one that trained keeps its logs and checkpoints.
-            if self.trainer.fit_loop.epoch_loop.batch_progress.total.started == 0:
-                for folder in new_folders:
-                    shutil.rmtree(folder, ignore_errors=True)
-            raise
 
     @override
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
@@ -360,22 +362,28 @@ class VideoAlignCLI(MethodSubcommandsCLI):
             batch_size: videos generated at once.
             device: torch device (default: CUDA when available, else CPU).
         """
-        from lit_videoalign.evaluation import DEFAULT_REWARDS, build_rewards, evaluate_sets, read_video_folder
+        from lit_videoalign.evaluation import (
+            DEFAULT_REWARDS,
+            build_rewards,
+            evaluate_sets,
+            print_evaluation,
+            read_video_folder,
+        )
 
         out = Path(output_dir)
         wants_baseline_model = any(v is not None for v in (baseline_ckpt_path, baseline_num_inference_steps,
                                                             baseline_guidance_scale))
         if baseline_videos is not None and wants_baseline_model:
-            raise ValueError("give the baseline either as --baseline_videos or as baseline model settings "
+            raise UsageError("give the baseline either as --baseline_videos or as baseline model settings "
                              "(--baseline_ckpt_path/--baseline_guidance_scale/--baseline_num_inference_steps), "
                              "not both")
         if (videos is None or wants_baseline_model) and model is None:
-            raise ValueError("evaluate needs --videos FOLDER, or --config with a model to generate videos from")
+            raise UsageError("evaluate needs --videos FOLDER, or --config with a model to generate videos from")
         dev = resolve_device(device)
         reward_models = build_rewards(rewards, DEFAULT_REWARDS)  # a bad reward name fails before any generation
         if videos is not None:
             if prompts is not None or prompts_file is not None:
-                raise ValueError("--videos brings its own prompts (metadata.jsonl); do not pass --prompts or "
+                raise UsageError("--videos brings its own prompts (metadata.jsonl); do not pass --prompts or "
                                  "--prompts_file")
             model_set = read_video_folder(videos, name=name, num_frames=num_frames)
             prompts, seeds = model_set.prompts, model_set.seeds
@@ -449,10 +457,10 @@ def resolve_prompts(prompts: list[str] | None, prompts_file: str | None,
     if prompts_file is not None:
         prompts += read_prompt_file(prompts_file)
     if not prompts:
-        raise ValueError("no prompts given; pass --prompts P [P ...] or --prompts_file FILE")
+        raise UsageError("no prompts given; pass --prompts P [P ...] or --prompts_file FILE")
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
-        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; expected one seed per prompt")
+        raise UsageError(f"got {len(seeds)} seeds for {len(prompts)} prompts; expected one seed per prompt")
     return prompts, seeds
 
 
@@ -474,7 +482,7 @@ def generate_videos(model: AlignmentModule, prompts: list[str], seeds: list[int]
     from lit_videoalign.video_io import write_gif, write_mp4
 
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise UsageError(f"batch_size must be positive, got {batch_size}")
     out = Path(output_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Files are written beside output_dir and moved in once all of them are: a failed run adds nothing to it.
@@ -522,15 +530,15 @@ def inference_sampler(reward: str | None, best_of_n: int, noise_search_nfe: int 
     chosen = [name for name, on in [("--best_of_n", best_of_n != 1), ("--noise_search_nfe", noise_search_nfe),
                                     ("--reward_guidance", reward_guidance != 0)] if on]
     if best_of_n < 1:
-        raise ValueError(f"best_of_n must be at least 1, got {best_of_n}")
+        raise UsageError(f"best_of_n must be at least 1, got {best_of_n}")
     if len(chosen) > 1:
-        raise ValueError(f"choose one inference-time method, got {' and '.join(chosen)}")
+        raise UsageError(f"choose one inference-time method, got {' and '.join(chosen)}")
     if not chosen:
         if reward is not None:
-            raise ValueError("--reward is only used with --best_of_n, --noise_search_nfe or --reward_guidance")
+            raise UsageError("--reward is only used with --best_of_n, --noise_search_nfe or --reward_guidance")
         return None, None
     if reward is None:
-        raise ValueError(f"{chosen[0]} needs --reward (a zoo reward name, hf-hub: id or folder)")
+        raise UsageError(f"{chosen[0]} needs --reward (a zoo reward name, hf-hub: id or folder)")
     from lit_videoalign import inference
     from lit_videoalign.evaluation import build_rewards
 
@@ -568,38 +576,15 @@ def generate_set(model: AlignmentModule, name: str, prompts: list[str], seeds: l
                     files=[str(f) for f in files])
 
 
-def print_evaluation(result: dict) -> None:
-    """The per-dimension table (and win rates) as a Rich table, then the written files."""
-    from rich.console import Console
-    from rich.table import Table
+def main(args: list[str] | None = None, exit_on_error: bool | None = None) -> None:
+    """Entry point of the ``videoalign`` console script.
 
-    summary, wins = result["summary"], result["win_rates"]
-    models = list(dict.fromkeys(r["model"] for r in summary))
-    table = Table(title="reward per dimension: mean [95% CI]")
-    for column in ("reward", "dimension", *models):
-        table.add_column(column)
-    if wins:
-        table.add_column(f"win rate {wins[0]['model']} vs {wins[0]['baseline']} [95% CI]")
-    cells = {(r["model"], r["reward"], r["dimension"]): r for r in summary}
-    by_dim = {(w["reward"], w["dimension"]): w for w in wins}
-    for reward, dim in dict.fromkeys((r["reward"], r["dimension"]) for r in summary):
-        row = [reward, dim]
-        for m in models:
-            c = cells.get((m, reward, dim))
-            row.append("" if c is None else f"{c['mean']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}]")
-        if wins:
-            w = by_dim.get((reward, dim))
-            row.append("" if w is None else f"{w['win_rate']:.2f} [{w['ci_low']:.2f}, {w['ci_high']:.2f}]")
-        table.add_row(*row)
-    console = Console()
-    console.print(table)
-    for path in result["files"]:
-        console.print(f"wrote {path}")
-
-
-def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``videoalign`` console script."""
-    VideoAlignCLI(args=args)
+    A wrong config or argument, a missing file, an unreadable video or checkpoint ends the console script with one
+    line ``error: ...`` (status 2 for the command line and config, 1 otherwise); ``--traceback`` or
+    ``VIDEOALIGN_DEBUG=1`` shows the stack. Called from Python with ``args``, the exception is raised instead unless
+    ``exit_on_error=True`` (see :func:`lit_videoalign.errors.run_cli`).
+    """
+    errors.run_cli(lambda argv: VideoAlignCLI(args=argv, parser_kwargs={"exit_on_error": False}), args, exit_on_error)
 
 
 if __name__ == "__main__":

@@ -188,7 +188,8 @@ def read_video_folder(root: str | Path, name: str | None = None, num_frames: int
     import torch.nn.functional as F
 
     from lit_videoalign.data.video_folder import resolve_inside
-    from lit_videoalign.video_io import read_video
+    from lit_videoalign.errors import shorten
+    from lit_videoalign.video_io import check_video_files, read_video
 
     root = Path(root)
     manifest = root / MANIFEST
@@ -203,16 +204,18 @@ def read_video_folder(root: str | Path, name: str | None = None, num_frames: int
             entry = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{manifest}:{lineno}: not valid JSON ({err.msg}); expected one "
-                             f"{{\"file_name\": ..., \"prompt\": ...}} object per line, got {line!r}") from None
+                             f"{{\"file_name\": ..., \"prompt\": ...}} object per line, got {shorten(line)}") from None
         if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or "file_name" not in entry:
-            raise ValueError(f"{manifest}:{lineno}: expected {{\"file_name\": ..., \"prompt\": ...}}, got {line!r}")
+            raise ValueError(f"{manifest}:{lineno}: expected {{\"file_name\": ..., \"prompt\": ...}}, "
+                             f"got {shorten(line)}")
         entries.append(entry)
     if not entries:
         raise ValueError(f"{manifest} lists no videos")
     has_seeds = all("seed" in e for e in entries)
+    paths = [resolve_inside(root, e["file_name"], f"{manifest}:{lineno}") for lineno, e in enumerate(entries, 1)]
+    check_video_files(paths, num_frames, decode=False, what=f"videos of {manifest}")  # all bad files in one error
     videos, files = [], []
-    for lineno, entry in enumerate(entries, 1):
-        path = resolve_inside(root, entry["file_name"], f"{manifest}:{lineno}")
+    for path, entry in zip(paths, entries):
         video = read_video(path, num_frames=num_frames)  # (t, c, h, w)
         k = int(entry.get("upscale", 1))
         if k > 1:
@@ -416,3 +419,32 @@ def evaluate_sets(sets: Sequence[VideoSet], rewards: Mapping[str, Any], output_d
         files += [write_rows(wins, out / "win_rates.json"), write_rows(wins, out / "win_rates.csv"),
                   plot_win_rates(wins, out / "win_rates.png")]
     return {"scores": per_video, "summary": summary, "win_rates": wins, "files": files}
+
+
+def print_evaluation(result: dict) -> None:
+    """The per-dimension table (and win rates) as a Rich table, then the written files."""
+    from rich.console import Console
+    from rich.table import Table
+
+    summary, wins = result["summary"], result["win_rates"]
+    models = list(dict.fromkeys(r["model"] for r in summary))
+    table = Table(title="reward per dimension: mean [95% CI]")
+    for column in ("reward", "dimension", *models):
+        table.add_column(column)
+    if wins:
+        table.add_column(f"win rate {wins[0]['model']} vs {wins[0]['baseline']} [95% CI]")
+    cells = {(r["model"], r["reward"], r["dimension"]): r for r in summary}
+    by_dim = {(w["reward"], w["dimension"]): w for w in wins}
+    for reward, dim in dict.fromkeys((r["reward"], r["dimension"]) for r in summary):
+        row = [reward, dim]
+        for m in models:
+            c = cells.get((m, reward, dim))
+            row.append("" if c is None else f"{c['mean']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}]")
+        if wins:
+            w = by_dim.get((reward, dim))
+            row.append("" if w is None else f"{w['win_rate']:.2f} [{w['ci_low']:.2f}, {w['ci_high']:.2f}]")
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    for path in result["files"]:
+        console.print(f"wrote {path}")

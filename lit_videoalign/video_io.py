@@ -11,11 +11,16 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from lit_videoalign.errors import file_kind
+
+MAX_LISTED = 20  # bad files listed in one error message
 
 
 def check_video(video: Tensor, *, batched: bool, name: str = "video") -> None:
@@ -123,7 +128,7 @@ def read_video(path: str | os.PathLike, num_frames: int | None = None) -> Tensor
         with av.open(str(path)) as container:
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     except (av.error.FFmpegError, IndexError, ValueError) as err:
-        raise ValueError(f"cannot decode video {path}: {err}") from err
+        raise _undecodable(path, err) from err
     if not frames:
         raise ValueError(f"video {path} has no frames")
     if num_frames is not None:
@@ -131,6 +136,81 @@ def read_video(path: str | os.PathLike, num_frames: int | None = None) -> Tensor
             raise ValueError(f"video {path} has {len(frames)} frames, expected at least {num_frames}")
         frames = frames[:num_frames]
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def _undecodable(path: Path, err: BaseException) -> ValueError:
+    kind = file_kind(path)
+    return ValueError(f"cannot decode video {path}: " + (f"it is {kind}, not a video" if kind else str(err)))
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video file holds, from :func:`probe_video`."""
+
+    num_frames: int
+    height: int
+    width: int
+
+
+def probe_video(path: str | os.PathLike, decode: bool = True) -> VideoInfo:
+    """Open a video with PyAV and count its frames.
+
+    Args:
+        path: the file.
+        decode: decode every frame (catches damage anywhere in the file); False decodes only the first frame and
+            counts the remaining packets (fast, for large datasets).
+
+    Raises:
+        ValueError: the file is not a decodable video (naming it and what it is instead, or FFmpeg's reason).
+    """
+    import av
+
+    path = Path(path)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            if decode:
+                count, size = 0, None
+                for frame in container.decode(stream):
+                    count, size = count + 1, size or (frame.height, frame.width)
+            else:
+                first = next(iter(container.decode(stream)), None)
+                size = (first.height, first.width) if first is not None else None
+                container.seek(0)
+                count = sum(1 for packet in container.demux(stream) if packet.size > 0)
+    except (av.error.FFmpegError, StopIteration, IndexError) as err:
+        raise _undecodable(path, err) from err
+    if not count or size is None:
+        raise ValueError(f"video {path} has no frames")
+    return VideoInfo(count, *size)
+
+
+def check_video_files(paths: Sequence[str | os.PathLike], num_frames: int | None = None, decode: bool = True,
+                      what: str = "videos") -> list[VideoInfo]:
+    """Probe every file (:func:`probe_video`) and raise one error listing all the bad ones: missing, empty, truncated,
+    not a video, or shorter than ``num_frames``.
+
+    Returns:
+        The :class:`VideoInfo` of each file, in order.
+    """
+    infos, problems = [], []
+    for path in paths:
+        try:
+            if not Path(path).is_file():
+                raise ValueError(f"video file not found: {path}")
+            info = probe_video(path, decode=decode)
+            if num_frames is not None and info.num_frames < num_frames:
+                raise ValueError(f"video {path} has {info.num_frames} frames, expected at least {num_frames}")
+            infos.append(info)
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:
+        listed = "; ".join(problems[:MAX_LISTED])
+        more = f"; ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise ValueError(f"{len(problems)} of {len(paths)} {what} cannot be used: {listed}{more}")
+    return infos
 
 
 def write_gif(video: Tensor, path: str | os.PathLike, fps: int = 8, upscale: int = 4) -> Path:

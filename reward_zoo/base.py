@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from lit_videoalign.errors import nearest
 from lit_videoalign.video_io import check_video
 
 # Keyword arguments of ``from_pretrained`` itself; an init argument of the same name would be swallowed by it.
@@ -178,19 +179,44 @@ class RewardModel(nn.Module, PyTorchModelHubMixin, library_name="reward_zoo", ta
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
                          force_download: bool, local_files_only: bool, token: str | bool | None,
                          map_location: str = "cpu", **model_kwargs) -> RewardModel:
-        """Build the reward from its config and load ``model.safetensors`` strictly (no pickle fallback)."""
+        """Check ``config.json`` names only init arguments, build the reward from it and load ``model.safetensors``
+        strictly (no pickle fallback)."""
+        hub = {"revision": revision, "cache_dir": cache_dir, "force_download": force_download,
+               "local_files_only": local_files_only, "token": token}
+
+        def fetch(name: str) -> str:
+            if os.path.isdir(model_id):
+                return os.path.join(model_id, name)
+            return hf_hub_download(model_id, name, **hub)
+
+        cls.check_config_file(fetch(constants.CONFIG_NAME))
         model = cls(**model_kwargs)
-        if os.path.isdir(model_id):
-            weights = os.path.join(model_id, constants.SAFETENSORS_SINGLE_FILE)
-            if not os.path.isfile(weights):
-                raise FileNotFoundError(f"no {constants.SAFETENSORS_SINGLE_FILE} in {model_id}; reward checkpoints "
-                                        f"are safetensors only")
-        else:
-            weights = hf_hub_download(model_id, constants.SAFETENSORS_SINGLE_FILE, revision=revision,
-                                      cache_dir=cache_dir, force_download=force_download,
-                                      local_files_only=local_files_only, token=token)
+        weights = fetch(constants.SAFETENSORS_SINGLE_FILE)
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"no {constants.SAFETENSORS_SINGLE_FILE} in {model_id}; reward checkpoints "
+                                    f"are safetensors only")
         load_weights(model, weights, map_location=map_location)
         return model.eval()
+
+    @classmethod
+    def check_config_file(cls, path: str | os.PathLike) -> None:
+        """Refuse a ``config.json`` with keys that are not init arguments (a typo such as ``wdith`` would otherwise be
+        ignored silently), naming each and the nearest valid name."""
+        if not os.path.isfile(path):
+            return
+        try:
+            config = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err})") from err
+        params = cls._hub_mixin_init_parameters
+        if not isinstance(config, dict) or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return
+        valid = [name for name in params if name != "self"]
+        unknown = [key for key in config if key not in params]
+        if unknown:
+            named = ", ".join(f"{key!r}{nearest(key, valid)}" for key in unknown)
+            raise ValueError(f"{path} has keys that {cls.__qualname__} does not take: {named} "
+                             f"(valid keys: {', '.join(valid)})")
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:

@@ -23,6 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from lit_videoalign.cli import MethodSubcommandsCLI
+from lit_videoalign.errors import UsageError, config_phase, run_cli, shorten
 from reward_zoo.training import RewardTraining
 
 # Subcommands that build no model, datamodule or trainer; their arguments are their method's signature.
@@ -79,7 +80,8 @@ class RewardZooCLI(MethodSubcommandsCLI):
     @override
     def instantiate_classes(self) -> None:
         if self.subcommand in TOOL_SUBCOMMANDS:
-            self.config_init = self.parser.instantiate_classes(self.config)
+            with config_phase():
+                self.config_init = self.parser.instantiate_classes(self.config)
             self.model = self.datamodule = self.trainer = None
             return
         super().instantiate_classes()
@@ -163,7 +165,7 @@ def zoo_table(family: str | None = None) -> list[dict]:
 def collect_videos(paths: list[str]) -> list[Path]:
     """Expand files and folders into a list of video files; raises on a missing path or an empty folder."""
     if not paths:
-        raise ValueError("no videos given; pass --videos FILE_OR_FOLDER [...]")
+        raise UsageError("no videos given; pass --videos FILE_OR_FOLDER [...]")
     files = []
     for item in paths:
         path = Path(item)
@@ -188,9 +190,13 @@ def read_prompts(prompts_file: str | Path, files: list[Path]) -> list[str]:
         by_name = {}
         for lineno, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
-                entry = json.loads(line)
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from err
                 if not isinstance(entry, dict) or "file_name" not in entry or not isinstance(entry.get("prompt"), str):
-                    raise ValueError(f"{path}:{lineno}: expected {{\"file_name\": ..., \"prompt\": ...}}, got {line!r}")
+                    raise ValueError(f"{path}:{lineno}: expected {{\"file_name\": ..., \"prompt\": ...}}, "
+                                     f"got {shorten(line)}")
                 by_name[Path(entry["file_name"]).name] = entry["prompt"]
         missing = [f.name for f in files if f.name not in by_name]
         if missing:
@@ -214,12 +220,13 @@ def score_files(
     Videos are decoded with PyAV and scored one at a time (they may differ in size and length); learned rewards
     resize frames to their own input size.
     """
-    from lit_videoalign.video_io import read_video
+    from lit_videoalign.video_io import check_video_files, read_video
     from reward_zoo import create_reward, registry
 
     files = collect_videos(videos)
+    check_video_files(files, num_frames, decode=False)  # every bad file in one error, before the reward loads
     if prompts is not None and prompts_file is not None:
-        raise ValueError("pass prompts either with --prompts or with --prompts_file, not both")
+        raise UsageError("pass prompts either with --prompts or with --prompts_file, not both")
     if prompts_file is None and prompts is None:  # a single folder in the videofolder layout brings its prompts
         folders = [Path(v) for v in videos if Path(v).is_dir() and (Path(v) / "metadata.jsonl").is_file()]
         if len(folders) == 1 and len(videos) == 1:
@@ -227,9 +234,9 @@ def score_files(
     if prompts_file is not None:
         prompts = read_prompts(prompts_file, files)
     if prompts is not None and len(prompts) != len(files):
-        raise ValueError(f"got {len(prompts)} prompts for {len(files)} videos; expected one prompt per video")
+        raise UsageError(f"got {len(prompts)} prompts for {len(files)} videos; expected one prompt per video")
     if references is not None and len(references) != len(files):
-        raise ValueError(f"got {len(references)} references for {len(files)} videos; expected one per video")
+        raise UsageError(f"got {len(references)} references for {len(files)} videos; expected one per video")
 
     is_name = not reward.startswith(registry.HUB_PREFIX) and not Path(reward).is_dir()
     if is_name and pretrained is None:
@@ -277,7 +284,7 @@ def _write_rows(rows: list[dict], path: Path) -> Path:
             writer.writeheader()
             writer.writerows(rows)
     else:
-        raise ValueError(f"output file must end in .json or .csv, got {path}")
+        raise UsageError(f"output file must end in .json or .csv, got {path}")
     return path
 
 
@@ -293,9 +300,10 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``reward-zoo`` console script."""
-    RewardZooCLI(args=args)
+def main(args: list[str] | None = None, exit_on_error: bool | None = None) -> None:
+    """Entry point of the ``reward-zoo`` console script: one-line errors as ``videoalign`` (``--traceback`` shows the
+    stack; see :func:`lit_videoalign.errors.run_cli`)."""
+    run_cli(lambda argv: RewardZooCLI(args=argv, parser_kwargs={"exit_on_error": False}), args, exit_on_error)
 
 
 if __name__ == "__main__":

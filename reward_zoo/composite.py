@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lit_videoalign.errors import shorten
 from reward_zoo.base import RewardModel
 from reward_zoo.registry import reward_class
 
@@ -29,7 +30,7 @@ def reward_spec(reward: RewardModel) -> dict[str, Any]:
 def reward_from_spec(spec: dict[str, Any]) -> RewardModel:
     """Build a reward from ``{"class_path": ..., "init_args": {...}}`` (the class must already be imported)."""
     if not isinstance(spec, dict) or "class_path" not in spec or not set(spec) <= {"class_path", "init_args"}:
-        raise ValueError(f"a reward spec must be {{'class_path': ..., 'init_args': {{...}}}}, got {spec!r}")
+        raise ValueError(f"a reward spec must be {{'class_path': ..., 'init_args': {{...}}}}, got {shorten(spec)}")
     return reward_class(spec["class_path"])(**spec.get("init_args", {}))
 
 
@@ -79,6 +80,9 @@ class CompositeReward(RewardModel):
                        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w)}
         if bad_weights:
             raise ValueError(f"weights must be finite numbers, got {bad_weights}")
+        if not any(weights.values()):
+            raise ValueError(f"weights are all zero ({weights}), so the composite would score every video 0; give at "
+                             "least one reward a non-zero weight")
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         self.rewards = nn.ModuleDict({n: r if isinstance(r, RewardModel) else reward_from_spec(r)

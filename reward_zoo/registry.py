@@ -17,7 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from huggingface_hub import ModelCard, constants, hf_hub_download
+from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
+from lit_videoalign.errors import hub_offline_error, shorten
 from reward_zoo.base import RewardModel
 
 # Reward family modules of this package, imported on the first registry query. A new family adds its name here.
@@ -84,7 +86,7 @@ def list_rewards(family: str | None = None) -> list[str]:
 def _unknown_reward(name: str) -> ValueError:
     close = difflib.get_close_matches(name, list(_REWARDS), n=3, cutoff=0.5)
     hint = f"did you mean {close}? " if close else ""
-    return ValueError(f"unknown reward {name!r}; {hint}available: {sorted(_REWARDS)} "
+    return ValueError(f"unknown reward {shorten(name)}; {hint}available: {sorted(_REWARDS)} "
                       f"(or pass 'hf-hub:org/repo' or a local checkpoint folder)")
 
 
@@ -180,13 +182,19 @@ def load_reward(path_or_repo_id: str, **kwargs) -> RewardModel:
             raise FileNotFoundError(f"no {constants.REPOCARD_NAME} in {path_or_repo_id}; it names the reward class")
     else:
         hub_args = ("revision", "cache_dir", "force_download", "local_files_only", "token")
-        card_file = hf_hub_download(path_or_repo_id, constants.REPOCARD_NAME,
-                                    **{k: kwargs[k] for k in hub_args if k in kwargs})
+        try:
+            card_file = hf_hub_download(path_or_repo_id, constants.REPOCARD_NAME,
+                                        **{k: kwargs[k] for k in hub_args if k in kwargs})
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
+            raise hub_offline_error(path_or_repo_id, "reward") from err
     class_path = ModelCard.load(card_file).data.to_dict().get("reward_class")
     if class_path is None:
         raise ValueError(f"the model card of {path_or_repo_id} has no 'reward_class' entry; was it written by "
                          f"RewardModel.save_pretrained?")
-    return reward_class(class_path).from_pretrained(path_or_repo_id, **kwargs)
+    try:
+        return reward_class(class_path).from_pretrained(path_or_repo_id, **kwargs)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:  # the card was cached, the weights are not
+        raise hub_offline_error(path_or_repo_id, "reward") from err
 
 
 def reward_class(class_path: str) -> type[RewardModel]:

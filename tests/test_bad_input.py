@@ -1,6 +1,7 @@
 """Bad input, in one place: every case fails with an error that names the problem and what was expected, the CLI
 exits non-zero, and nothing half-written is left behind. Pickles are refused without being run (a payload that would
-create a file proves it), and manifests cannot reach outside their root."""
+create a file proves it), and manifests cannot reach outside their root. What the console commands print for each
+mistake (one ``error:`` line, exit status, ``--traceback``) is in ``tests/test_cli_errors.py``."""
 
 from __future__ import annotations
 

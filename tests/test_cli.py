@@ -55,6 +55,10 @@ def tiny_overrides(config: str, tmp: Path, tiny_pipeline: str, video_folder: Pat
         args += ["--model.init_args.group_size=2", "--model.init_args.num_sampling_steps=2",
                  "--model.init_args.micro_batch_size=1", "--model.init_args.updates_per_epoch=2",
                  "--model.init_args.num_inference_steps=2", "--data.init_args.batch_size=1"]
+    if "objectives.nft.DiffusionNFT" in text:
+        args += ["--model.init_args.group_size=2", "--model.init_args.num_sampling_steps=2",
+                 "--model.init_args.micro_batch_size=1", "--model.init_args.updates_per_epoch=2",
+                 "--model.init_args.num_inference_steps=2", "--data.init_args.batch_size=1"]
     if "objectives.reward_gradient.RewardGradient" in text:
         args += ["--model.init_args.num_sampling_steps=2", "--model.init_args.truncation_steps=1",
                  "--model.init_args.num_inference_steps=2", "--data.init_args.batch_size=1"]

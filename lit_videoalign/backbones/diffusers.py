@@ -23,6 +23,7 @@ import importlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_videoalign.backbones.base import Conditioning, VideoBackbone
+from lit_videoalign.errors import hub_offline_error, shorten
 from lit_videoalign.schedules.flow import _broadcast
 from lit_videoalign.video_io import atomic_dir, check_video
 
@@ -350,10 +352,14 @@ def resolve_pretrained_path(name_or_path: str, revision: str | None = None) -> P
         raise FileNotFoundError(
             f"pretrained path {name_or_path!r} is neither a pipeline folder nor a Hub id of the form 'org/name'")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
     patterns = ["model_index.json", "transformer/*", "vae/*", "scheduler/*", "text_encoder/*", "tokenizer/*",
                 "text_encoder_2/*", "tokenizer_2/*"]
-    return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=patterns))
+    try:
+        return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=patterns))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
+        raise hub_offline_error(name_or_path, "pipeline") from err
 
 
 def _component_class(library: str, class_name: str) -> type:
@@ -420,6 +426,8 @@ class DiffusersVideoBackbone(VideoBackbone):
             arXiv 2305.14314); None loads full weights. Needs bitsandbytes; diffusers loads it on an accelerator.
         compile_blocks: ``torch.compile`` the transformer blocks when training starts (in ``configure_model``, after
             any sharding).
+        strict_prompts: refuse prompts longer than ``max_sequence_length`` tokens; by default they are truncated as
+            the pipeline does, with one warning per backbone giving the count.
     """
 
     def __init__(
@@ -434,6 +442,7 @@ class DiffusersVideoBackbone(VideoBackbone):
         family_options: dict[str, Any] | None = None,
         quantization: str | None = None,
         compile_blocks: bool = False,
+        strict_prompts: bool = False,
     ) -> None:
         super().__init__()
         if quantization is not None and quantization not in _QUANTIZATIONS:
@@ -441,7 +450,7 @@ class DiffusersVideoBackbone(VideoBackbone):
         if quantization is not None and reinit_denoiser:
             raise ValueError("quantization needs pretrained weights to quantize; it cannot be combined with "
                              "reinit_denoiser=True")
-        self.compile_blocks = compile_blocks
+        self.compile_blocks, self.strict_prompts, self._warned_truncation = compile_blocks, strict_prompts, False
         for key, value in (("torch_dtype", torch_dtype), ("frozen_dtype", frozen_dtype)):
             if value not in _DTYPES:
                 raise ValueError(f"{key} must be one of {list(_DTYPES)}, got {value!r}")
@@ -460,6 +469,12 @@ class DiffusersVideoBackbone(VideoBackbone):
         vae_entry = index.get("vae") or [None, None]
         names = [*self.family.components, "vae"] if vae_entry[0] else list(self.family.components)
         classes = {name: _component_class(*index[name]) for name in names}  # refuse bad classes before loading any
+        absent = [f"{name}/" for name in names if not (root / name / "config.json").is_file()
+                  and not (name.startswith("tokenizer") and (root / name).is_dir())]
+        if absent:
+            raise FileNotFoundError(f"pipeline {root} has no {' or '.join(absent)}: model_index.json lists it, and a "
+                                    f"{self.family.name} pipeline needs the folders {[f'{n}/' for n in names]}, each "
+                                    "with its config and weights")
 
         dtype, frozen = _DTYPES[torch_dtype], _DTYPES[frozen_dtype]
         transformer_cls = classes["transformer"]
@@ -539,8 +554,27 @@ class DiffusersVideoBackbone(VideoBackbone):
             raise ValueError("prompts is empty; expected at least one prompt")
         bad = [p for p in prompts if not isinstance(p, str)]
         if bad:
-            raise TypeError(f"every prompt must be a string, got {bad[0]!r}")
+            raise TypeError(f"every prompt must be a string, got {shorten(bad[0])}")
+        self._check_prompt_lengths(prompts)
         return self.family.encode_prompts(self, list(prompts))
+
+    def _check_prompt_lengths(self, prompts: list[str]) -> None:
+        """Refuse (``strict_prompts``) or warn once about prompts longer than ``max_sequence_length`` tokens."""
+        if self._warned_truncation and not self.strict_prompts:
+            return
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+        long = [(n, p) for n, p in zip(lengths, prompts) if n > self.max_sequence_length]
+        if not long:
+            return
+        n, prompt = max(long, key=lambda x: x[0])
+        what = (f"{len(long)} of {len(prompts)} prompts are longer than max_sequence_length={self.max_sequence_length} "
+                f"tokens (the longest, {n} tokens: {shorten(prompt)})")
+        if self.strict_prompts:
+            raise ValueError(f"{what}; shorten them or raise max_sequence_length (strict_prompts=True)")
+        self._warned_truncation = True
+        warnings.warn(f"{what} and are truncated to {self.max_sequence_length} tokens, as the pipeline does; shorten "
+                      "them, raise max_sequence_length, or set strict_prompts=True to refuse them (warned once)",
+                      UserWarning, stacklevel=3)
 
     # -- videos and latents ---------------------------------------------------------------------------------------
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, ...]:

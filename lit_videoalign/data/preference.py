@@ -37,54 +37,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_videoalign.data.resumable import ResumableDataLoader
 from lit_videoalign.data.video_folder import resize_video, resolve_inside
-from lit_videoalign.video_io import read_video
+from lit_videoalign.errors import shorten
+from lit_videoalign.video_io import VideoInfo, probe_video, read_video  # noqa: F401 (VideoInfo: re-exported)
 
 LATENT_KEY = "latents"
 MAX_LISTED = 20  # problems listed in one error message
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    """What a video file holds, from :func:`probe_video`."""
-
-    num_frames: int
-    height: int
-    width: int
-
-
-def probe_video(path: str | Path, decode: bool = True) -> VideoInfo:
-    """Open a video with PyAV and count its frames.
-
-    Args:
-        path: the file.
-        decode: decode every frame (catches damage anywhere in the file); False decodes only the first frame and
-            counts the remaining packets (fast, for large datasets).
-
-    Raises:
-        ValueError: the file is not a decodable video (naming it and FFmpeg's reason).
-    """
-    import av
-
-    path = Path(path)
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ValueError(f"{path} has no video stream")
-            stream = container.streams.video[0]
-            if decode:
-                count, size = 0, None
-                for frame in container.decode(stream):
-                    count, size = count + 1, size or (frame.height, frame.width)
-            else:
-                first = next(iter(container.decode(stream)), None)
-                size = (first.height, first.width) if first is not None else None
-                container.seek(0)
-                count = sum(1 for packet in container.demux(stream) if packet.size > 0)
-    except (av.error.FFmpegError, StopIteration, IndexError) as err:
-        raise ValueError(f"cannot decode video {path}: {err}") from err
-    if not count or size is None:
-        raise ValueError(f"video {path} has no frames")
-    return VideoInfo(count, *size)
 
 
 def load_latents(path: str | Path) -> Tensor:
@@ -219,7 +176,7 @@ class PreferenceDataset(Dataset):
             except json.JSONDecodeError as err:
                 raise ValueError(f"{self.manifest}:{lineno}: not valid JSON ({err})") from err
             if not isinstance(entry, dict):
-                raise ValueError(f"{self.manifest}:{lineno}: expected a JSON object, got {entry!r}")
+                raise ValueError(f"{self.manifest}:{lineno}: expected a JSON object, got {shorten(entry)}")
             raw.append((where, entry))
         return raw
 
@@ -234,7 +191,7 @@ class PreferenceDataset(Dataset):
     def _entry(self, where: str, entry: dict) -> PreferenceEntry:
         prompt = entry.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
+            raise ValueError(f"{where}: 'prompt' must be a non-empty string, got {shorten(prompt)}")
         # Resolve every path first, so a path escaping the root is refused even on an otherwise broken line.
         for key in ("chosen", "rejected", "chosen_latents", "rejected_latents"):
             if key in entry:
@@ -248,12 +205,12 @@ class PreferenceDataset(Dataset):
             chosen_l = rejected_l = None
         tie = entry.get("tie", False)
         if not isinstance(tie, bool):
-            raise ValueError(f"{where}: 'tie' must be true or false, got {tie!r}")
+            raise ValueError(f"{where}: 'tie' must be true or false, got {shorten(tie)}")
         labels = entry.get("labels")
         if labels is not None:
             if not isinstance(labels, dict) or not all(isinstance(v, int) and v in (-1, 0, 1)
                                                        for v in labels.values()):
-                raise ValueError(f"{where}: 'labels' must map dimensions to -1, 0 or +1, got {labels!r}")
+                raise ValueError(f"{where}: 'labels' must map dimensions to -1, 0 or +1, got {shorten(labels)}")
         scores = entry.get("scores")
         if scores is not None:
             ok = (isinstance(scores, dict) and set(scores) == {"chosen", "rejected"}
@@ -263,10 +220,10 @@ class PreferenceDataset(Dataset):
                           for s in scores.values() for v in s.values()))
             if not ok:
                 raise ValueError(f"{where}: 'scores' must be {{'chosen': {{dim: number}}, 'rejected': "
-                                 f"{{dim: number}}}} with the same finite-valued dimensions, got {scores!r}")
+                                 f"{{dim: number}}}} with the same finite-valued dimensions, got {shorten(scores)}")
         weight = entry.get("weight")
         if weight is not None and not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"{where}: 'weight' must be a finite non-negative number, got {weight!r}")
+            raise ValueError(f"{where}: 'weight' must be a finite non-negative number, got {shorten(weight)}")
         return PreferenceEntry(where, prompt, chosen, rejected, tie, labels, scores, weight, chosen_l, rejected_l)
 
     def _check_consistency(self, entries: list[PreferenceEntry], decode: bool) -> tuple[list, list[str]]:

@@ -1,8 +1,10 @@
 """Videos and prompts from a folder: ``metadata.jsonl`` with one ``{"file_name": ..., "prompt": ...}`` per line.
 
-This is the layout of the Hugging Face ``videofolder`` convention. Every entry is checked when the dataset is built
-(the file exists and lies inside the root), so training never starts on a partial dataset; a file that fails to
-decode later raises an error naming it.
+This is the layout of the Hugging Face ``videofolder`` convention. Every entry is checked when the dataset is built,
+before the first training step: the file lies inside the root, exists, decodes (or, with ``decode_check=False``, has a
+readable header and first frame) and holds at least ``num_frames`` frames. All the bad files (missing, empty, truncated,
+an image or a text file named ``.mp4``) are reported together in one error, so training never starts on a partial
+dataset.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lit_videoalign.data.resumable import ResumableDataLoader
-from lit_videoalign.video_io import read_video
+from lit_videoalign.errors import shorten
+from lit_videoalign.video_io import MAX_LISTED, probe_video, read_video
 
 
 def resolve_inside(root: Path, relative: str, what: str) -> Path:
     """Resolve ``relative`` under ``root`` and refuse anything that escapes it (``..``, absolute paths, links)."""
     if not isinstance(relative, str) or not relative:
-        raise ValueError(f"{what}: expected a non-empty relative path string, got {relative!r}")
+        raise ValueError(f"{what}: expected a non-empty relative path string, got {shorten(relative)}")
     root = root.resolve()
     path = (root / relative).resolve()
     if not path.is_relative_to(root):
@@ -55,15 +58,21 @@ class VideoFolderDataset(Dataset):
         height: output height.
         width: output width.
         metadata: name of the JSONL manifest inside ``root``.
+        decode_check: decode every frame of every file when the dataset is built; False only opens each file, decodes
+            its first frame and counts packets (for large datasets; damage later in a stream then fails when read).
     """
 
-    def __init__(self, root: str, num_frames: int, height: int, width: int, metadata: str = "metadata.jsonl") -> None:
+    def __init__(self, root: str, num_frames: int, height: int, width: int, metadata: str = "metadata.jsonl",
+                 decode_check: bool = True) -> None:
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be positive, got {num_frames}")
         self.root = Path(root)
         manifest = self.root / metadata
         if not manifest.is_file():
             raise FileNotFoundError(f"no manifest {manifest}; expected JSONL lines like "
                                     '{"file_name": "clip.mp4", "prompt": "..."}')
         self.entries: list[tuple[Path, str]] = []
+        problems: list[tuple[str, str, bool]] = []  # (full message, short one for a list, missing?)
         for lineno, line in enumerate(manifest.read_text().splitlines(), 1):
             if not line.strip():
                 continue
@@ -73,11 +82,29 @@ class VideoFolderDataset(Dataset):
             except json.JSONDecodeError as err:
                 raise ValueError(f"{where}: not valid JSON ({err})") from err
             if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
-                raise ValueError(f"{where}: expected an object with 'file_name' and a string 'prompt', got {entry!r}")
+                raise ValueError(f"{where}: expected an object with 'file_name' and a string 'prompt', "
+                                 f"got {shorten(entry)}")
             path = resolve_inside(self.root, entry.get("file_name"), where)
+            short = f"line {lineno} ({entry['file_name']})"
             if not path.is_file():
-                raise FileNotFoundError(f"{where}: video file {entry['file_name']!r} not found under {self.root}")
+                problems.append((f"{where}: video file {entry['file_name']!r} not found under {self.root}",
+                                 f"{short}: not found", True))
+                continue
+            try:  # before the first step: a file that does not decode would stop training when reached
+                frames = probe_video(path, decode=decode_check).num_frames
+                if frames < num_frames:
+                    raise ValueError(f"video {path} has {frames} frames, expected at least {num_frames}")
+            except ValueError as err:
+                problems.append((f"{where}: {err}", f"{short}: {str(err).replace(f' {path}', '')}", False))
+                continue
             self.entries.append((path, entry["prompt"]))
+        if problems:  # all of them at once, so one fix-up pass repairs the dataset
+            listed = "; ".join(p[1] for p in problems[:MAX_LISTED])
+            more = f"; ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+            total = len(problems) + len(self.entries)
+            message = (problems[0][0] if len(problems) == 1
+                       else f"{len(problems)} of {total} videos in {manifest} cannot be used: {listed}{more}")
+            raise (FileNotFoundError if all(p[2] for p in problems) else ValueError)(message)
         if not self.entries:
             raise ValueError(f"manifest {manifest} has no entries")
         self.num_frames, self.height, self.width = num_frames, height, width
@@ -103,6 +130,7 @@ class VideoFolderDataModule(L.LightningDataModule):
         val_root: optional validation folder.
         num_workers: data-loader processes.
         seed: shuffling seed.
+        decode_check: decode every video when set up, before the first step (see :class:`VideoFolderDataset`).
         precomputed: a folder written by ``videoalign precompute`` for these videos: batches then carry ``"latents"``
             and the prompts' conditioning instead of ``"video"``, so training runs neither the VAE nor the text
             encoder. The folder must have been encoded at this ``num_frames``/``height``/``width`` by the model's
@@ -111,19 +139,20 @@ class VideoFolderDataModule(L.LightningDataModule):
 
     def __init__(self, root: str, num_frames: int, height: int, width: int, batch_size: int = 1,
                  val_root: str | None = None, num_workers: int = 0, seed: int = 0,
-                 precomputed: str | None = None) -> None:
+                 precomputed: str | None = None, decode_check: bool = True) -> None:
         super().__init__()
         self.root, self.val_root = root, val_root
         self.num_frames, self.height, self.width = num_frames, height, width
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.precomputed = precomputed
+        self.precomputed, self.decode_check = precomputed, decode_check
 
     def setup(self, stage: str) -> None:
         if self.precomputed:
             self._setup_precomputed()
             return
-        self.train_set = VideoFolderDataset(self.root, self.num_frames, self.height, self.width)
-        self.val_set = (VideoFolderDataset(self.val_root, self.num_frames, self.height, self.width)
+        size = (self.num_frames, self.height, self.width)
+        self.train_set = VideoFolderDataset(self.root, *size, decode_check=self.decode_check)
+        self.val_set = (VideoFolderDataset(self.val_root, *size, decode_check=self.decode_check)
                         if self.val_root else None)
 
     def _setup_precomputed(self) -> None:
