@@ -1,15 +1,18 @@
-"""``make demo``: a few CPU-minutes of Flow-GRPO on the shipped toy-world base, and what it changed.
+"""``make demo``: a few CPU-minutes of online RL (DiffusionNFT) on the shipped toy-world base, and what it changed.
 
-It builds the run from ``configs/toyworld/grpo.yaml`` through the same CLI a user calls (LoRA on the shipped base,
+It builds the run from ``configs/toyworld/nft.yaml`` through the same CLI a user calls (LoRA on the shipped base,
 rewarded by the verifiable ``newton`` physics reward plus the learned ``quality`` reward), then:
 
 1. samples held-out prompts (the toy world's test seed range, never seen in training) from the base and scores them
    with the training reward and with rewards the run never optimises (the learned ``physics_learned`` judge and
-   the prompt checks of :func:`~lit_videoalign.data.toyworld.prompt_agreement`);
-2. trains for ``--max_steps`` GRPO optimizer steps (the config makes 4 per rollout batch), recording the training
-   reward of every rollout batch;
+   the prompt checks of :func:`~lit_videoalign.data.toyworld.prompt_agreement`): once with the sampler the trained
+   model will use (the config's: CFG-free), and once with the base's own guided sampler (``--reference_guidance``);
+2. trains for ``--max_steps`` optimizer steps (the config makes 4 per rollout batch), recording the training reward
+   of every rollout batch;
 3. samples and scores the same prompts and seeds again, and writes to ``outputs/demo/``: MP4s before and after, a
-   before/after GIF grid, a reward-curve PNG and ``heldout.json``.
+   before/after GIF grid, a reward-curve PNG and ``heldout.json``. Every change is paired (same prompt, same seed).
+
+``--config configs/toyworld/grpo.yaml`` runs the same demo with Flow-GRPO.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from lit_videoalign.video_io import video_grid, write_gif, write_mp4
 from reward_zoo import create_reward
 from reward_zoo.base import RewardModel
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toyworld" / "grpo.yaml"
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toyworld" / "nft.yaml"
 
 
 def heldout_prompts(n: int) -> list[str]:
@@ -40,14 +43,15 @@ def heldout_prompts(n: int) -> list[str]:
 
 
 @torch.no_grad()
-def heldout_scores(model: AlignmentModule, prompts: list[str], seeds: list[int],
-                   rewards: dict[str, RewardModel]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Deterministic samples of ``prompts`` and their per-prompt scores: each reward's overall, and prompt agreement.
+def heldout_scores(model: AlignmentModule, prompts: list[str], seeds: list[int], rewards: dict[str, RewardModel],
+                   guidance_scale: float | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Deterministic samples of ``prompts`` (the model's sampler; ``guidance_scale`` overrides its guidance) and their
+    per-prompt scores: each reward's overall, and prompt agreement.
 
     Returns:
         ``{name: (b,) scores}`` and the videos ``(b, t, c, h, w)``.
     """
-    videos = model.generate(prompts, seeds)  # (b, t, c, h, w)
+    videos = model.generate(prompts, seeds, guidance_scale=guidance_scale)  # (b, t, c, h, w)
     scores = {name: reward(videos, prompts)["overall"].float().cpu() for name, reward in rewards.items()}
     agree = [prompt_agreement(v, p) for v, p in zip(videos, prompts)]
     for key in agree[0]:
@@ -122,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max_steps", type=int, default=40, help="optimizer steps (4 per rollout batch)")
     parser.add_argument("--num_heldout", type=int, default=16, help="held-out prompts scored before and after")
     parser.add_argument("--config", default=str(CONFIG))
+    parser.add_argument("--reference_guidance", type=float, default=2.0,
+                        help="guidance of the base's own sampler: the second reference of the trained model")
     args, overrides = parser.parse_known_args(argv)  # the rest are CLI overrides, e.g. --model.init_args.group_size=4
     out = Path(args.output_dir)
 
@@ -138,10 +144,16 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = heldout_prompts(args.num_heldout)
     seeds = list(range(len(prompts)))
 
-    print(f"\n[1/3] sampling {len(prompts)} held-out prompts from the shipped base")
+    method = type(model).__name__
+    guidance = model.hparams.guidance_scale
+    print(f"\n[1/3] sampling {len(prompts)} held-out prompts from the shipped base (guidance {guidance:g}, and "
+          f"{args.reference_guidance:g} as the base's own sampler)")
     per_before, videos_before = heldout_scores(model, prompts, seeds, judges)
+    per_reference = None
+    if args.reference_guidance != guidance:
+        per_reference, _ = heldout_scores(model, prompts, seeds, judges, guidance_scale=args.reference_guidance)
 
-    print(f"[2/3] Flow-GRPO with LoRA for {args.max_steps} optimizer steps "
+    print(f"[2/3] {method} with LoRA for {args.max_steps} optimizer steps "
           f"({model.hparams.group_size} rollouts per prompt, {data.batch_size} prompts per step)")
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
@@ -152,6 +164,11 @@ def main(argv: list[str] | None = None) -> dict:
     before = {k: v.mean().item() for k, v in per_before.items()}
     after = {k: v.mean().item() for k, v in per_after.items()}
     change = {k: paired_change(per_before[k], per_after[k]) for k in per_before}
+    reference = None
+    if per_reference is not None:
+        reference = {"guidance_scale": args.reference_guidance,
+                     "before": {k: v.mean().item() for k, v in per_reference.items()},
+                     "paired_change": {k: paired_change(per_reference[k], per_after[k]) for k in per_reference}}
 
     for i, prompt in enumerate(prompts[:8]):
         stem = f"{i:02d}_{prompt.replace(' ', '_').replace(',', '')}"
@@ -159,17 +176,24 @@ def main(argv: list[str] | None = None) -> dict:
         write_mp4(videos_after[i], out / "after" / f"{stem}.mp4", upscale=4)
     grid = write_gif(video_grid(list(videos_before[:8]) + list(videos_after[:8]), ncols=8), out / "before_after.gif")
     curve = plot_curve(history.history, change, out / "reward_curve.png")
-    result = {"max_steps": args.max_steps, "cpu_minutes": minutes, "heldout_prompts": len(prompts),
-              "before": before, "after": after, "paired_change": change, "train_reward": history.history}
+    result = {"method": method, "max_steps": args.max_steps, "train_minutes": minutes,
+              "heldout_prompts": len(prompts), "guidance_scale": guidance, "before": before, "after": after,
+              "paired_change": change, "against_guided_base": reference, "train_reward": history.history}
     (out / "heldout.json").write_text(json.dumps(result, indent=2))
 
-    print(f"\nheld-out scores, {len(prompts)} prompts, base -> after {args.max_steps} GRPO optimizer steps "
-          f"({minutes:.1f} min on this machine):")
+    print(f"\nheld-out scores, {len(prompts)} prompts, base -> after {args.max_steps} {method} optimizer steps "
+          f"({minutes:.1f} min of training on this machine), the same sampler (guidance {guidance:g}) and seeds:")
     for key in before:
         c = change[key]
         print(f"  {key:32s} {before[key]:8.3f} -> {after[key]:8.3f}   "
               f"change {c['mean']:+.3f} (95 % CI {c['ci95_low']:+.3f} .. {c['ci95_high']:+.3f})")
-    print(f"samples: {out / 'before'} and {out / 'after'} (MP4), {grid} (top row base, bottom row after GRPO)")
+    if reference is not None:
+        print(f"against the base's own sampler (guidance {args.reference_guidance:g}, twice the denoiser calls), same "
+              f"seeds:")
+        for key, c in reference["paired_change"].items():
+            print(f"  {key:32s} {reference['before'][key]:8.3f} -> {after[key]:8.3f}   "
+                  f"change {c['mean']:+.3f} (95 % CI {c['ci95_low']:+.3f} .. {c['ci95_high']:+.3f})")
+    print(f"samples: {out / 'before'} and {out / 'after'} (MP4), {grid} (top row base, bottom row after {method})")
     print(f"reward curve: {curve}; merged pipeline: {out / 'pipeline'}")
     return result
 
