@@ -22,8 +22,8 @@ from jsonargparse import ActionYesNo
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
-from lit_videoalign.cli import MethodSubcommandsCLI
 from lit_videoalign.errors import UsageError, config_phase, run_cli, shorten
+from lit_videoalign.subcommands import MethodSubcommandsCLI
 from reward_zoo.training import RewardTraining
 
 # Subcommands that build no model, datamodule or trainer; their arguments are their method's signature.

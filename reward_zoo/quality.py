@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_videoalign.data.toyworld import VOCABULARY
+from lit_videoalign.errors import shorten
 from reward_zoo.base import RewardModel
 from reward_zoo.registry import register_reward
 
@@ -143,7 +144,7 @@ class QualityReward(RewardModel, paper_url=VIDEOREWARD):
         ids, mask = tokens["input_ids"], tokens["attention_mask"].bool()  # (b, l)
         if ids.shape[1] > self.max_prompt_tokens:
             longest = max(prompts, key=lambda p: len(self.tokenizer(p)["input_ids"]))
-            raise ValueError(f"prompt {longest!r} has {ids.shape[1]} tokens; QualityReward takes at most "
+            raise ValueError(f"prompt {shorten(longest)} has {ids.shape[1]} tokens; QualityReward takes at most "
                              f"max_prompt_tokens={self.max_prompt_tokens}")
         ids, mask = ids.to(self.position_embed.device), mask.to(self.position_embed.device)
         x = self.token_embed(ids) + self.position_embed[: ids.shape[1]]  # (b, l, d)
