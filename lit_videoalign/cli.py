@@ -28,6 +28,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from lit_videoalign import errors
+from lit_videoalign.backbones.loading import resolve_device  # noqa: F401  (re-exported: its old home)
 from lit_videoalign.checkpoint_io import load_weights
 from lit_videoalign.errors import UsageError
 from lit_videoalign.objectives.base import AlignmentModule
@@ -314,13 +315,6 @@ class VideoAlignCLI(MethodSubcommandsCLI):
 
 
 # -- helpers of the subcommands (plain functions, usable without the CLI) -------------------------------------------
-
-def resolve_device(device: str | None) -> torch.device:
-    """``device``, or CUDA when available, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 def resolve_prompts(prompts: list[str] | None, prompts_file: str | None,
                     seeds: list[int] | None) -> tuple[list[str], list[int]]:

@@ -176,7 +176,7 @@ def precompute(backbone: VideoBackbone, root: str | os.PathLike, output_dir: str
     """
     from safetensors.torch import save_file
 
-    from lit_videoalign.cli import resolve_device
+    from lit_videoalign.backbones.loading import resolve_device
     from lit_videoalign.data.video_folder import VideoFolderDataset
 
     if batch_size < 1 or shard_size < 1:

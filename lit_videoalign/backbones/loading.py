@@ -116,3 +116,10 @@ def _load_quantized(transformer_cls: type, root: Path, quant_type: str, dtype: t
         if hasattr(layer, "support_avx512bf16_for_cpu"):
             layer.support_avx512bf16_for_cpu = False
     return model
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``device``, or CUDA when available, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
