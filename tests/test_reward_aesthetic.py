@@ -77,14 +77,16 @@ def test_scores_equal_the_original_recipe(public, tiny_clip):
     with torch.no_grad():
         scores = reward(videos)
     expected = reference_scores(public, tiny_clip, videos)
-    torch.testing.assert_close(scores["aesthetic"], expected, atol=1e-5, rtol=1e-5)
+    # measured bit-identical (torch 2.13.0 / 2.14.1, 3 seeds, AVX-512 / AVX2 / baseline CPU kernels); 1e-5 of the
+    # largest score leaves room for another batching of the frames (6e-8 measured for CLIP scores)
+    torch.testing.assert_close(scores["aesthetic"], expected, rtol=0, atol=1e-5 * expected.abs().max().item())
     torch.testing.assert_close(scores["overall"], scores["aesthetic"])
     # the embeddings are L2-normalised first: without that the original head gives other scores
     model = CLIPModel.from_pretrained(tiny_clip).eval()
     pixels = clip_pixel_values(videos.flatten(0, 1), 32, torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD))
     with torch.no_grad():
         raw = public(model.get_image_features(pixel_values=pixels).pooler_output).view(3, 4).mean(1)
-    assert not torch.allclose(raw, expected, atol=1e-3)
+    assert not torch.allclose(raw, expected, atol=1e-3)  # measured apart by 0.04 or more, 40x the 1e-3
 
 
 def test_num_frames_subset(public, tiny_clip):
@@ -92,8 +94,9 @@ def test_num_frames_subset(public, tiny_clip):
     reward = LaionAesthetic.from_laion_state_dict(public.state_dict(), clip_model_name_or_path=tiny_clip,
                                                   num_frames=2)
     with torch.no_grad():
-        torch.testing.assert_close(reward(videos)["overall"],
-                                   reference_scores(public, tiny_clip, videos[:, [0, 6]]), atol=1e-5, rtol=1e-5)
+        expected = reference_scores(public, tiny_clip, videos[:, [0, 6]])
+        # measured bit-identical, as above; 1e-5 of the largest score
+        torch.testing.assert_close(reward(videos)["overall"], expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize(("edit", "match"), [

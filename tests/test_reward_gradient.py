@@ -26,6 +26,7 @@ def make(tiny_pixel_pipeline, reward=None, **kwargs):
 
 
 def test_pure_losses_by_hand():
+    # allclose's default rtol 1e-5 stands for float32 rounding: all measured exact (torch 2.13.0 / 2.14.1)
     assert torch.allclose(reward_loss(torch.tensor([1.0, 3.0]), scale=0.5), torch.tensor(-1.0))
     v, ref = torch.zeros(2, 2, 1, 1, 1), torch.tensor([[1.0, 3.0], [2.0, 2.0]]).view(2, 2, 1, 1, 1)
     assert torch.allclose(velocity_kl(v, ref), torch.tensor([5.0, 4.0]))  # (1 + 9) / 2, (4 + 4) / 2
@@ -67,8 +68,10 @@ def test_checkpointed_steps_give_the_same_gradient_and_frames_are_windowed(tiny_
         loss, logs = model.loss(PROMPTS)
         grads.append(torch.autograd.grad(loss, lora))
         assert logs["train/velocity_kl"] > 0  # the adapter moved the policy off the reference
+    # measured bit-identical (the recomputation runs the same kernels; torch 2.13.0 / 2.14.1, 3 seeds, AVX-512 / AVX2 /
+    # baseline CPU kernels); 1e-5 of each gradient's largest entry leaves room for a reordered float32 reduction
     for a, b in zip(*grads):
-        assert torch.allclose(a, b, atol=1e-6)
+        assert torch.allclose(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
     assert any(g.abs().sum() > 0 for g in grads[0])
     model.hparams.decode_frames = 5
     assert model.decode_for_reward(torch.rand(1, 3, 16, 32, 32) * 2 - 1).shape == (1, 5, 3, 32, 32)
@@ -82,7 +85,7 @@ def test_l2_regulariser_is_the_lora_weight_delta(tiny_pixel_pipeline):
         layer.lora_B["default"].weight.fill_(1.0)
     a = layer.lora_A["default"].weight
     expected = (layer.scaling["default"] * torch.ones(layer.lora_B["default"].weight.shape) @ a).pow(2).sum()
-    assert torch.allclose(weight_delta_l2(model.weight_deltas()), expected)
+    assert torch.allclose(weight_delta_l2(model.weight_deltas()), expected)  # measured exact; default rtol 1e-5
 
 
 def test_updates_change_only_lora_and_raise_the_reward(tiny_pixel_pipeline):

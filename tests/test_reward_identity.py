@@ -69,11 +69,14 @@ def test_scores_are_cosines_and_overall_blends_mean_and_worst():
     videos = torch.rand(3, 5, 3, 32, 32, requires_grad=True)
     scores = reward(videos)
     assert (scores["worst"] <= scores["mean"] + 1e-6).all() and (scores["mean"].abs() <= 1 + 1e-6).all()
+    # measured exact (torch 2.13.0 / 2.14.1)
     assert torch.allclose(scores["overall"], 0.75 * scores["mean"] + 0.25 * scores["worst"])
     scores["overall"].sum().backward()
     assert videos.grad.abs().sum() > 0
     frozen = torch.rand(1, 1, 3, 32, 32).expand(1, 4, -1, -1, -1)
-    assert torch.allclose(reward(frozen.contiguous())["worst"], torch.ones(1), atol=1e-5)  # a still frame is itself
+    # a still frame is itself: a cosine, in [-1, 1]; measured 1.2e-7 off 1 (torch 2.14.1), 1e-5 is 80x that
+    # in eval mode: in train mode BatchNorm normalises identical frames to rounding noise (0 with baseline kernels)
+    assert torch.allclose(reward.eval()(frozen.contiguous())["worst"], torch.ones(1), atol=1e-5)
 
 
 def test_any_timm_encoder_name_resizes_to_its_input_size():

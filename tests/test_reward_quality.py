@@ -51,7 +51,7 @@ def test_overall_is_the_mean_of_the_dimensions_and_gradients_reach_pixels(qualit
     scores = quality(videos, ["a red ball falls", "a blue ball moves left"])
     assert set(scores) == {"visual", "motion", "text", "overall"}
     mean = (scores["visual"] + scores["motion"] + scores["text"]) / 3
-    assert torch.allclose(scores["overall"], mean)
+    assert torch.allclose(scores["overall"], mean)  # measured exact (torch 2.13.0 / 2.14.1)
     scores["overall"].sum().backward()
     assert videos.grad is not None and videos.grad.abs().sum() > 0
 
@@ -83,7 +83,12 @@ def test_config_is_json_and_any_timm_encoder_works(tmp_path):
     video = torch.rand(2, 3, 3, 32, 32)
     with torch.no_grad():
         prompts = ["a ball", "ball"]
-        assert torch.allclose(loaded(video, prompts)["overall"], reward(video, prompts)["overall"])
+        expected = reward(video, prompts)["overall"]
+        # the loaded copy is in eval mode, the fresh one in train mode, which rounds differently (in eval mode both
+        # agree exactly): max |err| / max |expected| measured 0..1.1e-6 (torch 2.14.1, 3 seeds, AVX-512 / AVX2 /
+        # baseline CPU kernels); 1e-4 is 90x that
+        torch.testing.assert_close(loaded(video, prompts)["overall"], expected, rtol=0,
+                                   atol=1e-4 * expected.abs().max().item())
     with pytest.raises(ValueError, match="divisible by num_heads"):
         QualityReward(width=30)
     with pytest.raises(ValueError, match="frame_size"):

@@ -20,6 +20,7 @@ def snapshot(module, name_filter):
 
 
 def test_flow_matching_loss_by_hand():
+    # allclose's default rtol 1e-5 stands for float32 rounding: both measured exact (torch 2.13.0 / 2.14.1)
     pred, target = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.zeros(2, 2)
     assert torch.allclose(flow_matching_loss(pred, target), torch.tensor(7.5))  # mean of 2.5 and 12.5
     weighted = flow_matching_loss(pred, target, weights=torch.tensor([1.0, 3.0]))
