@@ -123,8 +123,8 @@ def plot_curve(history: dict[str, list[float]], change: dict[str, dict[str, floa
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="outputs/demo")
-    parser.add_argument("--max_steps", type=int, default=40, help="optimizer steps (4 per rollout batch)")
-    parser.add_argument("--num_heldout", type=int, default=16, help="held-out prompts scored before and after")
+    parser.add_argument("--max_steps", type=int, default=160, help="optimizer steps (4 per rollout batch)")
+    parser.add_argument("--num_heldout", type=int, default=32, help="held-out prompts scored before and after")
     parser.add_argument("--config", default=str(CONFIG))
     parser.add_argument("--reference_guidance", type=float, default=2.0,
                         help="guidance of the base's own sampler: the second reference of the trained model")
