@@ -278,7 +278,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     runs_dir = Path(args.output).parent / f"{Path(args.output).name}_runs"
     if not args.merge_only:
-        todo = [(BASE, 0)] + [(m, s) for m in args.methods for s in args.seeds]
+        todo = [(m, s) for m in args.methods for s in args.seeds]
+        if not (runs_dir / f"{BASE}_seed0.json").is_file():  # the base is measured once per output
+            todo.insert(0, (BASE, 0))
         passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--merge_only"]
         procs: list[subprocess.Popen] = []
         for method, seed in todo:
