@@ -296,9 +296,9 @@ def recorded_rollout(module, n_prompts: int):
 def recorded_nft_rollout(module, n_prompts: int):
     """One real DiffusionNFT rollout (clean samples of the EMA sampling policy) with synthetic seeded rewards turned
     into optimality probabilities, so ``r`` is non-degenerate whatever the reward makes of a random model."""
-    from lit_videoalign.objectives.nft import optimality_probability
-
     import warnings
+
+    from lit_videoalign.objectives.nft import optimality_probability
 
     hp = module.hparams
     with warnings.catch_warnings():  # the reward may refuse --quick's 2-frame clips: the rewards are replaced anyway
