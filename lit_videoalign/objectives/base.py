@@ -394,6 +394,22 @@ class AlignmentModule(L.LightningModule):
             self.train(was_training)
 
 
+def guarded_scores(reward: nn.Module, videos: Tensor, prompts: list[str], who: str,
+                   consequence: str) -> dict[str, Tensor] | None:
+    """``reward``'s scores of ``videos``, detached, in float32, with NaN for the samples it cannot score; None, and a
+    warning ``"{who}: the reward raised ...; {consequence}"``, if the reward raises: a failing judge must never crash a
+    run or reach the weights. The objectives that score their own samples (GRPO, DiffusionNFT, online DPO) share it."""
+    try:
+        try:
+            scores = reward(videos, prompts)
+        except FloatingPointError:  # some samples scored NaN (the checked call refuses them): keep the finite ones
+            scores = reward.forward(videos, prompts)
+    except Exception as err:
+        rank_zero_warn(f"{who}: the reward raised {type(err).__name__}: {err}; {consequence}")
+        return None
+    return {k: v.detach().float() for k, v in scores.items()}
+
+
 def _finite_gradients(optimizer) -> bool:
     """Whether every gradient of ``optimizer``'s parameters is finite (this rank's shards under FSDP)."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]

@@ -28,7 +28,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lit_videoalign.backbones.base import Conditioning
-from lit_videoalign.objectives.base import AlignmentModule
+from lit_videoalign.objectives.base import AlignmentModule, guarded_scores
 from lit_videoalign.schedules.flow import (
     SIGMA_MODES,
     add_noise,
@@ -420,15 +420,7 @@ class DPO(AlignmentModule):
 
     def score(self, videos: Tensor, prompts: list[str]) -> dict[str, Tensor] | None:
         """The reward's scores (NaN for samples it cannot score), or None if the reward raised."""
-        try:
-            try:
-                scores = self.reward(videos, prompts)
-            except FloatingPointError:  # some samples scored NaN: keep the finite ones
-                scores = self.reward.forward(videos, prompts)
-        except Exception as err:  # a failing judge must never crash the run or reach the weights
-            rank_zero_warn(f"DPO: the reward raised {type(err).__name__}: {err}; no pairs from this batch")
-            return None
-        return {k: v.detach().float() for k, v in scores.items()}
+        return guarded_scores(self.reward, videos, prompts, "DPO", "no pairs from this batch")
 
     @torch.no_grad()
     def build_pairs(self, prompts: list[str]) -> dict[str, float]:

@@ -26,7 +26,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lit_videoalign.backbones.base import Conditioning
-from lit_videoalign.objectives.base import AlignmentModule
+from lit_videoalign.objectives.base import AlignmentModule, guarded_scores
 from lit_videoalign.schedules.flow import euler_step, sampling_sigmas, sde_step_with_logprob
 from reward_zoo.base import RewardModel
 
@@ -414,18 +414,11 @@ class GRPO(AlignmentModule):
     def score(self, videos: Tensor, prompts: list[str]) -> tuple[dict[str, Tensor], Tensor]:
         """Reward every video; samples whose reward is NaN, or all samples if the reward raises, are masked out."""
         n = videos.shape[0]
-        try:
-            try:
-                scores = self.reward(videos, prompts)
-            except FloatingPointError:  # some samples scored NaN: keep the finite ones
-                scores = self.reward.forward(videos, prompts)
-        except Exception as err:  # a failing judge must never crash the run or reach the weights
-            rank_zero_warn(f"GRPO: the reward raised {type(err).__name__}: {err}; this rollout batch is skipped")
+        scores = guarded_scores(self.reward, videos, prompts, "GRPO", "this rollout batch is skipped")
+        if scores is None:
             nan = torch.full((n,), float("nan"), device=videos.device)
             return {"overall": nan}, torch.zeros(n, dtype=torch.bool, device=videos.device)
-        scores = {k: v.detach().float() for k, v in scores.items()}
-        valid = torch.isfinite(scores["overall"])
-        return scores, valid
+        return scores, torch.isfinite(scores["overall"])
 
     def advantages(self, rewards: Tensor, valid: Tensor, prompts: list[str]) -> Tensor:
         hp = self.hparams

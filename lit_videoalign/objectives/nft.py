@@ -28,13 +28,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lit_videoalign.backbones.adapters import AdapterRoles, add_named_adapter, ema_update
 from lit_videoalign.backbones.base import Conditioning
-from lit_videoalign.objectives.base import AlignmentModule
+from lit_videoalign.objectives.base import AlignmentModule, guarded_scores
 from lit_videoalign.schedules.flow import (
     SIGMA_MODES,
     add_noise,
@@ -406,18 +405,11 @@ class DiffusionNFT(AlignmentModule):
     def score(self, videos: Tensor, prompts: list[str]) -> tuple[dict[str, Tensor], Tensor]:
         """Reward every video; NaN scores, or every score if the reward raises, are masked out."""
         n = videos.shape[0]
-        try:
-            try:
-                scores = self.reward(videos, prompts)
-            except FloatingPointError:  # some samples scored NaN: keep the finite ones
-                scores = self.reward.forward(videos, prompts)
-        except Exception as err:  # a failing judge must never crash the run or reach the weights
-            rank_zero_warn(f"DiffusionNFT: the reward raised {type(err).__name__}: {err}; this rollout batch is "
-                           f"skipped")
+        scores = guarded_scores(self.reward, videos, prompts, "DiffusionNFT", "this rollout batch is skipped")
+        if scores is None:
             nan = torch.full((n,), float("nan"), device=videos.device)
             invalid = torch.zeros(n, dtype=torch.bool, device=videos.device)
             return {"overall": nan, self.hparams.reward_key: nan}, invalid
-        scores = {k: v.detach().float() for k, v in scores.items()}
         return scores, torch.isfinite(scores[self.hparams.reward_key])
 
     # -- update -------------------------------------------------------------------------------------------------
