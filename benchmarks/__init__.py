@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +20,25 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     if len(v) < 2:
         return mean, float("nan")
     return mean, math.sqrt(math.fsum((x - mean) ** 2 for x in v) / (len(v) - 1) / len(v))
+
+
+def add_output_argument(parser: argparse.ArgumentParser, default: str | Path) -> None:
+    """The one output flag of every benchmark: ``--output OUTPUT`` writes ``OUTPUT.json`` and ``OUTPUT.md`` (figures
+    and GIFs beside them, named after ``OUTPUT``). ``--out DIR``, the folder flag some benchmarks had, keeps working for
+    one release (see :func:`output_path`)."""
+    parser.add_argument("--output", default=str(default), help="OUTPUT.json and OUTPUT.md (figures beside them)")
+    parser.add_argument("--out", default=None, metavar="DIR", help="deprecated: --output DIR/NAME")
+
+
+def output_path(args: argparse.Namespace, name: str | None = None) -> Path:
+    """Where a benchmark writes (without suffix): ``--output``; with the deprecated ``--out DIR`` or a deprecated
+    per-benchmark file name ``name`` (``toyworld_distill --name``), ``DIR/NAME`` (``DIR``: ``--out``, else the folder
+    of ``--output``; ``NAME``: ``name``, else the file name of ``--output``), with a warning."""
+    if args.out is None and name is None:
+        return Path(args.output)
+    out = (Path(args.out) if args.out is not None else Path(args.output).parent) / (name or Path(args.output).name)
+    warnings.warn(f"--out DIR and --name NAME are deprecated; use --output {out}", FutureWarning, stacklevel=2)
+    return out
 
 
 def write_result(result: dict, output: str | Path, markdown: Callable[[dict], str]) -> dict:

@@ -35,14 +35,13 @@ class Benchmark:
     name: str
     measures: str
     quick: tuple[str, ...] = ()
-    output_flag: str | None = None  # the module's option for where results go
-    output_kind: str = "stem"  # "stem": a path without suffix; "dir": a folder
+    output_flag: str | None = None  # the module's option for where results go: ``--output STEM`` everywhere
     needs: str | None = None  # arguments it cannot run without
 
     def output_args(self, results: Path) -> list[str]:
         if self.output_flag is None:
             return []
-        return [self.output_flag, str(results / self.name if self.output_kind == "stem" else results)]
+        return [self.output_flag, str(results / self.name)]
 
 
 BENCHMARKS = (
@@ -62,28 +61,33 @@ BENCHMARKS = (
               "--output"),
     Benchmark("dpo_memory", "LoRA/full Flow-DPO vs SFT: step time and peak memory",
               ("--pairs", "1", "--steps", "1", "--warmup", "0", "--mem_steps", "1", "--rounds", "1", "--configs",
-               "lora_sft", "lora_dpo"), "--out", "dir"),
+               "lora_sft", "lora_dpo"), "--output"),
     Benchmark("dmd_memory", "DMD with shared-base adapters vs separate models: peak memory",
               ("--layers", "1", "--rank", "4", "--batches", "1"), "--output"),
     Benchmark("memory_scale", "FSDP2, 8-bit AdamW and NF4 base: bytes per rank", ("--layers", "1", "--heads", "2",
-              "--head_dim", "16"), "--out"),
+              "--head_dim", "16"), "--output"),
     Benchmark("reward_zoo", "reward models: ranking accuracy on held-out toy-world corruptions",
               ("--seeds", "4", "--no_ties"), "--output"),
     Benchmark("toyworld_base", "the shipped toy-world base: held-out loss and prompt agreement",
-              ("--num_videos", "2", "--num_inference_steps", "2")),
+              ("--num_videos", "2", "--num_inference_steps", "2"), "--output"),
     Benchmark("toyworld_inference", "inference-time alignment: best-of-N, noise search, reward guidance",
-              ("--num_prompts", "2", "--ns", "1", "2", "--num_inference_steps", "2", "--batch_size", "2"), "--out",
-              "dir"),
+              ("--num_prompts", "2", "--ns", "1", "2", "--num_inference_steps", "2", "--batch_size", "2"), "--output"),
     Benchmark("toyworld_rl", "online RL (GRPO, DiffusionNFT, AWM) from the shipped base: held-out scores against "
               "training CPU-minutes, paired with the base", ("--methods", "nft", "--seeds", "0", "--minutes",
               "nft=0.05", "--eval_every", "nft=0.05", "--num_prompts", "2", "--diversity_prompts", "1",
               "--diversity_seeds", "2", "--batch_size", "2"), "--output"),
-    Benchmark("toyworld_dpo", "a trained DPO model against the base on the toy world", (), "--out",
+    Benchmark("checkpoint_size", "LoRA checkpoints that hold what trains against full ones on the Wan 2.1 1.3B "
+              "architecture (random weights): bytes, save time, bit-exact resume", ("--layers", "1", "--rank", "4"),
+              "--output"),
+    Benchmark("reward_real_size", "the real rewards (videoreward, pickscore, hpsv2) at their real sizes with random "
+              "weights: seconds per 2-second 480p video, peak memory, vision tokens", (), "--output",
+              needs="--rewards NAME [NAME ...]: about 10 GiB of memory and minutes per reward"),
+    Benchmark("toyworld_dpo", "a trained DPO model against the base on the toy world", (), "--output",
               needs="--pipeline PIPELINE or --ckpt CKPT of a trained DPO model"),
-    Benchmark("toyworld_distill", "distilled few-step students against the teacher on the toy world", (), "--out",
-              "dir", needs="--student NAME=CONFIG[:WEIGHTS] (repeatable)"),
+    Benchmark("toyworld_distill", "distilled few-step students against the teacher on the toy world", (), "--output",
+              needs="--student NAME=CONFIG[:WEIGHTS] (repeatable)"),
     Benchmark("toyworld_alignment", "aligned models (SFT, DPO, GRPO, DMD, consistency, ...) against the base on the "
-              "toy world: rewards, trajectory error against true physics, diversity, NFE", (), "--out", "dir",
+              "toy world: rewards, trajectory error against true physics, diversity, NFE", (), "--output",
               needs="--model NAME=CONFIG[:WEIGHTS][@CPU_MINUTES] (repeatable)"),
 )
 BY_NAME = {b.name: b for b in BENCHMARKS}

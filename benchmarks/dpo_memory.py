@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import PeakSampler, rss_bytes
+from benchmarks import PeakSampler, add_output_argument, output_path, rss_bytes, write_result
 
 CONFIGS = ("lora_sft", "lora_sft_both", "lora_dpo", "full_sft", "full_dpo")
 MIB = 2**20
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even if CUDA is available")
-    parser.add_argument("--out", default="benchmarks/results")
+    add_output_argument(parser, "benchmarks/results/dpo_memory")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--worker_out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -254,12 +254,7 @@ def main(argv: list[str] | None = None) -> dict | None:
               "machine": f"{platform.machine()} {os.cpu_count()} CPU cores, {platform.python_implementation()} "
                          f"{platform.python_version()}",
               "memory": first["memory"], "rounds": rounds, "summary": summarise(rounds, args.configs)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dpo_memory.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "dpo_memory.md").write_text(markdown(result))
-    print(markdown(result))
-    return result
+    return write_result(result, output_path(args), markdown)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Memory of the scale levers, side by side on one small random-initialised Wan-shaped transformer.
 
-    python -m benchmarks.memory_scale [--layers 4 --heads 4 --head_dim 64] [--out benchmarks/results/memory_scale]
+    python -m benchmarks.memory_scale [--layers 4 --heads 4 --head_dim 64] [--output benchmarks/results/memory_scale]
 
 1. **FSDP2** (Lightning ``ModelParallelStrategy``; gloo on CPU, one process per rank): per-rank bytes of parameters,
    gradients and AdamW state after one full fine-tuning step, with 1 and with 2 processes.
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import write_result
+from benchmarks import add_output_argument, output_path, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,7 +119,7 @@ def run_fsdp2(pipeline: str, tmp: Path, world: int) -> list[dict]:
            "NODE_RANK": "0", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "benchmarks.memory_scale", "--worker", str(world), "--pipeline", pipeline,
-           "--out", str(tmp)]
+           "--output", str(tmp)]
     procs = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(world)]
     logs = [p.communicate()[0] for p in procs]
@@ -224,12 +224,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head_dim", type=int, default=64)
-    parser.add_argument("--out", default="benchmarks/results/memory_scale")
+    add_output_argument(parser, "benchmarks/results/memory_scale")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
-        fsdp2_worker(args.pipeline, Path(args.out), args.worker)
+        fsdp2_worker(args.pipeline, Path(args.output), args.worker)  # a worker's --output: the run's folder
         return {}
 
     torch.set_num_threads(1)
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         "fsdp2": fsdp2, "adamw": adamw, "quantized_base": quant,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    return write_result(result, args.out, markdown)
+    return write_result(result, output_path(args), markdown)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,18 @@ import time
 
 import torch
 
-from benchmarks import write_result
-from benchmarks.toyworld_alignment import trajectory_error
-from benchmarks.toyworld_inference import load_reward
+from benchmarks import add_output_argument, output_path, write_result
+from benchmarks.toyworld_eval import (
+    SAMPLER,
+    agreement_rates,
+    generate,
+    held_out_scenes,
+    load_rewards,
+    reward_scores,
+    trajectory_error,
+)
 from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
-from lit_videoalign.data.toyworld import TEST_SEED_OFFSET, ToyWorld, ToyWorldDataset, prompt_agreement
+from lit_videoalign.data.toyworld import TEST_SEED_OFFSET, ToyWorld, ToyWorldDataset
 from lit_videoalign.objectives.sft import SFT
 from lit_videoalign.video_io import video_grid, write_gif
 
@@ -34,21 +41,16 @@ GIF_PROMPTS = ["a red ball falls and bounces", "a blue ball moves left and bounc
 REWARDS = ("newton", "physics_learned", "quality")
 
 
-def rates(videos: torch.Tensor, prompts: list[str]) -> dict[str, float]:
-    agree = [prompt_agreement(v, p) for v, p in zip(videos, prompts)]
-    return {k: sum(a[k] for a in agree) / len(agree) for k in ("colour", "direction", "falls")}
-
-
 @torch.no_grad()
 def measures(videos: torch.Tensor, prompts: list[str], rewards: dict) -> dict[str, float]:
     """Prompt agreement rates, mean trajectory error (px, over videos where a ball is found) and mean rewards."""
-    out = rates(videos, prompts)
+    out = {k: v for k, v in agreement_rates(videos, prompts).items() if k != "all"}
     error = trajectory_error(videos)
     found = error[~error.isnan()]
     out["trajectory_error_px"] = found.mean().item() if len(found) else float("nan")
     out["ball_found"] = len(found) / len(error)
-    for name, reward in rewards.items():
-        out[name] = reward(videos, prompts)["overall"].float().mean().item()
+    for name, values in reward_scores(videos, prompts, rewards).items():
+        out[name] = torch.tensor(values).mean().item()
     return out
 
 
@@ -66,8 +68,7 @@ def evaluate(pipeline: str, prompts: list[str], rewards: dict, num_inference_ste
             batch = {"video": torch.stack([x["video"] for x in items]), "prompt": [x["prompt"] for x in items]}
             losses.append(model.loss(batch, generator=torch.Generator().manual_seed(start), dropout=0.0).item())
     start = time.perf_counter()
-    samples = torch.cat([model.generate(prompts[i:i + 16], seeds=list(range(i, min(i + 16, len(prompts)))))
-                         for i in range(0, len(prompts), 16)])
+    samples = generate(model, prompts, list(range(len(prompts))), batch_size=16)
     seconds = time.perf_counter() - start
     row = {"pipeline": pipeline, "held_out_loss": sum(losses) / len(losses), **measures(samples, prompts, rewards),
            "sampling_seconds_per_video": seconds / len(prompts)}
@@ -101,13 +102,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--guidance_scale", type=float, default=2.0)
     parser.add_argument("--num_inference_steps", type=int, default=40)
     parser.add_argument("--gif", default=None, help="also write a GIF of the first pipeline's samples (a row a prompt)")
-    parser.add_argument("--output", default="benchmarks/results/toyworld_base", help="OUTPUT.json and OUTPUT.md")
+    add_output_argument(parser, "benchmarks/results/toyworld_base")
     args = parser.parse_args(argv)
 
-    world = ToyWorld(max_balls=1)
-    scenes = [world.example(TEST_SEED_OFFSET + i) for i in range(args.num_videos)]
+    scenes = held_out_scenes(args.num_videos)
     prompts = [s.prompt for s in scenes]
-    rewards = {name: load_reward(name) for name in REWARDS}
+    rewards = load_rewards(REWARDS)
     rows, first = [], None
     for pipeline in args.pipeline:
         row, model = evaluate(pipeline, prompts, rewards, args.num_inference_steps, args.guidance_scale)
@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"models": rows, "real_videos": measures(torch.stack([s.video for s in scenes]), prompts, rewards),
               "num_videos": len(prompts), "guidance_scale": args.guidance_scale,
               "num_inference_steps": args.num_inference_steps, "torch_threads": torch.get_num_threads()}
-    write_result(result, args.output, markdown)
+    write_result(result, output_path(args), markdown)
     if args.gif:
-        videos = first.generate(GIF_PROMPTS, seeds=list(range(len(GIF_PROMPTS))))
+        videos = first.generate(GIF_PROMPTS, seeds=list(range(len(GIF_PROMPTS))), sampler=SAMPLER)
         print(f"wrote {write_gif(video_grid(videos, ncols=1), args.gif, upscale=3)}")
     return result
 

@@ -13,29 +13,35 @@ seed, so ``num_prompts x seeds_per_prompt`` videos are that many independent noi
 - trajectory agreement with the prompt (``lit_videoalign.data.toyworld.prompt_agreement``: colour, direction, and
   whether the ball accelerates downwards), read back from the pixels;
 - trajectory error against the toy world's true physics
-  (:func:`benchmarks.toyworld_alignment.trajectory_error`, pixels, lower is better): a physics score no reward ranks;
+  (:func:`benchmarks.toyworld_eval.trajectory_error`, pixels, lower is better): a physics score no reward ranks;
 - ``newton`` as well, labelled as the online config's training reward.
 
 The win rate counts, per (prompt, seed), the trained model's ``physics_learned`` score above the base's
-(ties count half). Writes ``<out>/toyworld_dpo.json``, ``.md`` and a GIF grid (rows: prompts; columns: the real
-scene, base, trained).
+(ties count half). Writes ``OUTPUT.json``, ``OUTPUT.md`` and a GIF grid ``OUTPUT_samples.gif`` (rows: prompts;
+columns: the real scene, base, trained) for ``--output OUTPUT``. The measures are :mod:`benchmarks.toyworld_eval`'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.toyworld_alignment import trajectory_error
+from benchmarks import add_output_argument, output_path, write_result
+from benchmarks.toyworld_eval import (
+    agreement_rates,
+    bootstrap_ci,
+    generate,
+    held_out_scenes,
+    load_reward,
+    reward_scores,
+    trajectory_error,
+)
 from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
-from lit_videoalign.data.toyworld import TEST_SEED_OFFSET, ToyWorld, prompt_agreement
+from lit_videoalign.backbones.fingerprint import check_fingerprint
 from lit_videoalign.objectives.sft import SFT
 from lit_videoalign.video_io import video_grid, write_gif
-from reward_zoo import create_reward
 
 
 def sampler(backbone: DiffusersVideoBackbone, args: argparse.Namespace, **lora) -> SFT:
@@ -53,29 +59,12 @@ def load_trained(args: argparse.Namespace) -> SFT:
     hp = ckpt.get("hyper_parameters", {})
     lora = {k: hp.get(k) for k in ("lora_rank", "lora_alpha", "lora_target_modules")}
     model = sampler(DiffusersVideoBackbone(args.base, max_sequence_length=24), args, **lora)
-    state = {k[len("backbone."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
+    # A LoRA checkpoint holds only what trains: the frozen base is the one just loaded, if its fingerprint matches.
+    check_fingerprint(ckpt.get("frozen_base_fingerprint"), model.base_fingerprint(), args.ckpt)
+    state = {k[len("backbone."):]: v for k, v in {**model.frozen_state_dict(), **ckpt["state_dict"]}.items()
+             if k.startswith("backbone.")}
     model.backbone.load_state_dict(state, strict=True)
     return model
-
-
-def generate(model: SFT, prompts: list[str], seeds: list[int], batch: int = 16) -> torch.Tensor:
-    return torch.cat([model.generate(prompts[i:i + batch], seeds=seeds[i:i + batch])
-                      for i in range(0, len(prompts), batch)])
-
-
-def agreement(videos: torch.Tensor, prompts: list[str]) -> dict[str, float]:
-    rows = [prompt_agreement(v, p) for v, p in zip(videos, prompts)]
-    rates = {k: sum(r[k] for r in rows) / len(rows) for k in ("colour", "direction", "falls")}
-    rates["all"] = sum(all(r.values()) for r in rows) / len(rows)
-    return rates
-
-
-def bootstrap_ci(diff: torch.Tensor, n: int = 2000, seed: int = 0) -> list[float]:
-    """95 % bootstrap interval of the mean of paired differences."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(diff), (n, len(diff)), generator=g)
-    means = diff[idx].mean(1).sort().values
-    return [float(means[int(0.025 * n)]), float(means[int(0.975 * n) - 1])]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,29 +79,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--guidance_scale", type=float, default=2.0)
     parser.add_argument("--gif_prompts", type=int, default=6, help="rows of the GIF grid")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default="benchmarks/results/toyworld_dpo")
+    add_output_argument(parser, "benchmarks/results/toyworld_dpo")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    world = ToyWorld(max_balls=1)
-    scenes = [world.example(TEST_SEED_OFFSET + i) for i in range(args.num_prompts)]
+    scenes = held_out_scenes(args.num_prompts)
     prompts = [s.prompt for s in scenes for _ in range(args.seeds_per_prompt)]
     seeds = list(range(len(prompts)))  # one noise draw per video (a shared seed list would repeat the same noises)
     models = {"base": sampler(DiffusersVideoBackbone(args.base, max_sequence_length=24), args),
               "trained": load_trained(args)}
-    held_out = create_reward("physics_learned", pretrained=True).eval()
-    newton = create_reward("newton").eval()
+    rewards = {"physics_learned": load_reward("physics_learned"), "newton": load_reward("newton")}
 
     videos, seconds = {}, {}
     for name, model in models.items():
         start = time.perf_counter()
-        videos[name] = generate(model, prompts, seeds)
+        videos[name] = generate(model, prompts, seeds, batch_size=16)
         seconds[name] = time.perf_counter() - start
-    with torch.no_grad():
-        physics = {k: held_out(v)["overall"] for k, v in videos.items()}
-        newton_scores = {k: newton(v)["overall"] for k, v in videos.items()}
-        trajectory = {k: trajectory_error(v) for k, v in videos.items()}  # (n,) pixels, NaN when no ball
+    scores = {k: reward_scores(v, prompts, rewards) for k, v in videos.items()}
+    physics = {k: torch.tensor(s["physics_learned"]) for k, s in scores.items()}  # (n,)
+    newton_scores = {k: torch.tensor(s["newton"]) for k, s in scores.items()}
+    trajectory = {k: trajectory_error(v) for k, v in videos.items()}  # (n,) pixels, NaN when no ball
     diff = physics["trained"] - physics["base"]
     wins, ties = int((diff > 0).sum()), int((diff == 0).sum())
     both = torch.isfinite(trajectory["base"]) & torch.isfinite(trajectory["trained"])
@@ -125,24 +112,23 @@ def main(argv: list[str] | None = None) -> dict:
         "held_out_physics_diff": float(diff.mean()), "held_out_physics_diff_ci95": bootstrap_ci(diff),
         "win_rate_vs_base": (wins + 0.5 * ties) / len(prompts), "wins": wins, "ties": ties,
         "losses": len(prompts) - wins - ties,
-        "trajectory_agreement": {k: agreement(v, prompts) for k, v in videos.items()},
+        "trajectory_agreement": {k: agreement_rates(v, prompts) for k, v in videos.items()},
         "trajectory_error_px": {k: float(v[both].mean()) for k, v in trajectory.items()},
         "trajectory_error_diff": float(traj_diff.mean()), "trajectory_error_diff_ci95": bootstrap_ci(traj_diff),
         "trajectory_win_rate_vs_base": float((traj_diff < 0).float().mean()), "trajectory_pairs": int(both.sum()),
-        "real_videos_agreement": agreement(torch.stack([s.video for s in scenes]), [s.prompt for s in scenes]),
+        "real_videos_agreement": agreement_rates(torch.stack([s.video for s in scenes]), [s.prompt for s in scenes]),
         "newton_training_reward_of_online_config": {k: float(v.mean()) for k, v in newton_scores.items()},
         "sampling_seconds": seconds,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "toyworld_dpo.json").write_text(json.dumps(result, indent=2) + "\n")
+    out = output_path(args)
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     rows = min(args.gif_prompts, args.num_prompts)
     tiles = []
     for i in range(rows):
         j = i * args.seeds_per_prompt  # the first seed of prompt i
         tiles += [scenes[i].video, videos["base"][j], videos["trained"][j]]
-    gif = write_gif(video_grid(torch.stack(tiles), ncols=3), out / "toyworld_dpo_samples.gif", upscale=3)
+    gif = write_gif(video_grid(torch.stack(tiles), ncols=3), out.with_name(f"{out.name}_samples.gif"), upscale=3)
     result["gif"] = str(gif)
 
     ta = result["trajectory_agreement"]
@@ -169,9 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
            f"change {result['trajectory_error_diff']:+.2f} px (95 % bootstrap CI "
            f"{result['trajectory_error_diff_ci95'][0]:+.2f} to {result['trajectory_error_diff_ci95'][1]:+.2f}).", "",
            f"Samples: `{gif.name}` (rows: prompts; columns: real scene, base, trained)."]
-    (out / "toyworld_dpo.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
-    return result
+    return write_result(result, out, lambda _: "\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Inference-time alignment on the toy world: plain sampling vs best-of-N vs reward guidance vs noise search.
 
-    python -m benchmarks.toyworld_inference [--num_prompts 48] [--ns 1 2 4 8] [--out benchmarks/results]
+    python -m benchmarks.toyworld_inference [--num_prompts 48] [--ns 1 2 4 8] [--output results/toyworld_inference]
     python -m benchmarks.toyworld_inference --finetuned reward_gradient=outputs/reward_gradient/pipeline
 
 Prompts come from held-out single-ball toy-world scenes (the test seed range, never trained on); prompt ``i`` is
@@ -17,51 +17,31 @@ selector being gamed:
 Best-of-N for every N comes from one run of ``max(N)`` candidates per prompt (best-of-N takes the best of the first
 N candidates, exactly what a run with that N returns); its wall time is the measured time per candidate times N.
 Cost is NFE per video (denoiser forward passes, guidance branches counted) plus backward passes for guidance, and
-wall time. Writes ``toyworld_inference.json``, ``.md`` and ``.png`` (gain versus N) to ``--out``.
+wall time. Writes ``OUTPUT.json``, ``OUTPUT.md`` and ``OUTPUT.png`` (gain versus N) for ``--output OUTPUT``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks import add_output_argument, mean_se, output_path, write_result
+from benchmarks.toyworld_eval import SAMPLER, agreement, held_out_scenes, load_reward, reward_scores
 from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
-from lit_videoalign.data.toyworld import TEST_SEED_OFFSET, ToyWorld, prompt_agreement
 from lit_videoalign.inference import best_of_n, noise_search, reward_guided_sample
 from lit_videoalign.objectives.sft import SFT
-from reward_zoo import create_reward
 
 MEASURES = ("newton", "physics_learned", "quality")
-AGREEMENT = ("colour", "direction", "falls", "all")
-
-
-def load_reward(name: str):
-    pretrained = name in ("physics_learned", "quality", "identity")
-    return create_reward(name, pretrained=pretrained).requires_grad_(False).eval()
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / max(1, n - 1)
-    return mean, math.sqrt(var / n)
 
 
 def measure(videos: torch.Tensor, prompts: list[str], rewards: dict) -> dict:
     """Per-prompt measures of ``videos``: each reward's overall score and prompt agreement (as 0/1)."""
-    out = {}
-    with torch.no_grad():
-        for name, reward in rewards.items():
-            out[name] = reward(videos, prompts)["overall"].float().cpu().tolist()
-    agree = [prompt_agreement(v.cpu(), p) for v, p in zip(videos, prompts)]
-    for key in AGREEMENT[:-1]:
-        out[f"agree_{key}"] = [float(a[key]) for a in agree]
-    out["agree_all"] = [float(all(a.values())) for a in agree]
+    out = reward_scores(videos, prompts, rewards)
+    out.update({f"agree_{key}": values for key, values in agreement(videos, prompts).items()})
     return out
 
 
@@ -106,11 +86,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also evaluate plain sampling from fine-tuned pipelines (e.g. PipelineExport folders), "
                              "at --guidance_scale or at their own classifier-free guidance CFG (e.g. @1 for a "
                              "model that distilled guidance in)")
-    parser.add_argument("--out", default="benchmarks/results")
+    add_output_argument(parser, "benchmarks/results/toyworld_inference")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--add_finetuned", action="store_true",
                         help="measure only the --finetuned pipelines and add their rows to the result already in "
-                             "--out (same prompts, seeds and sampler; checked), replacing rows of the same name")
+                             "--output (same prompts, seeds and sampler; checked), replacing rows of the same name")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,8 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         return model.eval()
 
     model = load_model(args.pipeline)
-    world = ToyWorld(max_balls=1)
-    prompts = [world.example(TEST_SEED_OFFSET + i).prompt for i in range(args.num_prompts)]
+    prompts = [scene.prompt for scene in held_out_scenes(args.num_prompts)]
     seeds = list(range(args.num_prompts))
     rewards = {name: load_reward(name).to(device) for name in MEASURES}
     select = rewards.get(args.select) or load_reward(args.select).to(device)
@@ -131,8 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
     sample_nfe = args.num_inference_steps * (1 if args.guidance_scale == 1.0 else 2)
     rows = []
     previous = None
+    out = output_path(args)
     if args.add_finetuned:
-        previous = json.loads((Path(args.out) / "toyworld_inference.json").read_text())
+        previous = json.loads(out.with_suffix(".json").read_text())
         for key in ("pipeline", "num_prompts", "num_inference_steps", "guidance_scale"):
             if previous[key] != getattr(args, key):
                 raise ValueError(f"--add_finetuned: the existing result has {key}={previous[key]!r}, this run "
@@ -145,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         n_max = max(args.ns)
         start = time.perf_counter()
         bon = best_of_n(model, prompts, select, n_max, seeds, reward_key="overall", batch_size=args.batch_size,
-                        return_candidates=True)
+                        return_candidates=True, sampler=SAMPLER)
         per_candidate = (time.perf_counter() - start) / (args.num_prompts * n_max)
         candidates = bon.info["candidates"]  # (b, n, t, c, h, w)
         for selector_name, selector in ((args.select, select), (args.guide, guide)):
@@ -176,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         res = noise_search(model, prompts, select, n_max * sample_nfe, seeds, mode="greedy",
                            population=args.search_population, perturbation=args.search_perturbation,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, sampler=SAMPLER)
         seconds = (time.perf_counter() - start) / len(prompts)
         rows.append(summarise(f"noise search greedy ({args.select})", "noise_search", args.select,
                               measure(res.videos, prompts, rewards), res.nfe, 0, seconds,
@@ -188,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         name, path, cfg = parse_finetuned(spec, args.guidance_scale)
         tuned = load_model(path)
         start = time.perf_counter()
-        videos = tuned.generate(prompts, seeds, guidance_scale=cfg)
+        videos = tuned.generate(prompts, seeds, guidance_scale=cfg, sampler=SAMPLER)
         seconds = (time.perf_counter() - start) / len(prompts)
         nfe = args.num_inference_steps * (1 if cfg == 1.0 else 2)
         rows.append(summarise(f"fine-tuned: {name}", "finetuned", None, measure(videos, prompts, rewards),
@@ -207,12 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
                   "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
                   "select": args.select, "guide": args.guide, "device": device,
                   "torch_threads": torch.get_num_threads(), "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "toyworld_inference.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "toyworld_inference.md").write_text(markdown(result))
-    plot(result, out / "toyworld_inference.png")
-    print(markdown(result))
+    write_result(result, out, markdown)
+    plot(result, out.with_name(f"{out.name}.png"))
     return result
 
 

@@ -17,7 +17,7 @@ train CFG-free: 20 steps without guidance, half the denoiser calls), and is meas
 (``--diversity_prompts`` prompts x ``--diversity_seeds`` seeds). Every change is paired against the shipped base at
 its default guided sampling (same prompt, same seed) with a 95 % interval. Writes ``OUTPUT.json``, ``OUTPUT.md`` and
 ``OUTPUT.png``; each run's own record goes to ``OUTPUT_runs/`` first, so runs can be added to a table later
-(``--merge_only``).
+(``--merge_only``). The measures are :mod:`benchmarks.toyworld_eval`'s.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import mean_se, write_result
+from benchmarks import write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = {  # name -> (config, CLI overrides)
@@ -87,25 +87,17 @@ def snapshot_callback(every: float, total: float):
 @torch.no_grad()
 def measure(model, prompts: list[str], seeds: list[int], diversity_prompts: int, diversity_seeds: int,
             batch_size: int, fit_frames: int) -> dict:
-    from benchmarks.toyworld_alignment import DIVERSITY_SEED_OFFSET, add_diversity, add_trajectory
-    from benchmarks.toyworld_distill import evaluate
-    from reward_zoo import create_reward
+    from benchmarks.toyworld_eval import add_diversity, add_trajectory, diversity_videos, evaluate, load_rewards
 
-    rewards = {"physics_learned": create_reward("physics_learned", pretrained=True),
-               "quality": create_reward("quality", pretrained=True), "newton": create_reward("newton")}
+    rewards = load_rewards(("physics_learned", "quality", "newton"))
     row, videos = evaluate(model, prompts, seeds, rewards, batch_size, return_videos=True)
     add_trajectory(row, videos, fit_frames)
-    k = diversity_seeds
-    div_prompts = [p for p in prompts[:diversity_prompts] for _ in range(k)]
-    div_seeds = [DIVERSITY_SEED_OFFSET + i for i in range(len(div_prompts))]
-    div = torch.cat([model.generate(div_prompts[i:i + batch_size], div_seeds[i:i + batch_size])
-                     for i in range(0, len(div_prompts), batch_size)])
-    add_diversity(row, list(div.split(k)))
+    add_diversity(row, diversity_videos(model, prompts[:diversity_prompts], diversity_seeds, batch_size))
     return row
 
 
 def worker(args: argparse.Namespace) -> dict:
-    from lit_videoalign.data.toyworld import TEST_SEED_OFFSET, ToyWorld
+    from benchmarks.toyworld_eval import held_out_scenes
 
     torch.set_num_threads(args.threads)
     method, seed = args.worker
@@ -118,8 +110,7 @@ def worker(args: argparse.Namespace) -> dict:
     if minutes > 0:
         trainer.callbacks.append(snaps)
         trainer.fit(model, datamodule=data)
-    world = ToyWorld(max_balls=1)
-    prompts = [world.example(TEST_SEED_OFFSET + i).prompt for i in range(args.num_prompts)]
+    prompts = [scene.prompt for scene in held_out_scenes(args.num_prompts)]
     seeds = list(range(args.num_prompts))
     points = []
     for snap in snaps.copies if minutes > 0 else [{"cpu_minutes": 0.0, "step": 0, "weights": {}}]:
@@ -143,8 +134,10 @@ def worker(args: argparse.Namespace) -> dict:
 
 # -- the table -------------------------------------------------------------------------------------------------------
 def paired(point: dict, base: dict, key: str) -> tuple[float, float]:
-    mean, se = mean_se([a - b for a, b in zip(point[f"{key}_per_video"], base[f"{key}_per_video"])])
-    return mean, 1.96 * se
+    """Mean paired difference to the base point and its 95 % half-width."""
+    from benchmarks.toyworld_eval import paired_ci95
+
+    return paired_ci95(point, base, key)
 
 
 def summarise(records: list[dict]) -> dict:

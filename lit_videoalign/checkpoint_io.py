@@ -24,6 +24,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from typing_extensions import override
 
+from lit_videoalign.backbones.fingerprint import check_fingerprint
 from lit_videoalign.errors import UsageError, file_kind
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -79,7 +80,8 @@ def _write_atomically(checkpoint: dict[str, Any], path: Path) -> None:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is ordinary data
+        from lit_videoalign.video_io import make_shareable
+        make_shareable(tmp)  # mkstemp makes it private; give it the mode open() would under the user's umask
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -217,12 +219,22 @@ def _backbone(model: nn.Module) -> str:
     return f"; this model's backbone is {type(backbone).__name__}" + (f"({source!r})" if source else "")
 
 
+def _frozen_base(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen-base tensors ``model``'s checkpoints leave out (see ``AlignmentModule.frozen_state_dict``)."""
+    from lit_videoalign.objectives.base import AlignmentModule
+
+    return model.frozen_state_dict() if isinstance(model, AlignmentModule) else {}
+
+
 def check_state_dict(model: nn.Module, state: Mapping[str, Any], path: str | os.PathLike,
                      saved_class: str | None = None) -> None:
-    """Raise unless ``state`` holds exactly the weights of ``model`` (same keys, same shapes), naming the differences,
-    both classes and the model's backbone."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in state]
+    """Raise unless ``state`` holds the weights of ``model`` (same keys, same shapes), naming the differences, both
+    classes and the model's backbone. The frozen base of a LoRA model may be absent (a trainable-only checkpoint) or
+    present (one written before checkpoints left it out); every weight that trains must be there."""
+    required = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    optional = {k: tuple(v.shape) for k, v in _frozen_base(model).items()}
+    expected = {**optional, **required}
+    missing = [k for k in required if k not in state]
     unexpected = [k for k in state if k not in expected]
     resized = [f"{k} {tuple(state[k].shape)} (expected {expected[k]})" for k in expected
                if k in state and isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != expected[k]]
@@ -237,7 +249,9 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Any], path: str | os.
 
 def load_weights(model: nn.Module, ckpt_path: str | os.PathLike) -> None:
     """Load trained weights into ``model`` from a safetensors file or a Lightning ``.ckpt`` (read with
-    ``weights_only=True``, so nothing is unpickled beyond tensors and primitives). Keys must match exactly."""
+    ``weights_only=True``, so nothing is unpickled beyond tensors and primitives). Keys must match, except that a
+    trainable-only checkpoint of a LoRA run leaves the frozen base out: ``model`` keeps the base it was built with,
+    after the checkpoint's fingerprint of that base is checked against it."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -254,5 +268,12 @@ def load_weights(model: nn.Module, ckpt_path: str | os.PathLike) -> None:
     else:
         ckpt = read_checkpoint(path)
         state, saved_class = ckpt["state_dict"], (ckpt.get("hyper_parameters") or {}).get("_class_path")
+        if ckpt.get("frozen_base_fingerprint") is not None:
+            from lit_videoalign.objectives.base import AlignmentModule
+
+            if not isinstance(model, AlignmentModule):
+                raise ValueError(f"{path} holds only the trained weights over a frozen base; load it into the "
+                                 f"AlignmentModule it was trained with, not a {type(model).__name__}")
+            check_fingerprint(ckpt["frozen_base_fingerprint"], model.base_fingerprint(), str(path))
     check_state_dict(model, state, path, saved_class)
     model.load_state_dict(state, strict=True)

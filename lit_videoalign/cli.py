@@ -1,6 +1,7 @@
 """The ``videoalign`` command: LightningCLI's ``fit/validate/test/predict``, ``generate``, ``evaluate``, ``precompute``.
 
-    videoalign fit --config configs/toyworld/sft.yaml
+    videoalign configs                                   # the shipped configs, usable by name from any folder
+    videoalign fit --config toyworld/sft                 # a shipped config (or any YAML file: --config my.yaml)
     videoalign generate --config configs/toyworld/sft.yaml --prompts "a red ball falls" --output_dir outputs/gen
     videoalign evaluate --videos outputs/gen --output_dir outputs/eval                      # score a video folder
     videoalign evaluate --config configs/toyworld/sft.yaml --ckpt_path last.ckpt --prompts_file prompts.txt \
@@ -27,6 +28,7 @@ from lit_videoalign.backbones.loading import resolve_device  # noqa: F401  (re-e
 from lit_videoalign.checkpoint_io import load_weights
 from lit_videoalign.errors import UsageError
 from lit_videoalign.generation import (  # noqa: F401  (generate_videos and inference_sampler lived here before)
+    check_sampler_name,
     generate_set,
     generate_videos,
     inference_sampler,
@@ -77,6 +79,7 @@ class VideoAlignCLI(MethodSubcommandsCLI):
 
     method_subcommands = EXTRA_SUBCOMMANDS
     multi_value_args = MULTI_VALUE_ARGS
+    model_packages = ("lit_videoalign.objectives",)  # every objective, so --model SFT/DPO/DiffusionNFT/... resolves
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(AlignmentModule, *args, **kwargs)
@@ -101,6 +104,14 @@ class VideoAlignCLI(MethodSubcommandsCLI):
             parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         self._add_multi_value_args(parser, subcommand)
         return parser
+
+    @override
+    def before_fit(self) -> None:
+        """Before the first step: say so when bf16 would run on a CPU without bf16 hardware (one line, once)."""
+        from lit_videoalign.precision import warn_if_slow_bf16
+
+        super().before_fit()
+        warn_if_slow_bf16(self.trainer, self.model)
 
     @override
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
@@ -131,9 +142,10 @@ class VideoAlignCLI(MethodSubcommandsCLI):
         ckpt_path: str | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        sampler: str = "pipeline",
         output_dir: str = "outputs/generate",
         batch_size: int = 8,
-        fps: int = 8,
+        fps: int | None = None,
         gif: bool = True,
         device: str | None = None,
         reward: str | None = None,
@@ -141,7 +153,9 @@ class VideoAlignCLI(MethodSubcommandsCLI):
         noise_search_nfe: int | None = None,
         reward_guidance: float = 0.0,
     ) -> list[Path]:
-        """Generate videos for prompts and seeds: one MP4 (and GIF) per video and a ``metadata.jsonl`` manifest.
+        """Generate videos for prompts and seeds: one MP4 per video (and a GIF preview in ``previews/``) and a
+        ``metadata.jsonl`` manifest that lists them all, so ``reward-zoo score --videos DIR`` and ``evaluate --videos``
+        read the folder as it is.
 
         With ``--reward`` the samples are aligned at inference time (``lit_videoalign.inference``), without touching
         the weights: ``--best_of_n N`` keeps the best of N seeds, ``--noise_search_nfe B`` searches initial noises
@@ -155,10 +169,12 @@ class VideoAlignCLI(MethodSubcommandsCLI):
             ckpt_path: trained weights (``.ckpt`` from ``fit`` or ``.safetensors``); default: the config's model.
             num_inference_steps: sampler steps (default: the model's).
             guidance_scale: classifier-free guidance (default: the model's).
+            sampler: ``pipeline`` (the model's own diffusers scheduler, as deployed: UniPC for Wan) or ``euler`` (the
+                Euler ODE of training). A few-step student uses its own sampler; ``--reward_guidance`` the Euler ODE.
             output_dir: where the files go.
             batch_size: videos generated at once.
-            fps: frames per second of the written files.
-            gif: also write a GIF beside each MP4.
+            fps: frames per second of the written files (default: the backbone's, e.g. Wan 16, the toy world 8).
+            gif: also write a GIF preview of each video into ``output_dir/previews/`` (its manifest entry names it).
             device: torch device to generate on (default: CUDA when available, else CPU).
             reward: a zoo reward name (shipped weights loaded when they exist), ``hf-hub:`` id or folder, for the
                 inference-time options below.
@@ -167,14 +183,15 @@ class VideoAlignCLI(MethodSubcommandsCLI):
             reward_guidance: reward-gradient guidance scale (a differentiable reward is required; 0 = off).
         """
         prompts, seeds = resolve_prompts(prompts, prompts_file, seeds)
-        sampler, log = inference_sampler(reward, best_of_n, noise_search_nfe, reward_guidance,
-                                         num_inference_steps, guidance_scale)
+        check_sampler_name(sampler)
+        method, log = inference_sampler(reward, best_of_n, noise_search_nfe, reward_guidance,
+                                        num_inference_steps, guidance_scale, sampling=sampler)
         if ckpt_path is not None:
             load_weights(model, ckpt_path)
         model.to(resolve_device(device))
         _, files = generate_videos(model, prompts, seeds, output_dir, num_inference_steps=num_inference_steps,
                                    guidance_scale=guidance_scale, batch_size=batch_size, fps=fps, gif=gif,
-                                   sampler=sampler)
+                                   sampler=method, sampling=sampler)
         if log is not None:
             (Path(output_dir) / "inference.json").write_text(json.dumps(log, indent=2))
         print(f"wrote {len(files)} files and metadata.jsonl to {output_dir}")
@@ -192,6 +209,7 @@ class VideoAlignCLI(MethodSubcommandsCLI):
         ckpt_path: str | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        sampler: str = "pipeline",
         baseline_ckpt_path: str | None = None,
         baseline_num_inference_steps: int | None = None,
         baseline_guidance_scale: float | None = None,
@@ -224,6 +242,8 @@ class VideoAlignCLI(MethodSubcommandsCLI):
             ckpt_path: trained weights of the model.
             num_inference_steps: sampler steps of the model (default: its own).
             guidance_scale: guidance of the model (default: its own).
+            sampler: ``pipeline`` (the model's own diffusers scheduler) or ``euler`` (the Euler ODE), for the model and
+                the baseline generated here.
             baseline_ckpt_path: weights of the baseline.
             baseline_num_inference_steps: sampler steps of the baseline (default: the model's ``num_inference_steps``).
             baseline_guidance_scale: guidance of the baseline (default: the model's ``guidance_scale``).
@@ -246,6 +266,7 @@ class VideoAlignCLI(MethodSubcommandsCLI):
             read_video_folder,
         )
 
+        check_sampler_name(sampler)
         out = Path(output_dir)
         wants_baseline_model = any(v is not None for v in (baseline_ckpt_path, baseline_num_inference_steps,
                                                             baseline_guidance_scale))
@@ -274,7 +295,7 @@ class VideoAlignCLI(MethodSubcommandsCLI):
                 load_weights(model, ckpt_path)
         if videos is None:
             model_set = generate_set(model, name, prompts, seeds, out / "videos" / name, num_inference_steps,
-                                     guidance_scale, batch_size)
+                                     guidance_scale, batch_size, sampling=sampler)
         baseline_set = None
         if baseline_videos is not None:
             baseline_set = read_video_folder(baseline_videos, name=baseline_name, num_frames=num_frames)
@@ -287,7 +308,7 @@ class VideoAlignCLI(MethodSubcommandsCLI):
             steps = num_inference_steps if baseline_num_inference_steps is None else baseline_num_inference_steps
             guidance = guidance_scale if baseline_guidance_scale is None else baseline_guidance_scale
             baseline_set = generate_set(model, baseline_name, prompts, baseline_seeds, out / "videos" / baseline_name,
-                                        steps, guidance, batch_size)
+                                        steps, guidance, batch_size, sampling=sampler)
         for reward in reward_models.values():
             reward.to(dev)
         sets = [model_set] if baseline_set is None else [model_set, baseline_set]
@@ -300,7 +321,7 @@ class VideoAlignCLI(MethodSubcommandsCLI):
         """Encode the config's video folder once into safetensors shards of VAE latents and prompt embeddings.
 
         ``fit`` with ``--data.init_args.precomputed DIR`` then reads them and runs neither VAE encoder nor text encoder
-        (:mod:`lit_videoalign.precompute`).
+        (:mod:`lit_videoalign.data.precompute`).
 
         Args:
             output_dir: the folder to write (default: the config's ``data.init_args.precomputed``); written atomically.
@@ -309,7 +330,7 @@ class VideoAlignCLI(MethodSubcommandsCLI):
             device: torch device of the encoders (default: CUDA when available, else CPU).
             num_workers: data-loader processes decoding the videos.
         """
-        from lit_videoalign.precompute import precompute_datamodule
+        from lit_videoalign.data.precompute import precompute_datamodule
 
         return precompute_datamodule(model, datamodule, output_dir, batch_size=batch_size, shard_size=shard_size,
                                      device=device, num_workers=num_workers)
@@ -323,7 +344,9 @@ def main(args: list[str] | None = None, exit_on_error: bool | None = None) -> No
     ``VIDEOALIGN_DEBUG=1`` shows the stack. Called from Python with ``args``, the exception is raised instead unless
     ``exit_on_error=True`` (see :func:`lit_videoalign.errors.run_cli`).
     """
-    errors.run_cli(lambda argv: VideoAlignCLI(args=argv, parser_kwargs={"exit_on_error": False}), args, exit_on_error)
+    from lit_videoalign.shipped_configs import cli_builder
+
+    errors.run_cli(cli_builder(VideoAlignCLI), args, exit_on_error)  # `videoalign configs`; --config NAME
 
 
 if __name__ == "__main__":

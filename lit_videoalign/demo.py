@@ -1,6 +1,6 @@
 """``make demo``: a few CPU-minutes of online RL (DiffusionNFT) on the shipped toy-world base, and what it changed.
 
-It builds the run from ``configs/toyworld/nft.yaml`` through the same CLI a user calls (LoRA on the shipped base,
+It builds the run from the shipped config ``toyworld/nft`` through the same CLI a user calls (LoRA on the shipped base,
 rewarded by the verifiable ``newton`` physics reward plus the learned ``quality`` reward), then:
 
 1. samples held-out prompts (the toy world's test seed range, never seen in training) from the base and scores them
@@ -12,7 +12,9 @@ rewarded by the verifiable ``newton`` physics reward plus the learned ``quality`
 3. samples and scores the same prompts and seeds again, and writes to ``outputs/demo/``: MP4s before and after, a
    before/after GIF grid, a reward-curve PNG and ``heldout.json``. Every change is paired (same prompt, same seed).
 
-``--config configs/toyworld/grpo.yaml`` runs the same demo with Flow-GRPO.
+``--config toyworld/grpo`` runs the same demo with Flow-GRPO. Configs are found as ``videoalign --config`` finds
+them (a file, else a shipped name: :mod:`lit_videoalign.shipped_configs`), so the demo runs from an installed wheel in
+any folder.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ from typing_extensions import override
 from lit_videoalign.cli import VideoAlignCLI
 from lit_videoalign.data.toyworld import TEST_SEED_OFFSET, ToyWorld, prompt_agreement
 from lit_videoalign.objectives.base import AlignmentModule
+from lit_videoalign.shipped_configs import resolve_config_args
 from lit_videoalign.video_io import video_grid, write_gif, write_mp4
 from reward_zoo import create_reward
 from reward_zoo.base import RewardModel
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toyworld" / "nft.yaml"
+CONFIG = "toyworld/nft"  # a shipped config (lit_videoalign/configs/toyworld/nft.yaml)
 
 
 def heldout_prompts(n: int) -> list[str]:
@@ -51,7 +54,8 @@ def heldout_scores(model: AlignmentModule, prompts: list[str], seeds: list[int],
     Returns:
         ``{name: (b,) scores}`` and the videos ``(b, t, c, h, w)``.
     """
-    videos = model.generate(prompts, seeds, guidance_scale=guidance_scale)  # (b, t, c, h, w)
+    videos = model.generate(prompts, seeds, guidance_scale=guidance_scale,
+                            sampler="euler")  # (b, t, c, h, w); the README's demo figures use this grid
     scores = {name: reward(videos, prompts)["overall"].float().cpu() for name, reward in rewards.items()}
     agree = [prompt_agreement(v, p) for v, p in zip(videos, prompts)]
     for key in agree[0]:
@@ -125,13 +129,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output_dir", default="outputs/demo")
     parser.add_argument("--max_steps", type=int, default=160, help="optimizer steps (4 per rollout batch)")
     parser.add_argument("--num_heldout", type=int, default=32, help="held-out prompts scored before and after")
-    parser.add_argument("--config", default=str(CONFIG))
+    parser.add_argument("--config", default=CONFIG, help="a YAML file or a shipped config name (`videoalign configs`)")
     parser.add_argument("--reference_guidance", type=float, default=2.0,
                         help="guidance of the base's own sampler: the second reference of the trained model")
     args, overrides = parser.parse_known_args(argv)  # the rest are CLI overrides, e.g. --model.init_args.group_size=4
     out = Path(args.output_dir)
 
-    cli = VideoAlignCLI(args=["--config", args.config, f"--trainer.max_steps={args.max_steps}",
+    cli = VideoAlignCLI(args=[*resolve_config_args(["--config", args.config]), f"--trainer.max_steps={args.max_steps}",
                               f"--trainer.default_root_dir={out / 'run'}", "--trainer.val_check_interval=null",
                               "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false",
                               f"--trainer.callbacks.init_args.dirpath={out / 'pipeline'}", *overrides], run=False)

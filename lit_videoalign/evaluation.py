@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lit_videoalign.video_io import MANIFEST
+
 # Toy-world defaults: the rewards a toy-world objective typically trains on, and held-out "gold" rewards it does not.
 DEFAULT_EVAL_REWARDS = ("newton", "quality", "dynamic_degree")
 DEFAULT_GOLD_REWARDS = ("physics_learned", "subject_consistency", "flicker")
@@ -67,10 +69,10 @@ def build_rewards(spec: Mapping[str, Any] | Sequence[str] | None, default: Seque
 
 @torch.no_grad()
 def score_videos(rewards: Mapping[str, Any], videos: Tensor, prompts: Sequence[str],
-                 batch_size: int = 16) -> list[dict[str, float]]:
+                 batch_size: int = 16, fps: float | None = None) -> list[dict[str, float]]:
     """Score ``videos [B, T, C, H, W]`` in ``[0, 1]`` with every reward; one row ``{"reward/dimension": score}`` per
     video, ``overall`` first for each reward (a reward whose only dimension equals its overall gives ``overall``
-    alone)."""
+    alone). ``fps`` is the videos' frame rate, for rewards that sample frames by time."""
     if len(prompts) != videos.shape[0]:
         raise ValueError(f"got {len(prompts)} prompts for {videos.shape[0]} videos; expected one prompt per video")
     rows: list[dict[str, float]] = [{} for _ in range(videos.shape[0])]
@@ -79,7 +81,7 @@ def score_videos(rewards: Mapping[str, Any], videos: Tensor, prompts: Sequence[s
         device = tensors[0].device if tensors else videos.device
         for start in range(0, videos.shape[0], batch_size):
             chunk = videos[start:start + batch_size].to(device).contiguous()
-            scores = reward(chunk, list(prompts[start:start + batch_size]))
+            scores = reward(chunk, list(prompts[start:start + batch_size]), fps=fps)
             dims = [d for d in scores if d != "overall"]
             if len(dims) == 1 and torch.equal(scores[dims[0]], scores["overall"]):
                 dims = []  # a one-dimension reward: its dimension is its overall, listed once
@@ -155,6 +157,7 @@ class VideoSet:
         prompts: one per video.
         seeds: one per video, or None.
         files: where the videos are on disk, if anywhere.
+        fps: the videos' frame rate (from the files, or the generator's), or None when unknown.
     """
 
     name: str
@@ -162,6 +165,7 @@ class VideoSet:
     prompts: list[str]
     seeds: list[int] | None = None
     files: list[str] = field(default_factory=list)
+    fps: float | None = None
 
     def keys(self) -> list[tuple]:
         """Pairing keys: ``(prompt, seed)``, or ``(prompt, occurrence)`` without seeds."""
@@ -175,9 +179,6 @@ class VideoSet:
         return keys
 
 
-MANIFEST = "metadata.jsonl"
-
-
 def read_video_folder(root: str | Path, name: str | None = None, num_frames: int | None = None) -> VideoSet:
     """Read a folder of videos with a ``metadata.jsonl`` manifest (what ``videoalign generate`` writes).
 
@@ -187,33 +188,18 @@ def read_video_folder(root: str | Path, name: str | None = None, num_frames: int
     """
     import torch.nn.functional as F
 
-    from lit_videoalign.data.video_folder import resolve_inside
-    from lit_videoalign.errors import shorten
-    from lit_videoalign.video_io import check_video_files, read_video
+    from lit_videoalign.video_io import check_video_files, read_manifest, read_video
 
     root = Path(root)
-    manifest = root / MANIFEST
-    if not manifest.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} in {root}; a video folder needs one line "
-                                '{"file_name": ..., "prompt": ...} per video (videoalign generate writes it)')
-    entries = []
-    for lineno, line in enumerate(manifest.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{manifest}:{lineno}: not valid JSON ({err.msg}); expected one "
-                             f"{{\"file_name\": ..., \"prompt\": ...}} object per line, got {shorten(line)}") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or "file_name" not in entry:
-            raise ValueError(f"{manifest}:{lineno}: expected {{\"file_name\": ..., \"prompt\": ...}}, "
-                             f"got {shorten(line)}")
-        entries.append(entry)
-    if not entries:
-        raise ValueError(f"{manifest} lists no videos")
+    listed = read_manifest(root)  # checked lines, paths inside root; a generate folder's GIF previews are not listed
+    manifest, entries = root / MANIFEST, [entry for _, entry in listed]
     has_seeds = all("seed" in e for e in entries)
-    paths = [resolve_inside(root, e["file_name"], f"{manifest}:{lineno}") for lineno, e in enumerate(entries, 1)]
-    check_video_files(paths, num_frames, decode=False, what=f"videos of {manifest}")  # all bad files in one error
+    paths = [path for path, _ in listed]
+    infos = check_video_files(paths, num_frames, decode=False, what=f"videos of {manifest}")  # all bad files at once
+    rates = sorted({info.fps for info in infos if info.fps is not None})
+    if len(rates) > 1:
+        raise ValueError(f"the videos of {manifest} have different frame rates {rates} (fps); every video of a set "
+                         "must have the same, so that rewards sampling frames by time see one rate")
     videos, files = [], []
     for path, entry in zip(paths, entries):
         video = read_video(path, num_frames=num_frames)  # (t, c, h, w)
@@ -228,7 +214,8 @@ def read_video_folder(root: str | Path, name: str | None = None, num_frames: int
         files.append(str(path))
     return VideoSet(name=name or root.name, videos=torch.stack(videos).clamp(0, 1),
                     prompts=[e["prompt"] for e in entries],
-                    seeds=[int(e["seed"]) for e in entries] if has_seeds else None, files=files)
+                    seeds=[int(e["seed"]) for e in entries] if has_seeds else None, files=files,
+                    fps=rates[0] if rates else None)
 
 
 def write_manifest(folder: str | Path, entries: Sequence[dict]) -> Path:
@@ -400,7 +387,7 @@ def evaluate_sets(sets: Sequence[VideoSet], rewards: Mapping[str, Any], output_d
     out = Path(output_dir)
     per_video, summary, all_rows = [], [], {}
     for vs in sets:
-        rows = score_videos(rewards, vs.videos, vs.prompts)
+        rows = score_videos(rewards, vs.videos, vs.prompts, fps=vs.fps)
         all_rows[vs.name] = rows
         summary += summarize(vs.name, rows)
         for i, row in enumerate(rows):

@@ -200,7 +200,7 @@ def apply_fsdp2(
     """
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    if getattr(module.backbone, "is_quantized", False):
+    if module.backbone.is_quantized:
         raise NotImplementedError("FSDP2 cannot shard a bitsandbytes-quantized denoiser; train QLoRA with a single "
                                   "device or DDP (strategy: ddp)")
     dp_mesh = _data_parallel_mesh(mesh)

@@ -2,14 +2,20 @@
 
 :class:`MethodSubcommandsCLI` adds subcommands that are methods of the CLI class, checks ``--ckpt_path`` against the
 config's model class before any state is touched, and removes the folders of a Trainer subcommand that fails before
-its first optimizer step. It imports no objective, data module or command of the suite, so the reward zoo can build on
-it alone.
+its first optimizer step. ``--model NAME`` takes the short name of any subclass of the model class, in every
+subcommand (:func:`expand_model_names`). It imports no objective, data module or command of the suite (the suite's
+CLI names its objective package in :attr:`MethodSubcommandsCLI.model_packages`), so the reward zoo can build on it
+alone.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import os
+import pkgutil
 import shutil
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -49,6 +55,79 @@ def remove_run_folders(folders: dict[Path, Path]) -> None:
             parent = parent.parent
 
 
+def subclasses_by_name(base: type) -> dict[str, type]:
+    """Every imported subclass of ``base`` (at any depth) by class name: the names LightningCLI's parser (jsonargparse)
+    accepts as a short ``class_path``."""
+    found, todo = {}, list(base.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        if not cls.__name__.startswith("_"):
+            found.setdefault(cls.__name__, cls)
+        todo += cls.__subclasses__()
+    return found
+
+
+def import_packages(packages: tuple[str, ...]) -> None:
+    """Import every module of ``packages`` (one level), so that the subclasses they define are known by name."""
+    for package in packages:
+        module = importlib.import_module(package)
+        for info in pkgutil.iter_modules(getattr(module, "__path__", [])):
+            importlib.import_module(f"{package}.{info.name}")
+
+
+def expand_model_names(argv: list[str], base: type) -> list[str]:
+    """``argv`` with a short class name given to ``--model`` (``--model SFT``, ``--model=DPO``,
+    ``--model.class_path DiffusionNFT``) replaced by the full class path of the subclass of ``base`` with that name.
+
+    The full path is where the class is defined (``lit_videoalign.objectives.sft.SFT``), as in the shipped configs, so a
+    checkpoint written by a run started with a short name records the same class path as one started from a config.
+    Values with a dot, ``null``, a path that exists, or YAML/JSON text pass through unchanged.
+
+    Raises:
+        UsageError: no subclass of ``base`` has that name; the message lists the known ones.
+    """
+    known = subclasses_by_name(base)
+    known.setdefault(base.__name__, base)
+    out = list(argv)
+
+    def expanded(value: str) -> str:
+        if not value.isidentifier() or value.lower() in ("null", "none") or Path(value).exists():
+            return value
+        if value not in known:
+            names = sorted(n for n in known if n != base.__name__)
+            close = difflib.get_close_matches(value, names, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UsageError(f"--model {value}: no {base.__name__} class of that name{hint}; known: "
+                             f"{', '.join(names)}, or a full class path (module.Class)")
+        cls = known[value]
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+    for i, arg in enumerate(out):
+        if arg in ("--model", "--model.class_path") and i + 1 < len(out):
+            out[i + 1] = expanded(out[i + 1])
+        elif arg.startswith(("--model=", "--model.class_path=")):
+            flag, value = arg.split("=", 1)
+            out[i] = f"{flag}={expanded(value)}"
+    return out
+
+
+def canonical_class_path(class_path: str | None) -> str | None:
+    """The path where a class is defined, for a path that names it through a re-export (``lit_videoalign.SFT``, how
+    jsonargparse writes a short ``class_path: SFT`` from a YAML) -> ``lit_videoalign.objectives.sft.SFT``. Only this
+    project's modules (or ones already imported) are imported to find out: a path read from a checkpoint never imports
+    anything new from elsewhere. Other paths come back unchanged."""
+    if not class_path or "." not in class_path:
+        return class_path
+    module, _, name = class_path.rpartition(".")
+    if module.split(".")[0] not in errors.PACKAGES and module not in sys.modules:
+        return class_path
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return class_path
+    return f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else class_path
+
+
 class MethodSubcommandsCLI(LightningCLI):
     """LightningCLI with subcommands that are methods of the CLI class besides the Trainer's; the base of
     ``videoalign`` and ``reward-zoo``.
@@ -73,6 +152,9 @@ class MethodSubcommandsCLI(LightningCLI):
     multi_value_args: dict[str, dict[str, tuple[type, str]]] = {}
     #: what ``fit`` says when the config has no ``data:`` section
     fit_data_hint = "a LightningDataModule class_path"
+    #: packages whose modules are imported before parsing, so ``--model NAME`` (and ``class_path: NAME`` in a YAML)
+    #: finds every model class they define, not only those a config happened to import already
+    model_packages: tuple[str, ...] = ()
 
     def __init__(self, model_class: type, *args, **kwargs) -> None:
         kwargs.setdefault("subclass_mode_model", True)
@@ -94,6 +176,19 @@ class MethodSubcommandsCLI(LightningCLI):
             sub_parser = self._prepare_subcommand_parser(klass, name, **sub_kwargs)
             self._subcommand_parsers[name] = sub_parser
             subcommands.add_subcommand(name, sub_parser, help=description)
+
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        # Short model class names (``--model SFT``) become full class paths before jsonargparse sees them, in every
+        # subcommand; an unknown one is named with the known ones.
+        import_packages(self.model_packages)
+        if args is None or isinstance(args, (list, tuple)):
+            expanded = expand_model_names(list(sys.argv[1:] if args is None else args), self._model_class)
+            if args is None:  # the console script: the parser reads sys.argv
+                sys.argv[1:] = expanded
+            else:
+                args = expanded
+        super().parse_arguments(parser, args)
 
     def _add_multi_value_args(self, parser: LightningArgumentParser, subcommand: str) -> None:
         """Add ``subcommand``'s :attr:`multi_value_args` to its parser and to the arguments its method receives."""
@@ -118,7 +213,11 @@ class MethodSubcommandsCLI(LightningCLI):
                 ckpt = read_checkpoint(path, mmap=True)
                 model = self.config[subcommand].get("model")
                 init_args = model.get("init_args") if model is not None else None
-                check_model_class(ckpt, path, model.get("class_path") if model is not None else None,
+                hparams = ckpt.get("hyper_parameters") or {}
+                if hparams.get("_class_path"):  # the same class under two paths (a re-export) is the same class
+                    hparams = {**hparams, "_class_path": canonical_class_path(hparams["_class_path"])}
+                check_model_class({**ckpt, "hyper_parameters": hparams}, path,
+                                  canonical_class_path(model.get("class_path")) if model is not None else None,
                                   init_args.as_dict() if init_args is not None else None)
                 self._ckpt = {"path": path, "state_dict": ckpt["state_dict"], "global_step": ckpt.get("global_step", 0),
                               "class_path": (ckpt.get("hyper_parameters") or {}).get("_class_path")}

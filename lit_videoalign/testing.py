@@ -16,24 +16,7 @@ import torch
 
 from lit_videoalign.data.toyworld import VOCABULARY
 from reward_zoo.base import RewardModel
-
-SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5: pad 0, eos 1
-
-
-def build_word_tokenizer(words: tuple[str, ...] | list[str] = VOCABULARY, model_max_length: int = 512):
-    """A word-level fast tokenizer over ``words`` that appends ``</s>`` like T5's, built without any download."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for word in words:
-        vocab.setdefault(word, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = None
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=model_max_length)
+from reward_zoo.toyworld import SPECIAL_TOKENS, build_word_tokenizer  # noqa: F401  (the zoo owns the word tokenizer)
 
 
 def write_wan_pipeline(
@@ -230,6 +213,72 @@ def write_tiny_clip(path: str | os.PathLike, seed: int = 0, image_size: int = 32
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model
+
+
+# A Qwen2-VL chat template in the layout of Qwen2-VL-Instruct's (user turn, video placeholder, generation prompt).
+TINY_QWEN2VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'video' %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN2VL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>")
+
+
+def write_tiny_qwen2vl_processor(path: str | os.PathLike) -> Path:
+    """Save a ``Qwen2VLProcessor`` with a byte-level BPE tokenizer (256 byte tokens, no merges, Qwen2-VL's special
+    tokens at ids 256-262) and a Qwen2-VL-style chat template: what ``videoreward`` needs, built offline."""
+    from transformers import Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokenizer = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(bytes_to_unicode().values())}, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN2VL_TOKENS)})
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                                 video_processor=Qwen2VLVideoProcessor(), chat_template=TINY_QWEN2VL_CHAT_TEMPLATE)
+    processor.save_pretrained(path)
+    return Path(path)
+
+
+def tiny_qwen2vl_config(vocab_size: int = 266) -> dict:
+    """A tiny ``Qwen2VLConfig`` (2 layers, hidden 32, vision depth 2) whose token ids match the tiny processor's; the
+    default vocabulary is its 263 tokens plus VideoReward's 3 reward tokens."""
+    ids = dict(zip(QWEN2VL_TOKENS, range(256, 256 + len(QWEN2VL_TOKENS))))
+    return {
+        "text_config": {"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 8192,
+                        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+                        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]},
+        "vision_config": {"depth": 2, "embed_dim": 32, "hidden_size": 32, "mlp_ratio": 2, "num_heads": 2,
+                          "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
+        "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+    }
+
+
+TINY_REWARD_STATS = {"VQ_mean": 0.5, "VQ_std": 2.0, "MQ_mean": -0.25, "MQ_std": 0.5, "TA_mean": 0.0, "TA_std": 4.0}
+# A stand-in for VideoAlign's prompt template (which is not shipped here): written for these tests, with the
+# generation prompt's field and the three reward tokens in VideoAlign's order.
+TINY_VIDEOREWARD_TEMPLATE = ("Judge this clip on three counts.\nHow good do the frames look? <|VQ_reward|>\n"
+                             "How well does it move? <|MQ_reward|>\nThe request was: {text_prompt}\n"
+                             "How closely does it follow the request? <|TA_reward|>\n")
+
+
+def write_tiny_videoreward(path: str | os.PathLike, seed: int = 0, output_dim: int = 1,
+                           prompt_template: str = TINY_VIDEOREWARD_TEMPLATE) -> Path:
+    """Save a tiny random ``VideoReward`` in the zoo's Hub layout (its processor in ``path/processor``), small
+    frames (56 x 56 budget) so it scores a toy-world video in well under a second; its prompt is a stand-in
+    template (:data:`TINY_VIDEOREWARD_TEMPLATE`), not VideoAlign's."""
+    from reward_zoo.videoreward import VideoReward
+
+    path = Path(path)
+    processor = write_tiny_qwen2vl_processor(path / "processor")
+    torch.manual_seed(seed)
+    reward = VideoReward(model_config=tiny_qwen2vl_config(), processor_name_or_path=str(processor),
+                         output_dim=output_dim, max_pixels=56 * 56, min_pixels=28 * 28,
+                         reward_stats=TINY_REWARD_STATS, prompt_template=prompt_template)
+    reward.save_pretrained(path)
+    return path
 
 
 class Brightness(RewardModel):

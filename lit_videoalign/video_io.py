@@ -6,9 +6,11 @@ Every function takes or returns pixel videos in the project convention: ``Tensor
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,9 +20,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lit_videoalign.errors import file_kind
+from lit_videoalign.errors import file_kind, shorten
 
 MAX_LISTED = 20  # bad files listed in one error message
+MANIFEST = "metadata.jsonl"  # one {"file_name": ..., "prompt": ...} per line (the Hugging Face videofolder layout)
+_UMASK_LOCK = threading.Lock()
 
 
 def check_video(video: Tensor, *, batched: bool, name: str = "video") -> None:
@@ -48,15 +52,42 @@ def to_uint8_frames(video: Tensor) -> np.ndarray:
     return (video.detach().float().cpu().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (``/proc/self/status``); elsewhere it is
+    set to ``0o077`` and back under a lock, so a file another thread creates meanwhile can only be more private."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def make_shareable(path: str | os.PathLike) -> Path:
+    """Give a file or folder made by ``mkstemp``/``mkdtemp`` (owner-only) the mode a plain ``open()`` or
+    ``mkdir()`` would have given it under the user's umask: ``0o666 & ~umask`` for a file, ``0o777 & ~umask`` for a
+    folder. Every atomic writer calls this before renaming its temporary into place."""
+    path = Path(path)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~current_umask())
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds (with the mode a
+    plain ``open()`` would give, see :func:`make_shareable`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        make_shareable(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -65,13 +96,14 @@ def atomic_path(path: str | os.PathLike):
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike):
-    """Yield a temporary folder beside ``path``; it replaces ``path`` (whole) only if the block succeeds."""
+    """Yield a temporary folder beside ``path``; it replaces ``path`` (whole) only if the block succeeds (with the
+    mode a plain ``mkdir()`` would give, see :func:`make_shareable`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; an exported folder is ordinary data
     try:
         yield tmp
+        make_shareable(tmp)
         if path.exists():
             backup = path.with_name(f".{path.name}.old")
             shutil.rmtree(backup, ignore_errors=True)
@@ -150,6 +182,7 @@ class VideoInfo:
     num_frames: int
     height: int
     width: int
+    fps: float | None = None  # the stream's average frame rate; None when the container does not record one
 
 
 def probe_video(path: str | os.PathLike, decode: bool = True) -> VideoInfo:
@@ -171,6 +204,8 @@ def probe_video(path: str | os.PathLike, decode: bool = True) -> VideoInfo:
             if not container.streams.video:
                 raise ValueError(f"{path} has no video stream")
             stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            fps = float(rate) if rate else None
             if decode:
                 count, size = 0, None
                 for frame in container.decode(stream):
@@ -184,7 +219,7 @@ def probe_video(path: str | os.PathLike, decode: bool = True) -> VideoInfo:
         raise _undecodable(path, err) from err
     if not count or size is None:
         raise ValueError(f"video {path} has no frames")
-    return VideoInfo(count, *size)
+    return VideoInfo(count, *size, fps=fps)
 
 
 def check_video_files(paths: Sequence[str | os.PathLike], num_frames: int | None = None, decode: bool = True,
@@ -252,3 +287,44 @@ def write_frames_png(video: Tensor, path: str | os.PathLike, upscale: int = 4) -
     with atomic_path(path) as tmp:
         Image.fromarray(strip).save(tmp, format="PNG")
     return Path(path)
+
+
+def read_manifest(folder: str | os.PathLike) -> list[tuple[Path, dict]]:
+    """The videos a folder's ``metadata.jsonl`` lists, as ``(path, entry)`` in file order.
+
+    Each line is ``{"file_name": ..., "prompt": ...}`` with optional keys (``videoalign generate`` adds ``seed``,
+    ``upscale`` and ``preview``, the path of its GIF). Kept here, beside the other file formats, so the reward zoo reads
+    the same manifests as the suite without importing it.
+
+    Raises:
+        FileNotFoundError: the folder has no manifest.
+        ValueError: a line that is not such an object (naming the file and line), a ``file_name`` that leaves the
+            folder, or a manifest that lists nothing.
+    """
+    root = Path(folder).resolve()
+    manifest = root / MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {folder}; a video folder needs one line "
+                                '{"file_name": ..., "prompt": ...} per video (videoalign generate writes it)')
+    entries = []
+    for lineno, line in enumerate(manifest.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{manifest}:{lineno}"
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not valid JSON ({err.msg}); expected one "
+                             f"{{\"file_name\": ..., \"prompt\": ...}} object per line, got {shorten(line)}") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or "file_name" not in entry:
+            raise ValueError(f"{where}: expected {{\"file_name\": ..., \"prompt\": ...}}, got {shorten(line)}")
+        name = entry["file_name"]
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where}: expected a non-empty relative path string as file_name, got {shorten(name)}")
+        path = (root / name).resolve()
+        if not path.is_relative_to(root):
+            raise ValueError(f"{where}: path {name!r} escapes the dataset root {root}")
+        entries.append((path, entry))
+    if not entries:
+        raise ValueError(f"{manifest} lists no videos")
+    return entries

@@ -73,6 +73,7 @@ class LaionAesthetic(RewardModel, paper_url=LAION_AESTHETICS, repo_url=PREDICTOR
     dimensions = ("aesthetic",)
     differentiable = True
     license = "apache-2.0"
+    score_ranges = {"aesthetic": (None, None), "overall": (None, None)}  # an affine head (1-10 with public weights)
 
     def __init__(self, clip_model_name_or_path: str = "openai/clip-vit-large-patch14",
                  clip_revision: str | None = None, num_frames: int | None = None) -> None:
@@ -133,8 +134,8 @@ class LaionAesthetic(RewardModel, paper_url=LAION_AESTHETICS, repo_url=PREDICTOR
             raise ValueError(f"{path} holds a {type(state_dict).__name__}, expected the predictor's state dict")
         return cls.from_laion_state_dict(state_dict, **init_args)
 
-    def forward(self, videos: Tensor, prompts: list[str] | None = None,
-                references: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, videos: Tensor, prompts: list[str] | None = None, references: Tensor | None = None,
+                fps: float | None = None) -> dict[str, Tensor]:
         b, t = videos.shape[:2]
         frames = videos[:, frame_indices(t, self.num_frames, videos.device)]  # (b, k, c, h, w)
         k = frames.shape[1]

@@ -22,15 +22,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reward_zoo.base import RewardModel
+from reward_zoo.clip_preprocess import (  # noqa: F401  (clip_pixel_values re-exported: its old home was here)
+    CLIP_MEAN,
+    CLIP_STD,
+    RESIZE_MODES,
+    clip_pixel_values,
+    preprocess_frames,
+)
 from reward_zoo.registry import register_reward
 
 if TYPE_CHECKING:
     from transformers import CLIPModel
 
 CLIP_PAPER = "https://arxiv.org/abs/2103.00020"
-# The normalisation every OpenAI CLIP checkpoint was trained with (CLIPImageProcessor's image_mean / image_std).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # -- CLIP helpers -----------------------------------------------------------------------------------------------
@@ -42,23 +46,6 @@ def load_clip(model_name_or_path: str, revision: str | None = None) -> CLIPModel
         raise ValueError(f"model_name_or_path must be a CLIP Hub id or folder, got {model_name_or_path!r}")
     model = CLIPModel.from_pretrained(model_name_or_path, revision=revision)
     return model.requires_grad_(False).eval()
-
-
-def clip_pixel_values(frames: Tensor, image_size: int, mean: Tensor, std: Tensor) -> Tensor:
-    """CLIP ``pixel_values`` ``(n, 3, s, s)`` from frames ``(n, 3, h, w)`` in [0, 1], differentiably.
-
-    Mirrors ``CLIPImageProcessor``: resize the shortest side to ``image_size`` (bicubic, antialiased, the long side
-    truncated like transformers' ``get_resize_output_image_size``), centre-crop a square, normalise with ``mean`` and
-    ``std``. The resized frame is clamped to [0, 1] as an 8-bit image would be.
-    """
-    n, c, h, w = frames.shape
-    short, long = min(h, w), max(h, w)
-    new_long = int(image_size * long / short)
-    size = (image_size, new_long) if h <= w else (new_long, image_size)
-    x = F.interpolate(frames, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0.0, 1.0)
-    top, left = (size[0] - image_size) // 2, (size[1] - image_size) // 2
-    x = x[..., top:top + image_size, left:left + image_size]  # (n, c, s, s)
-    return (x - mean.view(1, c, 1, 1)) / std.view(1, c, 1, 1)
 
 
 def frame_indices(num_video_frames: int, num_frames: int | None, device: torch.device | str = "cpu") -> Tensor:
@@ -73,10 +60,15 @@ class CLIPImageEncoder(nn.Module):
 
     Built from a loaded ``CLIPModel`` (keeping its ``vision_model`` and ``visual_projection``, so the text tower can
     be dropped), which makes the embeddings exactly ``CLIPModel.get_image_features`` of the preprocessed frames.
+    ``resize`` fits frames to the square input as the checkpoint's preprocessor did: ``"crop"`` (CLIPImageProcessor)
+    or ``"pad"`` (OpenCLIP's ResizeMaxSize); see :mod:`reward_zoo.clip_preprocess`.
     """
 
-    def __init__(self, clip: CLIPModel) -> None:
+    def __init__(self, clip: CLIPModel, resize: str = "crop") -> None:
         super().__init__()
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+        self.resize = resize
         self.vision_model = clip.vision_model
         self.visual_projection = clip.visual_projection
         self.image_size = clip.config.vision_config.image_size
@@ -86,7 +78,7 @@ class CLIPImageEncoder(nn.Module):
 
     def forward(self, frames: Tensor) -> Tensor:
         dtype = self.visual_projection.weight.dtype  # preprocess in float32 whatever the tower's dtype
-        pixels = clip_pixel_values(frames.float(), self.image_size, self.mean.float(), self.std.float())
+        pixels = preprocess_frames(frames.float(), self.image_size, self.mean.float(), self.std.float(), self.resize)
         pooled = self.vision_model(pixel_values=pixels.to(dtype)).pooler_output  # (n, hidden)
         return self.visual_projection(pooled)  # (n, d)
 
@@ -106,6 +98,18 @@ class CLIPTextEncoder(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         pooled = self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output  # (n, hidden)
         return self.text_projection(pooled)  # (n, d)
+
+
+def prompt_embeddings(tokenizer, text_encoder: CLIPTextEncoder, prompts: list[str]) -> Tensor:
+    """CLIP text embeddings ``(len(prompts), d)`` without gradients (prompts are not optimised), each distinct prompt
+    tokenised (padded, truncated to the text tower's context) and encoded once: GRPO repeats prompts."""
+    unique = list(dict.fromkeys(prompts))
+    tokens = tokenizer(unique, padding=True, truncation=True, max_length=text_encoder.max_length, return_tensors="pt")
+    device = text_encoder.text_projection.weight.device
+    with torch.no_grad():
+        embeds = text_encoder(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))  # (u, d)
+    position = {prompt: i for i, prompt in enumerate(unique)}
+    return embeds[torch.tensor([position[p] for p in prompts], device=device)]  # (b, d)
 
 
 def _drop_frozen_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, *, child: str) -> None:
@@ -154,6 +158,7 @@ class CLIPScore(RewardModel, paper_url=CLIP_PAPER):
     differentiable = True
     requires_prompts = True
     license = "apache-2.0"
+    score_ranges = {"text": (-1.0, 1.0), "overall": (-1.0, 1.0)}  # a raw cosine
 
     def __init__(self, model_name_or_path: str = "openai/clip-vit-base-patch32", model_revision: str | None = None,
                  num_frames: int | None = None) -> None:
@@ -180,17 +185,10 @@ class CLIPScore(RewardModel, paper_url=CLIP_PAPER):
 
     def text_embeddings(self, prompts: list[str]) -> Tensor:
         """CLIP text embeddings ``(len(prompts), d)``, each distinct prompt encoded once (GRPO repeats prompts)."""
-        unique = list(dict.fromkeys(prompts))
-        tokens = self.tokenizer(unique, padding=True, truncation=True, max_length=self.text_encoder.max_length,
-                                return_tensors="pt")
-        device = self.text_encoder.text_projection.weight.device
-        with torch.no_grad():
-            embeds = self.text_encoder(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
-        position = {prompt: i for i, prompt in enumerate(unique)}
-        return embeds[torch.tensor([position[p] for p in prompts], device=device)]  # (b, d)
+        return prompt_embeddings(self.tokenizer, self.text_encoder, prompts)
 
-    def forward(self, videos: Tensor, prompts: list[str] | None = None,
-                references: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, videos: Tensor, prompts: list[str] | None = None, references: Tensor | None = None,
+                fps: float | None = None) -> dict[str, Tensor]:
         b, t = videos.shape[:2]
         frames = videos[:, frame_indices(t, self.num_frames, videos.device)]  # (b, k, c, h, w)
         k = frames.shape[1]

@@ -18,12 +18,14 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, PyTorchModelHubMixin, constants, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
 from huggingface_hub.utils import is_jsonable
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -32,15 +34,18 @@ from torch import Tensor, nn
 from lit_videoalign.errors import nearest
 from lit_videoalign.video_io import check_video
 
+METRICS_NAME = "metrics.json"  # held-out accuracies of a trained reward, beside its weights
 # Keyword arguments of ``from_pretrained`` itself; an init argument of the same name would be swallowed by it.
 HUB_LOADING_ARGS = ("revision", "cache_dir", "force_download", "local_files_only", "token", "map_location",
                     "proxies", "resume_download")
 
 
 class RewardModel(nn.Module, PyTorchModelHubMixin, library_name="reward_zoo", tags=["reward-model", "video"]):
-    """A video reward: ``reward(videos, prompts=None, references=None) -> {dimension: Tensor[B]}``.
+    """A video reward: ``reward(videos, prompts=None, references=None, fps=None) -> {dimension: Tensor[B]}``.
 
     Subclasses set the class attributes below and implement ``forward`` with the same signature as ``__call__``.
+    ``fps`` is the videos' frame rate (a tensor carries none): rewards that sample frames by time use it (and raise
+    without it, see :meth:`require_fps`); the others accept and ignore it.
     Call the module (``reward(videos, prompts)``), not ``forward``, so the checks run. Every ``__init__`` argument
     must be JSON-serialisable (numbers, strings, booleans, ``None``, lists and dicts of those): the init arguments
     are the Hub ``config.json`` and the YAML ``init_args``.
@@ -55,6 +60,18 @@ class RewardModel(nn.Module, PyTorchModelHubMixin, library_name="reward_zoo", ta
         min_frames: the fewest frames the reward can score (e.g. 3 for a second temporal difference).
         license: licence of the reward's code and weights (Hub licence id), written to the model card.
         family: the reward family (``physics``, ``temporal``, ...); ``register_reward`` fills it from the module.
+        score_ranges: ``{dimension: (low, high)}`` for each dimension and ``"overall"``, the closed range its scores
+            lie in; None for an unbounded side (a logit is ``(None, None)``), a dimension left out has an unknown range.
+        expected_fps: frame rate (frames per second) the reward was trained or tuned for (its time constants assume
+            it), or None when its scores do not depend on the frame rate.
+        expected_resolution: ``(height, width)`` the reward was trained or designed at (other sizes are resized to
+            it), or None for any; an instance may refine it from its config (e.g. ``frame_size``) with a property.
+        metrics: held-out evaluation of a trained reward (the ``metrics.json`` of its checkpoint: ``{"val": ...,
+            "test": ...}`` as ``RewardTraining`` writes it), or None; loaded and saved with the checkpoint.
+
+    The model card's YAML header carries these facts (``dimensions``, ``score_ranges``, ``differentiable``,
+    ``expected_fps``, ``expected_resolution``, ``requires_prompts``, ``requires_references``, ``min_frames``) and,
+    when ``metrics`` are known, the accuracies as a ``model-index`` block (:meth:`card_data`).
     """
 
     dimensions: ClassVar[tuple[str, ...]] = ()
@@ -66,6 +83,10 @@ class RewardModel(nn.Module, PyTorchModelHubMixin, library_name="reward_zoo", ta
     min_frames: int = 1
     license: ClassVar[str | None] = None
     family: ClassVar[str | None] = None
+    score_ranges: ClassVar[dict[str, tuple[float | None, float | None]]] = {}
+    expected_fps: ClassVar[float | None] = None
+    expected_resolution: ClassVar[tuple[int, int] | None] = None
+    metrics: dict[str, Any] | None = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         """Check the init defaults are JSON-serialisable and record the class in the Hub model-card metadata."""
@@ -109,13 +130,31 @@ class RewardModel(nn.Module, PyTorchModelHubMixin, library_name="reward_zoo", ta
         return copy.deepcopy(self._hub_mixin_config)
 
     # -- checks ---------------------------------------------------------------------------------------------
-    def __call__(self, videos: Tensor, prompts: list[str] | None = None,
-                 references: Tensor | None = None) -> dict[str, Tensor]:
-        """Check the inputs, run ``forward``, check the scores."""
+    def __call__(self, videos: Tensor, prompts: list[str] | None = None, references: Tensor | None = None,
+                 fps: float | None = None) -> dict[str, Tensor]:
+        """Check the inputs (``fps``: the videos' frame rate, a positive number or None), run ``forward``, check the
+        scores."""
+        fps = check_fps(fps, type(self).__name__)
         self.check_inputs(videos, prompts, references)
-        scores = super().__call__(videos, prompts, references)
+        scores = super().__call__(videos, prompts, references, **self.fps_kwargs(fps))
         self.check_scores(scores, batch_size=videos.shape[0])
         return scores
+
+    def fps_kwargs(self, fps: float | None) -> dict[str, float]:
+        """``{"fps": fps}`` if ``forward`` takes an ``fps`` argument, else ``{}`` (a reward written before rewards
+        knew time ignores it). Also for callers of ``forward`` itself, e.g. ``guarded_scores``."""
+        params = inspect.signature(type(self).forward).parameters
+        takes = "fps" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        return {"fps": fps} if takes else {}
+
+    def require_fps(self, fps: float | None, expected: float | None = None) -> float:
+        """``fps``, or a one-line error naming this reward and the frame rate its checkpoint samples at: for rewards
+        that sample frames by time."""
+        if fps is None:
+            at = f" (its checkpoint samples frames at {expected:g} fps)" if expected is not None else ""
+            raise ValueError(f"{type(self).__name__} samples frames by time and needs the videos' frame rate{at}; "
+                             f"pass fps=<frames per second of the videos>")
+        return fps
 
     def check_inputs(self, videos: Tensor, prompts: list[str] | None, references: Tensor | None) -> None:
         """Raise a clear error unless the inputs are what ``forward`` is promised."""
@@ -196,7 +235,56 @@ class RewardModel(nn.Module, PyTorchModelHubMixin, library_name="reward_zoo", ta
             raise FileNotFoundError(f"no {constants.SAFETENSORS_SINGLE_FILE} in {model_id}; reward checkpoints "
                                     f"are safetensors only")
         load_weights(model, weights, map_location=map_location)
+        model.metrics = _read_metrics(model_id, hub)
         return model.eval()
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """``model.safetensors`` (the mixin's writer), and ``metrics.json`` when the reward has held-out metrics, so
+        ``push_to_hub`` uploads them with the weights."""
+        super()._save_pretrained(save_directory)
+        if self.metrics:
+            (Path(save_directory) / METRICS_NAME).write_text(json.dumps(self.metrics, indent=2, sort_keys=True) + "\n")
+
+    def card_data(self, metrics: dict[str, Any] | None = None, name: str | None = None,
+                  dataset_name: str = "held-out preference pairs") -> ModelCardData:
+        """The model card's YAML header: the class's Hub metadata, this reward's facts (dimensions, their ranges,
+        differentiability, expected fps and resolution, required inputs) and, given ``metrics`` (default
+        :attr:`metrics`), each split's pairwise accuracies per dimension as ``model-index`` results."""
+        metrics = self.metrics if metrics is None else metrics
+        dims = (*self.dimensions, "overall")
+        data = self._hub_mixin_info.model_card_data.to_dict()
+        data.update(
+            dimensions=list(dims),
+            score_ranges={d: list(self.score_ranges[d]) if d in self.score_ranges else None for d in dims},
+            differentiable=bool(self.differentiable),
+            expected_fps=None if self.expected_fps is None else float(self.expected_fps),
+            expected_resolution=None if self.expected_resolution is None else list(self.expected_resolution),
+            requires_prompts=bool(self.requires_prompts),
+            requires_references=bool(self.requires_references),
+            min_frames=int(self.min_frames),
+        )
+        results = []
+        for split, label in (("val", "validation"), ("test", "test")):
+            per_dim = ((metrics or {}).get(split) or {}).get("dimensions", {})
+            for dim in sorted(per_dim, key=lambda d: (d not in dims, dims.index(d) if d in dims else d)):
+                values = per_dim[dim]
+                for key, what in (("acc", "pairwise accuracy (strict pairs)"), ("acc_ties", "accuracy with ties")):
+                    if key in values:
+                        results.append(EvalResult(
+                            task_type="reward-modeling", task_name="video preference prediction",
+                            dataset_type="preference-pairs", dataset_name=dataset_name, dataset_split=label,
+                            metric_type="accuracy", metric_name=f"{dim} {what}", metric_value=float(values[key])))
+        if results:
+            data.update(model_name=name or type(self).__name__, eval_results=results)
+        return ModelCardData(**data)
+
+    def generate_model_card(self, *args, metrics: dict[str, Any] | None = None, name: str | None = None,
+                            **kwargs) -> ModelCard:
+        """The mixin's card with :meth:`card_data` as its YAML header (``metrics`` default :attr:`metrics`, ``name``
+        the model's name in ``model-index``, default the class name)."""
+        card = super().generate_model_card(*args, **kwargs)
+        card.data = self.card_data(metrics, name=name)
+        return card
 
     @classmethod
     def check_config_file(cls, path: str | os.PathLike) -> None:
@@ -219,6 +307,35 @@ class RewardModel(nn.Module, PyTorchModelHubMixin, library_name="reward_zoo", ta
                              f"(valid keys: {', '.join(valid)})")
 
 
+def check_fps(fps: float | None, who: str = "reward") -> float | None:
+    """``fps`` as a float, or None; a one-line error unless it is a positive finite number (or None)."""
+    if fps is None:
+        return None
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+        raise ValueError(f"{who}: fps must be a positive number of frames per second or None, got {fps!r}")
+    return float(fps)
+
+
+def _read_metrics(model_id: str, hub: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint's ``metrics.json`` (folder or Hub repository), or None when it has none."""
+    if os.path.isdir(model_id):
+        path = os.path.join(model_id, METRICS_NAME)
+        if not os.path.isfile(path):
+            return None
+    else:
+        try:
+            path = hf_hub_download(model_id, METRICS_NAME, **hub)
+        except EntryNotFoundError:  # not in the repository (or, offline, not in the cache): a reward without metrics
+            return None
+    try:
+        metrics = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{METRICS_NAME} of {model_id} is not valid JSON ({err})") from None
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{METRICS_NAME} of {model_id} must hold a JSON object, got {type(metrics).__name__}")
+    return metrics
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
     """Load a safetensors file into ``model`` strictly: every key present, no extra key, every shape equal.
 
@@ -230,16 +347,21 @@ def load_weights(model: nn.Module, path: str | os.PathLike, map_location: str | 
     except SafetensorError as err:  # e.g. a pickle saved under a .safetensors name: never unpickled
         raise ValueError(f"{path} is not a valid safetensors file ({err}); reward weights are read from safetensors "
                          "only (save them with save_pretrained or safetensors.torch.save_file)") from None
+    load_state_strict(model, state, f"checkpoint {path} does not match {type(model).__name__}")
+    return model
+
+
+def load_state_strict(model: nn.Module, state: dict[str, Tensor], what: str) -> None:
+    """Load ``state`` into ``model`` strictly: every key present, no extra key, every shape equal; else one line
+    ``"{what}: ..."`` naming the first missing, unexpected or mis-shaped key. Every reward loader goes through it."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
-        first = (f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}")
-        raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: {first} "
-                         f"({len(missing)} missing, {len(unexpected)} unexpected)")
+        first = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+        raise ValueError(f"{what}: {first} ({len(missing)} missing, {len(unexpected)} unexpected)")
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
-            raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: key {key!r} has shape "
-                             f"{tuple(tensor.shape)} in the checkpoint but {tuple(expected[key].shape)} in the model")
+            raise ValueError(f"{what}: key {key!r} has shape {tuple(tensor.shape)} in the checkpoint but "
+                             f"{tuple(expected[key].shape)} in the model")
     model.load_state_dict(state, strict=True)
-    return model

@@ -1,9 +1,11 @@
 """The ``reward-zoo`` command: train learned rewards, score video files with any reward, list the zoo.
 
-    reward-zoo fit --config configs/rewards/quality.yaml          # RewardTraining on preference pairs
+    reward-zoo fit --config rewards/quality                       # RewardTraining on preference pairs (shipped)
     reward-zoo validate --config configs/rewards/quality.yaml
     reward-zoo score --reward quality --videos clips/ --prompts_file prompts.txt --output_dir scores
     reward-zoo list
+    reward-zoo convert hpsv2 HPS_v2.1_compressed.pt hpsv2-converted --tokenizer laion/CLIP-ViT-H-14-laion2B-s32B-b79K
+    reward-zoo convert videoreward VideoReward/ videoreward-converted --videoalign_repo VideoAlign/
 
 ``fit/validate/test`` are LightningCLI's, reading ``model:`` (a :class:`~reward_zoo.training.RewardTraining`),
 ``data:`` and ``trainer:`` from the YAML. ``score`` and ``list`` are tools that build no trainer: ``score`` decodes
@@ -27,7 +29,13 @@ from lit_videoalign.subcommands import MethodSubcommandsCLI
 from reward_zoo.training import RewardTraining
 
 # Subcommands that build no model, datamodule or trainer; their arguments are their method's signature.
-TOOL_SUBCOMMANDS: dict[str, set[str]] = {"score": set(), "list": set()}  # name -> arguments the CLI fills
+TOOL_SUBCOMMANDS: dict[str, set[str]] = {"score": set(), "list": set(), "convert": set()}  # name -> CLI-filled args
+# Positional arguments of tool subcommands (``reward-zoo convert FAMILY SOURCE DESTINATION``), added by hand.
+POSITIONAL_ARGS = {"convert": {
+    "family": "the checkpoint's family, one of the keys of reward_zoo.cli.CONVERTERS (hpsv2, ...)",
+    "source": "the published checkpoint (file or folder) as its authors distribute it",
+    "destination": "the folder to write (config.json, model.safetensors, README.md); must not exist or be empty",
+}}
 # Arguments that take several space-separated values (``--videos A B C``), added by hand to the parser.
 MULTI_VALUE_ARGS = {"score": {
     "videos": (str, "video files and/or folders (every video file inside, sorted by name)"),
@@ -62,8 +70,11 @@ class RewardZooCLI(MethodSubcommandsCLI):
             return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         # no model/data/trainer groups: only the method's own arguments
         parser = self.init_parser(**kwargs)
-        skip = set(MULTI_VALUE_ARGS.get(subcommand, {})) | {"pretrained"}
+        skip = set(MULTI_VALUE_ARGS.get(subcommand, {})) | set(POSITIONAL_ARGS.get(subcommand, {})) | {"pretrained"}
         self._subcommand_method_arguments[subcommand] = parser.add_method_arguments(klass, subcommand, skip=skip)
+        for name, help_text in POSITIONAL_ARGS.get(subcommand, {}).items():
+            parser.add_argument(name, type=str, help=help_text)
+            self._subcommand_method_arguments[subcommand].append(name)
         self._add_multi_value_args(parser, subcommand)
         if subcommand == "score":
             parser.add_argument("--pretrained", action=ActionYesNo, default=None,
@@ -111,11 +122,13 @@ class RewardZooCLI(MethodSubcommandsCLI):
 
         Args:
             reward: a registered reward name, ``hf-hub:org/repo``, or a folder written by ``save_pretrained``.
-            videos: video files (MP4, ...) and/or folders (every video file inside, sorted by name).
+            videos: video files (MP4, ...) and/or folders (the videos their ``metadata.jsonl`` lists, else every
+                video file inside, sorted by name).
             pretrained: for a registered name, load its shipped weights (default: when they ship).
             prompts: one prompt per video, in order.
             prompts_file: a text file with one prompt per line, or a ``metadata.jsonl`` of ``{"file_name",
-                "prompt"}`` lines (the videofolder layout; a folder given in ``videos`` uses its own one by default).
+                "prompt"}`` lines (the videofolder layout). By default each video takes its prompt from the
+                ``metadata.jsonl`` beside it, as in a ``videoalign generate`` folder.
             references: one reference image (PNG/JPG) per video, for identity rewards.
             num_frames: score only the first ``num_frames`` frames of each video (every video must have them).
             output_dir: where scores.json and scores.csv go.
@@ -142,6 +155,66 @@ class RewardZooCLI(MethodSubcommandsCLI):
             print(f"wrote {output}")
         return rows
 
+    def convert(self, family: str, source: str, destination: str, tokenizer: str | None = None,
+                num_frames: int | None = None, videoalign_repo: str | None = None,
+                prompt_sha256: str | None = None) -> str:
+        """Convert a published checkpoint into the zoo's Hub layout (``config.json``, ``model.safetensors`` and a
+        model card), loadable with ``create_reward(DESTINATION)`` or, once pushed, ``create_reward("hf-hub:...")``.
+        Pickle files are read with ``torch.load(weights_only=True)`` only; on any error nothing is written.
+
+        Args:
+            family: the checkpoint's family (``hpsv2``, ...), positional.
+            source: the published checkpoint, positional.
+            destination: the folder to write, positional.
+            tokenizer: the tokenizer or processor (Hub id or folder) the converted reward names in its config
+                (default: the family's).
+            num_frames: frames the converted reward scores per video (default: the family's).
+            videoalign_repo: videoreward: a checkout of github.com/KlingAIResearch/VideoAlign, whose prompt template
+                (not shipped here) is read into the converted config.
+            prompt_sha256: videoreward: the SHA-256 of a prompt template other than the pinned revision's, accepted.
+        """
+        if family not in CONVERTERS:
+            raise UsageError(f"unknown checkpoint family {family!r} for convert; known: {sorted(CONVERTERS)}")
+        options = {"tokenizer": tokenizer, "num_frames": num_frames, "videoalign_repo": videoalign_repo,
+                   "prompt_sha256": prompt_sha256}
+        options = {k: v for k, v in options.items() if v is not None}
+        if family != "videoreward" and (videoalign_repo or prompt_sha256):
+            raise UsageError(f"--videoalign_repo and --prompt_sha256 apply to videoreward only, not {family}")
+        out = CONVERTERS[family](source, destination, **options)
+        print(f"wrote {out}")
+        return str(out)
+
+
+def _convert_hpsv2(source: str, destination: str, tokenizer: str | None = None, **options) -> Path:
+    from reward_zoo.hpsv2 import convert_hpsv2
+
+    if tokenizer is not None:
+        options["tokenizer_name_or_path"] = tokenizer
+    return convert_hpsv2(source, destination, **options)
+
+
+def _convert_videoreward(source: str, destination: str, tokenizer: str | None = None, num_frames: int | None = None,
+                         videoalign_repo: str | None = None, prompt_sha256: str | None = None) -> Path:
+    """VideoAlign's folder; ``tokenizer`` names the Qwen2-VL base (processor, config and, for LoRA, weights),
+    by default ``model_name_or_path`` of its ``model_config.json``; ``videoalign_repo`` the VideoAlign checkout whose
+    prompt template the reward needs."""
+    from reward_zoo.videoalign_checkpoint import convert_videoreward
+
+    if num_frames is not None:
+        raise UsageError(f"videoreward samples frames by time (at its checkpoint's fps), not a fixed count; "
+                         f"drop --num_frames {num_frames}")
+    if videoalign_repo is None:
+        raise UsageError("videoreward needs VideoAlign's prompt template, which is not shipped here; pass "
+                         "--videoalign_repo PATH_TO_VIDEOALIGN_CHECKOUT (git clone https://github.com/KlingAIResearch/"
+                         "VideoAlign)")
+    return convert_videoreward(source, destination, videoalign_repo, base_model=tokenizer,
+                               processor_name_or_path=tokenizer, prompt_sha256=prompt_sha256)
+
+
+# ``reward-zoo convert FAMILY SOURCE DESTINATION``: family -> converter(source, destination, tokenizer=None,
+# num_frames=None) returning the written folder. A family with a converter adds its line here.
+CONVERTERS = {"hpsv2": _convert_hpsv2, "videoreward": _convert_videoreward}
+
 
 # -- score / list helpers (plain functions, so they are usable without the CLI) ---------------------------------
 def zoo_table(family: str | None = None) -> list[dict]:
@@ -163,13 +236,22 @@ def zoo_table(family: str | None = None) -> list[dict]:
 
 
 def collect_videos(paths: list[str]) -> list[Path]:
-    """Expand files and folders into a list of video files; raises on a missing path or an empty folder."""
+    """Expand files and folders into a list of video files; raises on a missing path or an empty folder.
+
+    A folder with a ``metadata.jsonl`` (what ``videoalign generate`` writes) gives the videos it lists, in its order,
+    so previews or stray files beside them are never scored; any other folder gives every video file inside, sorted
+    by name.
+    """
+    from lit_videoalign.video_io import MANIFEST, read_manifest
+
     if not paths:
         raise UsageError("no videos given; pass --videos FILE_OR_FOLDER [...]")
     files = []
     for item in paths:
         path = Path(item)
-        if path.is_dir():
+        if path.is_dir() and (path / MANIFEST).is_file():
+            files += [file for file, _ in read_manifest(path)]
+        elif path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
             if not found:
                 raise FileNotFoundError(f"folder {path} holds no video files ({', '.join(VIDEO_SUFFIXES)})")
@@ -179,6 +261,22 @@ def collect_videos(paths: list[str]) -> list[Path]:
         else:
             raise FileNotFoundError(f"video file or folder not found: {path}")
     return files
+
+
+def manifest_prompts(files: list[Path]) -> list[str | None]:
+    """Each file's prompt from the ``metadata.jsonl`` beside it; None where there is none or it does not list the
+    file."""
+    from lit_videoalign.video_io import MANIFEST, read_manifest
+
+    by_folder: dict[Path, dict[Path, str]] = {}
+    prompts = []
+    for file in files:
+        folder = file.resolve().parent
+        if folder not in by_folder:
+            listed = read_manifest(folder) if (folder / MANIFEST).is_file() else []
+            by_folder[folder] = {path: entry["prompt"] for path, entry in listed}
+        prompts.append(by_folder[folder].get(file.resolve()))
+    return prompts
 
 
 def read_prompts(prompts_file: str | Path, files: list[Path]) -> list[str]:
@@ -224,15 +322,13 @@ def score_files(
     from reward_zoo import create_reward, registry
 
     files = collect_videos(videos)
-    check_video_files(files, num_frames, decode=False)  # every bad file in one error, before the reward loads
+    infos = check_video_files(files, num_frames, decode=False)  # every bad file in one error, before the reward loads
     if prompts is not None and prompts_file is not None:
         raise UsageError("pass prompts either with --prompts or with --prompts_file, not both")
-    if prompts_file is None and prompts is None:  # a single folder in the videofolder layout brings its prompts
-        folders = [Path(v) for v in videos if Path(v).is_dir() and (Path(v) / "metadata.jsonl").is_file()]
-        if len(folders) == 1 and len(videos) == 1:
-            prompts_file = str(folders[0] / "metadata.jsonl")
     if prompts_file is not None:
         prompts = read_prompts(prompts_file, files)
+    elif prompts is None:  # each video's prompt from the metadata.jsonl beside it (a generate folder's), where known
+        prompts = manifest_prompts(files)
     if prompts is not None and len(prompts) != len(files):
         raise UsageError(f"got {len(prompts)} prompts for {len(files)} videos; expected one prompt per video")
     if references is not None and len(references) != len(files):
@@ -242,14 +338,19 @@ def score_files(
     if is_name and pretrained is None:
         pretrained = (registry.PRETRAINED_DIR / reward / "config.json").is_file()
     model = create_reward(reward, pretrained=bool(pretrained) if is_name else False).to(device).eval()
+    unprompted = [str(f) for f, p in zip(files, prompts) if p is None]
+    if model.requires_prompts and unprompted:
+        raise UsageError(f"{reward} needs prompts, and {len(unprompted)} of {len(files)} videos have none "
+                         f"(first: {unprompted[0]}); pass --prompts or --prompts_file, or keep a metadata.jsonl "
+                         "listing them beside the videos")
 
     rows = []
     for i, file in enumerate(files):
         video = read_video(file, num_frames=num_frames)[None].contiguous().to(device)  # (1, t, c, h, w)
-        prompt = None if prompts is None else [prompts[i]]
+        prompt = None if prompts is None or prompts[i] is None else [prompts[i]]
         ref = None if references is None else _read_image(references[i])[None].to(device)  # (1, c, h, w)
         with torch.no_grad():
-            scores = model(video, prompt, ref)
+            scores = model(video, prompt, ref, fps=infos[i].fps)  # the file's own frame rate
         row = {"video": str(file), "prompt": prompt[0] if prompt else ""}
         row.update({dim: float(scores[dim][0]) for dim in ("overall", *model.dimensions)})
         rows.append(row)
@@ -303,7 +404,10 @@ def format_table(rows: list[dict]) -> str:
 def main(args: list[str] | None = None, exit_on_error: bool | None = None) -> None:
     """Entry point of the ``reward-zoo`` console script: one-line errors as ``videoalign`` (``--traceback`` shows the
     stack; see :func:`lit_videoalign.errors.run_cli`)."""
-    run_cli(lambda argv: RewardZooCLI(args=argv, parser_kwargs={"exit_on_error": False}), args, exit_on_error)
+    from lit_videoalign.shipped_configs import cli_builder
+
+    roots = {"rewards/": Path(__file__).resolve().parent / "configs"}  # `reward-zoo fit --config rewards/quality`
+    run_cli(cli_builder(RewardZooCLI, roots, "reward-zoo"), args, exit_on_error)
 
 
 if __name__ == "__main__":

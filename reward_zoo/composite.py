@@ -117,12 +117,12 @@ class CompositeReward(RewardModel):
     def min_frames(self) -> int:
         return max(r.min_frames for r in self.rewards.values())
 
-    def forward(self, videos: Tensor, prompts: list[str] | None = None,
-                references: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, videos: Tensor, prompts: list[str] | None = None, references: Tensor | None = None,
+                fps: float | None = None) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         overall = torch.zeros(videos.shape[0], device=videos.device)
         for name, reward in self.rewards.items():
-            scores = reward(videos, prompts, references)  # each sub-reward checks its own inputs and scores
+            scores = reward(videos, prompts, references, fps)  # each sub-reward checks its inputs and scores
             out.update({f"{name}/{dim}": value for dim, value in scores.items()})
             score = scores["overall"].float()
             if self.normalize == "zscore":

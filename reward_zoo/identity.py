@@ -50,6 +50,12 @@ class IdentityReward(RewardModel, paper_url=DREAMBOOTH):
     differentiable = True
     min_frames = 2
     license = "apache-2.0"
+    score_ranges = {d: (-1.0, 1.0) for d in (*dimensions, "overall")}  # cosine similarities
+
+    @property
+    def expected_resolution(self) -> tuple[int, int]:
+        """The ``frame_size`` frames are resized to (the card's ``expected_resolution``)."""
+        return tuple(self.frame_size)
 
     def __init__(
         self,
@@ -80,8 +86,8 @@ class IdentityReward(RewardModel, paper_url=DREAMBOOTH):
             frames = F.interpolate(frames, size=self.frame_size, mode="bilinear", align_corners=False, antialias=True)
         return F.normalize(self.encoder((frames - self.mean) / self.std), dim=-1)
 
-    def forward(self, videos: Tensor, prompts: list[str] | None = None,
-                references: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, videos: Tensor, prompts: list[str] | None = None, references: Tensor | None = None,
+                fps: float | None = None) -> dict[str, Tensor]:
         b, t = videos.shape[:2]
         feats = self.embed(videos.flatten(0, 1)).reshape(b, t, -1)  # (b, t, d)
         if references is None:

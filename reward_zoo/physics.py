@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lit_videoalign.data.toyworld import COLOURS
+from reward_zoo import toyworld
 from reward_zoo.base import RewardModel
 from reward_zoo.registry import register_reward
 
-TOY_GRAVITY = 0.25 / 32  # the toy world's gravity in frame heights per frame^2
+TOY_GRAVITY = toyworld.GRAVITY  # the toy world's gravity in frame heights per frame^2
 OCCLUSION_AREA_DEVIATION = 0.05  # relative area deviation at which a frame's mask counts as partly hidden
 MIN_CONTRAST = 0.05  # a tracked colour must differ from the background by at least this much (RGB distance)
 
@@ -69,11 +69,13 @@ class NewtonReward(RewardModel, paper_url="https://arxiv.org/abs/2512.00425"):
     differentiable = True
     min_frames = 4
     license = "apache-2.0"
+    score_ranges = {d: (0.0, 1.0) for d in (*dimensions, "overall")}
+    expected_fps = 8.0  # the default gravity is the toy world's, per frame^2 at its 8 fps
 
     def __init__(
         self,
         gravity: float | None = TOY_GRAVITY,
-        colours: list[list[float]] | None = tuple(COLOURS.values()),
+        colours: list[list[float]] | None = tuple(toyworld.COLOURS.values()),
         background: list[float] | None = None,
         colour_temperature: float = 0.1,
         min_area: float = 0.002,
@@ -129,8 +131,8 @@ class NewtonReward(RewardModel, paper_url="https://arxiv.org/abs/2512.00425"):
         assign = torch.softmax(-sine2 / self.colour_temperature**2, dim=2)
         return assign * alpha
 
-    def forward(self, videos: Tensor, prompts: list[str] | None = None,
-                references: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, videos: Tensor, prompts: list[str] | None = None, references: Tensor | None = None,
+                fps: float | None = None) -> dict[str, Tensor]:
         b, t, c, h, w = videos.shape
         masks = self.masks(videos)  # (b, t, k, h, w)
         ys = torch.arange(h, device=videos.device, dtype=videos.dtype) / h  # frame-height units
@@ -227,6 +229,13 @@ class LearnedPhysicsReward(RewardModel, paper_url=VIDEOPHY):
     differentiable = True
     min_frames = 4
     license = "apache-2.0"
+    score_ranges = {"physics": (None, None), "overall": (None, None)}  # a logit
+    expected_fps = 8.0  # tuned on the toy world, rendered at 8 fps
+
+    @property
+    def expected_resolution(self) -> tuple[int, int]:
+        """The ``frame_size`` frames are resized to (the card's ``expected_resolution``)."""
+        return tuple(self.frame_size)
 
     def __init__(
         self,
@@ -261,8 +270,8 @@ class LearnedPhysicsReward(RewardModel, paper_url=VIDEOPHY):
             temporal_layers, enable_nested_tensor=False)
         self.head = nn.Sequential(nn.LayerNorm(2 * width), nn.Linear(2 * width, width), nn.GELU(), nn.Linear(width, 1))
 
-    def forward(self, videos: Tensor, prompts: list[str] | None = None,
-                references: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, videos: Tensor, prompts: list[str] | None = None, references: Tensor | None = None,
+                fps: float | None = None) -> dict[str, Tensor]:
         b, t, c = videos.shape[:3]
         if t > self.max_frames:
             raise ValueError(f"LearnedPhysicsReward covers at most max_frames={self.max_frames} frames, got {t}")

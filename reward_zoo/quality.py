@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_videoalign.data.toyworld import VOCABULARY
 from lit_videoalign.errors import shorten
 from reward_zoo.base import RewardModel
 from reward_zoo.registry import register_reward
+from reward_zoo.toyworld import VOCABULARY, build_word_tokenizer
 
 VIDEOREWARD = "https://arxiv.org/abs/2501.13918"
 
@@ -60,6 +60,13 @@ class QualityReward(RewardModel, paper_url=VIDEOREWARD):
     requires_prompts = True
     min_frames = 2
     license = "apache-2.0"
+    score_ranges = {d: (None, None) for d in (*dimensions, "overall")}  # logits
+    expected_fps = 8.0  # tuned on the toy world, rendered at 8 fps
+
+    @property
+    def expected_resolution(self) -> tuple[int, int]:
+        """The ``frame_size`` frames are resized to (the card's ``expected_resolution``)."""
+        return tuple(self.frame_size)
 
     def __init__(
         self,
@@ -79,8 +86,6 @@ class QualityReward(RewardModel, paper_url=VIDEOREWARD):
     ) -> None:
         super().__init__()
         import timm
-
-        from lit_videoalign.testing import build_word_tokenizer
 
         for name, value in [("motion_grid", motion_grid), ("motion_channels", motion_channels), ("width", width),
                             ("max_frames", max_frames),
@@ -170,8 +175,8 @@ class QualityReward(RewardModel, paper_url=VIDEOREWARD):
         tokens = appearance + motion + self.time_embed[:t]
         return self.temporal_norm(self.temporal(tokens))
 
-    def forward(self, videos: Tensor, prompts: list[str] | None = None,
-                references: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, videos: Tensor, prompts: list[str] | None = None, references: Tensor | None = None,
+                fps: float | None = None) -> dict[str, Tensor]:
         tokens = self.frame_tokens(videos)  # (b, t, d)
         text = self.encode_prompts(prompts)  # (b, d)
         queries = self.queries.expand(len(videos), -1, -1).clone()  # (b, 3, d)

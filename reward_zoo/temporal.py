@@ -44,6 +44,7 @@ class SubjectConsistency(RewardModel, paper_url=VBENCH):
     differentiable = True
     min_frames = 2
     license = "apache-2.0"
+    score_ranges = {"subject_consistency": (-1.0, 1.0), "overall": (-1.0, 1.0)}  # mean of cosines
 
     def __init__(self, backbone: str | None = None, pretrained_backbone: bool = True, feature_size: int = 16) -> None:
         super().__init__()
@@ -76,8 +77,8 @@ class SubjectConsistency(RewardModel, paper_url=VBENCH):
         x = F.interpolate(frames, size=self.backbone_size, mode="bilinear", align_corners=False, antialias=True)
         return self.backbone((x - self.mean) / self.std)
 
-    def forward(self, videos: Tensor, prompts: list[str] | None = None,
-                references: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, videos: Tensor, prompts: list[str] | None = None, references: Tensor | None = None,
+                fps: float | None = None) -> dict[str, Tensor]:
         b, t = videos.shape[:2]
         feats = self.features(videos.flatten(0, 1)).view(b, t, -1)  # (b, t, d)
         to_first = F.cosine_similarity(feats[:, 1:], feats[:, :1], dim=-1)  # (b, t-1)
@@ -103,6 +104,7 @@ class TemporalFlicker(RewardModel, paper_url=VBENCH):
     differentiable = True
     min_frames = 3
     license = "apache-2.0"
+    score_ranges = {"flicker": (0.0, 1.0), "overall": (0.0, 1.0)}
 
     def __init__(self, grid: int = 4) -> None:
         super().__init__()
@@ -110,8 +112,8 @@ class TemporalFlicker(RewardModel, paper_url=VBENCH):
             raise ValueError(f"grid must be positive, got {grid}")
         self.grid = grid
 
-    def forward(self, videos: Tensor, prompts: list[str] | None = None,
-                references: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, videos: Tensor, prompts: list[str] | None = None, references: Tensor | None = None,
+                fps: float | None = None) -> dict[str, Tensor]:
         b, t = videos.shape[:2]
         low = F.adaptive_avg_pool2d(videos.flatten(0, 1), self.grid).reshape(b, t, -1)  # (b, t, c * grid * grid)
         high = low[:, 2:] - 2 * low[:, 1:-1] + low[:, :-2]  # (b, t-2, ...) second temporal difference, in [-2, 2]
@@ -141,6 +143,7 @@ class DynamicDegree(RewardModel, paper_url=VBENCH):
     differentiable = True
     min_frames = 2
     license = "apache-2.0"
+    score_ranges = {"dynamic_degree": (0.0, None), "overall": (0.0, None)}  # a motion magnitude
 
     def __init__(self, flow_model: str | None = None, flow_weights: str | None = "DEFAULT", flow_size: int = 256,
                  num_flow_updates: int = 12, top_fraction: float = 0.05) -> None:
@@ -181,8 +184,8 @@ class DynamicDegree(RewardModel, paper_url=VBENCH):
                          num_flow_updates=self.num_flow_updates)[-1]  # (b * (t-1), 2, h', w') in pixels
         return flow.norm(dim=1).view(b, t - 1, *size) / self.flow_size
 
-    def forward(self, videos: Tensor, prompts: list[str] | None = None,
-                references: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, videos: Tensor, prompts: list[str] | None = None, references: Tensor | None = None,
+                fps: float | None = None) -> dict[str, Tensor]:
         magnitude = self.motion(videos).flatten(2)  # (b, t-1, pixels)
         k = max(1, int(self.top_fraction * magnitude.shape[-1]))
         score = magnitude.topk(k, dim=-1).values.mean((1, 2))

@@ -1,9 +1,10 @@
 """Reward-model training from preference pairs with per-dimension labels and ties, as in VideoReward (arXiv 2501.13918).
 
 ``RewardTraining`` trains any learned ``RewardModel`` on batches of pairs ``{"video_a", "video_b", "prompt",
-"labels": {dim: +1 / -1 / 0}}`` (``lit_videoalign.data.toyworld_pairs`` serves them): each trained reward dimension
-is read from one label dimension and fitted with Bradley-Terry (ties skipped) or Bradley-Terry-with-ties (Rao-Kupper;
-ties are data). Evaluation follows VideoReward's protocol:
+"labels": {dim: +1 / -1 / 0}}`` (the config names the data module by class path, e.g. the suite's
+``lit_videoalign.data.toyworld_pairs.ToyWorldPairsDataModule``; the zoo imports no data code): each trained reward
+dimension is read from one label dimension and fitted with Bradley-Terry (ties skipped) or Bradley-Terry-with-ties
+(Rao-Kupper; ties are data). Evaluation follows VideoReward's protocol:
 
 - **accuracy without ties** (``acc``): over pairs with a strict preference, how often ``sign(r_a - r_b)`` matches;
 - **accuracy with ties** (``acc_ties``): three-way accuracy over all pairs, predicting a tie when
@@ -38,8 +39,10 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lit_videoalign.video_io import make_shareable
 from reward_zoo.base import RewardModel, load_weights
 from reward_zoo.losses import bradley_terry_loss, bradley_terry_ties_loss
+from reward_zoo.toyworld import PAIR_DIMENSIONS
 
 LOSSES = ("bt", "bt_ties")
 
@@ -126,7 +129,8 @@ class RewardTraining(L.LightningModule):
         loss: ``"bt"`` (Bradley-Terry; tied pairs are skipped) or ``"bt_ties"`` (Rao-Kupper; ties are fitted).
         tie_k: the ties loss's ``k > 1``: ties are predicted for ``|scale * (r_a - r_b)| < log k``.
         dimensions: reward dimension -> label dimension to train it on (``{"mean": "identity"}``); a list means
-            the same names on both sides; None trains every reward dimension named like a label dimension.
+            the same names on both sides; None trains every reward dimension named like a toy-world label dimension
+            (:data:`reward_zoo.toyworld.PAIR_DIMENSIONS`).
         score_scale: scores are multiplied by this before the loss; raise it for bounded rewards (a cosine
             similarity in [-1, 1] cannot reach a confident logit difference otherwise).
         tie_threshold: fixed ``|r_a - r_b|`` (raw scores) below which accuracy-with-ties predicts a tie; None
@@ -162,8 +166,6 @@ class RewardTraining(L.LightningModule):
             raise ValueError(f"tie_threshold must be non-negative or None, got {tie_threshold}")
         outputs = (*reward.dimensions, "overall")
         if dimensions is None:
-            from lit_videoalign.data.toyworld_pairs import PAIR_DIMENSIONS
-
             dimensions = {d: d for d in reward.dimensions if d in PAIR_DIMENSIONS}
             if not dimensions:
                 raise ValueError(f"{type(reward).__name__} has dimensions {list(reward.dimensions)}, none named "
@@ -368,13 +370,12 @@ class RewardTraining(L.LightningModule):
             self.reward.eval()
             self.reward.save_pretrained(tmp)
             self.reward.train(was_training)
-            card = self.reward.generate_model_card()
+            card = self.reward.generate_model_card(metrics=self.metrics, name=name)  # metrics: model-index
             text = model_card_text(self.reward, name, self.metrics, data_description, training_description)
             ModelCard(f"---\n{card.data.to_yaml()}\n---\n\n{text}").save(tmp / "README.md")
             (tmp / "metrics.json").write_text(json.dumps(self.metrics, indent=2, sort_keys=True) + "\n")
-            for file in tmp.iterdir():  # mkdtemp and safetensors create private files; a checkpoint is for sharing
-                file.chmod(0o644)
-            tmp.chmod(0o755)
+            for file in [*tmp.iterdir(), tmp]:  # mkdtemp's folder is private: the modes open()/mkdir() would give
+                make_shareable(file)
             if dirpath.exists():
                 shutil.rmtree(dirpath)
             os.replace(tmp, dirpath)

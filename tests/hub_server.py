@@ -11,9 +11,17 @@ unchanged against it:
   also get ``X-Linked-Etag``/``X-Linked-Size``) and ``Content-Length``.
 - ``GET /api/models/{repo}[/revision/{revision}]``: repo info (``sha``, ``siblings``; sizes with ``?blobs=true``).
 - ``GET /api/models/{repo}/tree/{revision}[/{path}]``: the tree listing (``?recursive=true``), one page.
-- ``POST /api/repos/create``, ``POST /api/validate-yaml``, ``POST /api/models/{repo}/preupload/{revision}`` (every
-  file "regular", with the remote blob id so unchanged files are skipped) and ``POST
-  /api/models/{repo}/commit/{revision}`` (NDJSON: header, base64 files, deletions).
+- ``POST /api/repos/create``, ``POST /api/validate-yaml``, ``POST /api/models/{repo}/preupload/{revision}`` and
+  ``POST /api/models/{repo}/commit/{revision}`` (NDJSON: header, base64 files, LFS files, deletions).
+- The large-file path, as the real Hub: preupload answers ``"lfs"`` for LFS-tracked files (``*.safetensors`` and the
+  other ``.gitattributes`` patterns, or 10 MiB and more; with their sha256 as ``oid``, so unchanged files are
+  skipped) and ``"regular"`` with the git blob id for the rest. The client then asks the Git LFS batch API
+  (``POST /{repo}.git/info/lfs/objects/batch``, basic transfer; objects already stored get no actions and are not
+  sent again), ``PUT``s each object to the upload URL it got (checked against its sha256 and size), ``POST``s the
+  verify URL, and commits an ``lfsFile`` line naming the object. A regular (base64) upload of an LFS-tracked file
+  is refused, as the Hub refuses it, so a test cannot pass by the small-file path. Not served: multi-part LFS
+  transfers (the client uses them only when the batch answer asks for them) and Xet storage (tests set
+  ``HF_HUB_DISABLE_XET``, so the client takes the LFS path).
 
 Errors carry the Hub's ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``), so the client
 raises its usual exceptions. Writes need ``Authorization: Bearer <token>``. Any other endpoint answers 404 and is
@@ -59,6 +67,11 @@ def git_blob_id(data: bytes) -> str:
 def lfs_pointer(sha256: str, size: int) -> bytes:
     """The git-lfs pointer file committed in place of an LFS-tracked file."""
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+def is_lfs(path: str, size: int) -> bool:
+    """Whether the Hub tracks ``path`` with LFS: it matches a ``.gitattributes`` pattern or is 10 MiB or more."""
+    return size >= LFS_MIN_SIZE or any(fnmatch.fnmatch(path.rsplit("/", 1)[-1], p) for p in LFS_PATTERNS)
 
 
 class RepoStore:
@@ -153,6 +166,23 @@ class RepoStore:
                 raise HubError(412, f"A commit has happened since {parent}: the head of {branch} is {head}")
             return self._write_commit(repo, head, message, files, set(deletions), branch)
 
+    # -- LFS objects (uploaded before the commit that names them) ----------------------------------------------
+    def lfs_object(self, repo_id: str, sha256: str) -> Path:
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise HubError(400, f"invalid LFS oid {sha256!r}: expected a sha256 in hex")
+        return self._require(repo_id) / "lfs" / sha256
+
+    def has_lfs_object(self, repo_id: str, sha256: str, size: int | None = None) -> bool:
+        path = self.lfs_object(repo_id, sha256)
+        return path.is_file() and (size is None or path.stat().st_size == size)
+
+    def put_lfs_object(self, repo_id: str, sha256: str, data: bytes) -> None:
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise HubError(400, f"the uploaded content does not hash to its LFS oid {sha256}")
+        path = self.lfs_object(repo_id, sha256)
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data)
+
     def tag(self, repo_id: str, tag: str, revision: str = "main") -> str:
         sha = self.resolve(repo_id, revision)
         (self._require(repo_id) / "refs" / "tags" / tag).write_text(sha)
@@ -169,7 +199,7 @@ class RepoStore:
                 raise HubError(400, f"Invalid path in repo: {path!r}")
             oid = git_blob_id(data)
             (repo / "blobs" / oid).write_bytes(data)
-            lfs = len(data) >= LFS_MIN_SIZE or any(fnmatch.fnmatch(path.rsplit("/", 1)[-1], p) for p in LFS_PATTERNS)
+            lfs = is_lfs(path, len(data))
             tree[path] = {"oid": oid, "size": len(data), "sha256": hashlib.sha256(data).hexdigest() if lfs else None}
         body = {"parent": parent, "message": message, "tree": dict(sorted(tree.items()))}
         sha = hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -192,6 +222,7 @@ class HubServer:
         self.token = token
         self.max_lifetime = max_lifetime
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
+        self.lfs_uploads: list[tuple[str, str]] = []  # (repo, sha256) of every object PUT through the LFS API
         self.unhandled: list[tuple[str, str]] = []
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -264,6 +295,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch("POST")
 
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
     # -- plumbing ----------------------------------------------------------------------------------------------
     def _dispatch(self, method: str) -> None:
         split = urlsplit(self.path)
@@ -302,6 +336,12 @@ class _Handler(BaseHTTPRequestHandler):
                 return lambda: self._commit(repo_id, rest[1])
         if method == "POST" and s == ["api", "repos", "create"]:
             return self._create_repo
+        if method == "POST" and len(s) == 6 and s[1].endswith(".git") and s[2:] == ["info", "lfs", "objects", "batch"]:
+            return lambda: self._lfs_batch(f"{s[0]}/{s[1].removesuffix('.git')}")
+        if method == "PUT" and len(s) == 4 and s[0] == "lfs-upload":
+            return lambda: self._lfs_upload(f"{s[1]}/{s[2]}", s[3])
+        if method == "POST" and len(s) == 3 and s[0] == "lfs-verify":
+            return lambda: self._lfs_verify(f"{s[1]}/{s[2]}")
         if method == "POST" and s == ["api", "validate-yaml"]:
             return self._validate_yaml
         return None
@@ -322,6 +362,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(payload).encode())
 
     def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":  # a streamed upload of unknown length
+            data = b""
+            while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                data += self.rfile.read(size)
+                self.rfile.readline()  # the CRLF after each chunk
+            self.rfile.readline()  # the CRLF after the last, empty chunk
+            return data
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def _require_token(self) -> None:
@@ -423,9 +470,46 @@ class _Handler(BaseHTTPRequestHandler):
         self._require_token()
         payload = json.loads(self._body())
         tree = self.hub.store.tree(repo_id, self.hub.store.resolve(repo_id, revision))
-        files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                  "oid": tree[f["path"]]["oid"] if f["path"] in tree else None} for f in payload["files"]]
+        files = []
+        for f in payload["files"]:
+            remote = tree.get(f["path"])
+            lfs = is_lfs(f["path"], int(f["size"]))
+            oid = None if remote is None else (remote["sha256"] if lfs else remote["oid"])
+            files.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
+                          "oid": oid})
         self._json({"files": files, "commitOid": self.hub.store.resolve(repo_id, revision)})
+
+    def _lfs_batch(self, repo_id: str) -> None:
+        """Git LFS batch API, upload operation, basic transfer: an upload and a verify action per missing object."""
+        self._require_token()
+        payload = json.loads(self._body())
+        if payload.get("operation") != "upload" or "basic" not in payload.get("transfers", ["basic"]):
+            raise HubError(400, "the local hub serves LFS uploads with the basic transfer only")
+        objects = []
+        for obj in payload["objects"]:
+            oid, size = obj["oid"], int(obj["size"])
+            answer = {"oid": oid, "size": size, "authenticated": True}
+            if not self.hub.store.has_lfs_object(repo_id, oid, size):
+                answer["actions"] = {
+                    "upload": {"href": f"{self.hub.url}/lfs-upload/{repo_id}/{oid}", "header": {}},
+                    "verify": {"href": f"{self.hub.url}/lfs-verify/{repo_id}", "header": {}},
+                }
+            objects.append(answer)
+        self._send(200, json.dumps({"transfer": "basic", "objects": objects}).encode(),
+                   content_type="application/vnd.git-lfs+json")
+
+    def _lfs_upload(self, repo_id: str, oid: str) -> None:
+        """The storage URL the batch answer points to (S3 on the real Hub: no Hub token there)."""
+        self.hub.store.put_lfs_object(repo_id, oid, self._body())
+        self.hub.lfs_uploads.append((repo_id, oid))
+        self._send(200, b"")
+
+    def _lfs_verify(self, repo_id: str) -> None:
+        self._require_token()
+        payload = json.loads(self._body())
+        if not self.hub.store.has_lfs_object(repo_id, payload["oid"], int(payload["size"])):
+            raise HubError(404, f"LFS object {payload['oid']} ({payload['size']} bytes) was not uploaded")
+        self._json({"success": True})
 
     def _commit(self, repo_id: str, revision: str) -> None:
         self._require_token()
@@ -438,13 +522,22 @@ class _Handler(BaseHTTPRequestHandler):
         for line in lines[1:]:
             key, value = line.get("key"), line.get("value", {})
             if key == "file" and value.get("encoding") == "base64":
-                files[value["path"]] = base64.b64decode(value["content"])
+                data = base64.b64decode(value["content"])
+                if is_lfs(value["path"], len(data)):
+                    raise HubError(400, f"{value['path']} is tracked by LFS (.gitattributes): upload it through the "
+                                        "LFS batch API, not as a regular file")
+                files[value["path"]] = data
+            elif key == "lfsFile" and value.get("algo") == "sha256":
+                if not self.hub.store.has_lfs_object(repo_id, value["oid"]):
+                    raise HubError(422, f"LFS object {value['oid']} of {value['path']} was never uploaded")
+                files[value["path"]] = self.hub.store.lfs_object(repo_id, value["oid"]).read_bytes()
             elif key == "deletedFile":
                 deletions.append(value["path"])
             elif key == "deletedFolder":
                 deletions.append(value["path"].rstrip("/") + "/")
             else:
-                raise HubError(400, f"unsupported commit operation {key!r} (the local hub asks for regular uploads)")
+                raise HubError(400, f"unsupported commit operation {key!r} (the local hub takes file, lfsFile, "
+                                    "deletedFile and deletedFolder)")
         sha = self.hub.store.commit(repo_id, files, header.get("summary", ""), branch=revision,
                                     deletions=tuple(deletions), parent=header.get("parentCommit"), create=False)
         self._json({"commitUrl": f"{self.hub.url}/{repo_id}/commit/{sha}", "commitOid": sha,

@@ -84,6 +84,8 @@ def tiny_overrides(config: str, tmp: Path, tiny_pipeline: str, video_folder: Pat
         args += [f"{rw}text.init_args.model_name_or_path={tiny_clip}",
                  f"{rw}consistency.init_args.backbone=test_resnet",
                  f"{rw}consistency.init_args.pretrained_backbone=false"]
+    if "name_or_hub_id: checkpoints/" in text:  # converted real rewards (README, "Real rewards"): tiny random ones
+        args += tiny_real_rewards(text, tmp, tiny_clip)
     if "data.prompts.PromptFileDataModule" in text:
         args += [f"--data.init_args.train_file={video_folder / 'prompts.txt'}"]
     if "video_folder.VideoFolderDataModule" in text:
@@ -94,6 +96,8 @@ def tiny_overrides(config: str, tmp: Path, tiny_pipeline: str, video_folder: Pat
         if "num_candidates" in text:  # online pairs
             args += ["--model.init_args.num_candidates=2", "--model.init_args.candidate_steps=2",
                      "--model.init_args.pairs_per_step=2"]
+            if "data.prompts.PromptFileDataModule" in text:  # the two prompts of prompts.txt: two steps
+                args += ["--data.init_args.batch_size=1"]
         if "toyworld_pairs.ToyWorldPairsDataModule" in text:
             args += ["--data.init_args.batch_size=2", "--data.init_args.val_size=2"]
         if "data.preference.PreferenceDataModule" in text:  # the two clips of the video folder as two pairs
@@ -123,6 +127,29 @@ def tiny_overrides(config: str, tmp: Path, tiny_pipeline: str, video_folder: Pat
     return args
 
 
+def tiny_real_rewards(text: str, tmp: Path, tiny_clip: str) -> list[str]:
+    """Overrides pointing a config's converted real rewards (``checkpoints/videoreward``, ``checkpoints/hpsv2``) at
+    tiny random ones in the same Hub layout."""
+    from lit_videoalign.testing import write_tiny_videoreward
+
+    composite = "reward_zoo.composite.CompositeReward" in text
+    args = []
+    if "checkpoints/videoreward" in text:
+        folder = write_tiny_videoreward(tmp / "tiny-videoreward")
+        where = "rewards.videoreward.init_args." if composite else ""
+        args.append(f"--model.init_args.reward.init_args.{where}name_or_hub_id={folder}")
+    if "checkpoints/hpsv2" in text:
+        from reward_zoo.hpsv2 import HPSv2
+
+        clip_config = json.loads((Path(tiny_clip) / "config.json").read_text())
+        HPSv2(clip_config=clip_config, tokenizer_name_or_path=tiny_clip, num_frames=2).save_pretrained(tmp / "hps")
+        where = "rewards.hpsv2.init_args." if composite else ""
+        args.append(f"--model.init_args.reward.init_args.{where}name_or_hub_id={tmp / 'hps'}")
+    if "num_candidates" in text:  # online pairs: a random reward's score gaps are small; keep every pair
+        args.append("--model.init_args.min_gap=0.0")
+    return args
+
+
 def test_there_are_configs():
     assert {"configs/toyworld/pretrain.yaml", "configs/toyworld/sft.yaml",
             "configs/wan2.1-1.3b/sft_lora.yaml"} <= set(CONFIGS)
@@ -147,7 +174,7 @@ def test_fit_then_generate_writes_mp4_and_gif(tmp_path, monkeypatch):
     out = tmp_path / "gen"
     main(["generate", *common, "--ckpt_path", str(ckpt), "--prompts", "a red ball falls", "a blue ball moves left",
           "--seeds", "3", "4", "--num_inference_steps", "2", "--output_dir", str(out)])
-    mp4s, gifs = sorted(out.glob("*.mp4")), sorted(out.glob("*.gif"))
+    mp4s, gifs = sorted(out.glob("*.mp4")), sorted((out / "previews").glob("*.gif"))  # previews in a subfolder
     assert len(mp4s) == 2 and len(gifs) == 2 and "seed3" in mp4s[0].name
     video = read_video(mp4s[0])
     assert video.shape == (16, 3, 128, 128)  # tiny videos are upscaled 4x for viewing
@@ -234,3 +261,42 @@ def test_generate_best_of_n_keeps_the_best_candidate_and_logs_its_cost(tmp_path,
         main([*base, "--output_dir", str(tmp_path / "x"), "--reward", "newton", "--best_of_n", "2",
               "--reward_guidance", "0.1"])
     assert best.shape == plain.shape
+
+
+def test_short_model_names_work_in_fit_validate_generate_and_evaluate(tmp_path, monkeypatch):
+    """``--model SFT`` (#22.6) in every subcommand: a checkpoint trained with the short name records the class's own
+    path, and generating from it with ``--model SFT`` gives the same video as the config alone. ``fit`` and
+    ``generate`` run as the console command does (a subprocess); ``validate`` and ``evaluate`` through ``main``."""
+    common = ["--config", "toyworld/sft", "--model", "SFT", f"--trainer.default_root_dir={tmp_path}",
+              "--trainer.logger=false", f"--trainer.callbacks.init_args.dirpath={tmp_path / 'pipe'}"]
+    res = run_cli("fit", *common, "--trainer.max_steps=1", "--trainer.val_check_interval=1",
+                  "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+                  "--data.init_args.batch_size=2", "--data.init_args.val_size=2", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    saved = torch.load(ckpt, weights_only=True, map_location="cpu")["hyper_parameters"]["_class_path"]
+    assert saved == "lit_videoalign.objectives.sft.SFT"
+    gen = ["--ckpt_path", str(ckpt), "--prompts", "a red ball falls", "--seeds", "3", "--num_inference_steps", "2",
+           "--gif", "false"]
+    res = run_cli("generate", *common, *gen, "--output_dir", str(tmp_path / "short"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)
+    main(["generate", "--config", "toyworld/sft", *gen, "--output_dir", str(tmp_path / "full")])
+    short, full = next((tmp_path / "short").glob("*.mp4")), next((tmp_path / "full").glob("*.mp4"))
+    assert short.read_bytes() == full.read_bytes()
+    # a checkpoint of another class is still refused by name
+    with pytest.raises(ValueError, match="checkpoint of SFT .* config's model is DPO"):
+        main(["generate", "--config", "toyworld/sft", "--model", "DPO", *gen, "--output_dir", str(tmp_path / "x")])
+    main(["validate", *common, "--ckpt_path", str(ckpt), "--trainer.limit_val_batches=1",
+          "--data.init_args.batch_size=2", "--data.init_args.val_size=2"])
+    main(["evaluate", *common, "--ckpt_path", str(ckpt), "--prompts", "a red ball falls", "--num_inference_steps",
+          "1", "--rewards", "newton", "--output_dir", str(tmp_path / "eval")])
+    assert (tmp_path / "eval" / "videos" / "model" / "metadata.jsonl").is_file()
+
+
+def test_an_unknown_short_model_name_lists_the_known_ones(tmp_path):
+    res = run_cli("generate", "--config", "toyworld/sft", "--model", "DiffusionNTF", "--prompts", "a", cwd=tmp_path)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode == 2 and len(errors) == 1, res.stderr[-2000:]
+    assert "DiffusionNTF" in errors[0] and "did you mean DiffusionNFT?" in errors[0]
+    assert all(name in errors[0] for name in ("SFT", "DPO", "GRPO", "DMD", "ConsistencyDistillation"))

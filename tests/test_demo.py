@@ -18,11 +18,11 @@ def test_heldout_prompts_are_single_ball_test_scenes():
     assert heldout_prompts(5) == prompts  # seeded
 
 
-@pytest.mark.parametrize("config", [None, "configs/toyworld/grpo.yaml"])
+@pytest.mark.parametrize("config", [None, "toyworld/grpo"])  # a shipped config by name, as from an installed wheel
 def test_demo_runs_and_writes_its_outputs(tmp_path, config):
     out = tmp_path / "demo"
     result = main(["--output_dir", str(out), "--max_steps", "2", "--num_heldout", "2",
-                   *(["--config", str(ROOT / config)] if config else []),
+                   *(["--config", config] if config else []),
                    "--model.init_args.group_size=2", "--model.init_args.num_sampling_steps=2",
                    "--model.init_args.micro_batch_size=1", "--model.init_args.updates_per_epoch=2",
                    "--model.init_args.num_inference_steps=2", "--data.init_args.batch_size=1",

@@ -41,6 +41,7 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(home))
     for name, value in {
         "HF_HUB_OFFLINE": False,
+        "HF_HUB_DISABLE_XET": True,  # the real Hub's Xet storage is not served: large files take the LFS path
         "ENDPOINT": server.url,
         "HUGGINGFACE_CO_URL_TEMPLATE": server.url + "/{repo_id}/resolve/{revision}/{filename}",
         "HF_HOME": str(home),
@@ -209,3 +210,99 @@ def test_server_lifetime_is_bounded(tmp_path):
         time.sleep(0.05)
     assert not server.running
     server.stop()  # idempotent
+
+
+# -- machine-readable cards and the large-file upload path ---------------------------------------------------------
+def test_push_to_hub_sends_weights_through_lfs_and_uploads_metrics_and_card_facts(hub):
+    """The large-file path of the real Hub, end to end through ``huggingface_hub`` (Xet disabled, see the fixture):
+
+    preupload answers "lfs" for ``model.safetensors`` and "regular" for the rest; the client calls the LFS batch API
+    (basic transfer), PUTs the object to the upload URL, POSTs the verify URL and commits an ``lfsFile`` line; the
+    tree then lists it as an LFS file (``X-Linked-Etag`` on download). Pushing again uploads nothing: preupload
+    reports the remote sha256 and the client skips the unchanged file. Not covered: multi-part transfers, Xet.
+    """
+    from huggingface_hub import ModelCard, hf_hub_download
+    from huggingface_hub.utils import get_session
+
+    reward = create_reward("physics_learned", pretrained=True)
+    assert reward.metrics["val"]["dimensions"]["physics"]["acc"] > 0.9  # read from the shipped metrics.json
+    reward.push_to_hub("org/physics", token=hub.token)
+    sha = hub.store.resolve("org/physics", "main")
+    tree = hub.store.tree("org/physics", sha)
+    assert sorted(tree) == [".gitattributes", "README.md", "config.json", "metrics.json", "model.safetensors"]
+    weights = hub.store.read_blob("org/physics", tree["model.safetensors"])
+    assert tree["model.safetensors"]["sha256"] == hashlib.sha256(weights).hexdigest()  # stored as an LFS file
+    assert tree["metrics.json"]["sha256"] is None and tree["README.md"]["sha256"] is None  # regular files
+    assert hub.lfs_uploads == [("org/physics", tree["model.safetensors"]["sha256"])]
+    posts = [(m, p) for m, p in hub.requests if m in ("POST", "PUT")]
+    assert ("POST", "/org/physics.git/info/lfs/objects/batch") in posts
+    assert ("PUT", f"/lfs-upload/org/physics/{tree['model.safetensors']['sha256']}") in posts
+    assert ("POST", "/lfs-verify/org/physics") in posts
+
+    loaded = create_reward("hf-hub:org/physics")
+    assert loaded.metrics == reward.metrics
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in reward.state_dict().items())
+    card = ModelCard.load(hf_hub_download("org/physics", "README.md")).data.to_dict()
+    assert card["dimensions"] == ["physics", "overall"] and card["score_ranges"]["physics"] == [None, None]
+    assert card["differentiable"] is True and card["expected_fps"] == 8.0 and card["expected_resolution"] == [32, 32]
+    results = {r["dataset"]["split"]: r["metrics"] for r in card["model-index"][0]["results"]}
+    assert results["validation"][0] == {"type": "accuracy", "name": "physics pairwise accuracy (strict pairs)",
+                                        "value": reward.metrics["val"]["dimensions"]["physics"]["acc"]}
+
+    reward.push_to_hub("org/physics", token=hub.token)  # unchanged: no commit, no second upload
+    assert hub.store.resolve("org/physics", "main") == sha and len(hub.lfs_uploads) == 1
+    assert hub.unhandled == []
+
+    # a weights file sent as a regular (base64) upload is refused, as the Hub refuses it
+    lines = [{"key": "header", "value": {"summary": "sneak", "description": ""}},
+             {"key": "file", "value": {"path": "other.safetensors", "encoding": "base64", "content": "AAAA"}}]
+    auth = {"Authorization": f"Bearer {hub.token}"}
+    answer = get_session().post(f"{hub.url}/api/models/org/physics/commit/main", headers=auth,
+                                content="\n".join(map(json.dumps, lines)))
+    assert answer.status_code == 400 and "tracked by LFS" in answer.headers["X-Error-Message"]
+
+
+def test_a_reward_without_metrics_has_card_facts_and_no_metrics_file(tmp_path):
+    from huggingface_hub import ModelCard
+
+    NewtonReward().save_pretrained(tmp_path / "newton")
+    assert not (tmp_path / "newton" / "metrics.json").exists()
+    card = ModelCard.load(tmp_path / "newton" / "README.md").data.to_dict()
+    assert card["dimensions"] == ["acceleration", "continuity", "mass", "energy", "overall"]
+    assert card["score_ranges"] == {d: [0.0, 1.0] for d in card["dimensions"]} and "model-index" not in card
+    assert card["min_frames"] == 4 and card["requires_prompts"] is False and "expected_resolution" not in card
+
+
+@pytest.mark.parametrize("name", ["identity", "physics_learned", "quality"])
+def test_shipped_cards_carry_their_facts_and_accuracies_in_the_yaml_header(name):
+    """The shipped cards' headers are what the code writes today (regenerate them with ``card_data`` if not)."""
+    from huggingface_hub import ModelCard
+
+    from reward_zoo.registry import PRETRAINED_DIR
+
+    reward = create_reward(name, pretrained=True)
+    header = ModelCard.load(PRETRAINED_DIR / name / "README.md").data.to_dict()
+    assert header == reward.card_data(name=name).to_dict()
+    metrics = json.loads((PRETRAINED_DIR / name / "metrics.json").read_text())
+    results = {r["dataset"]["split"]: {m["name"]: m["value"] for m in r["metrics"]}
+               for r in header["model-index"][0]["results"]}
+    for dim in reward.dimensions:
+        val, test = metrics["val"]["dimensions"][dim], metrics["test"]["dimensions"][dim]
+        assert results["validation"][f"{dim} pairwise accuracy (strict pairs)"] == val["acc"]
+        assert results["test"][f"{dim} accuracy with ties"] == test["acc_ties"]
+    assert header["dimensions"] == [*reward.dimensions, "overall"] and header["expected_resolution"] == [32, 32]
+
+
+def test_a_trained_reward_export_writes_its_accuracies_into_the_card(tmp_path):
+    """``RewardTraining.save_pretrained`` (what ``reward-zoo fit`` exports) puts its metrics into ``model-index``."""
+    from huggingface_hub import ModelCard
+
+    from reward_zoo.registry import PRETRAINED_DIR
+    from reward_zoo.training import RewardTraining
+
+    training = RewardTraining(create_reward("physics_learned"))
+    training.metrics = json.loads((PRETRAINED_DIR / "physics_learned" / "metrics.json").read_text())
+    training.save_pretrained(tmp_path / "mine")
+    card = ModelCard.load(tmp_path / "mine" / "README.md").data.to_dict()
+    assert card["model-index"][0]["name"] == "mine" and card["differentiable"] is True
+    assert create_reward(str(tmp_path / "mine")).metrics == training.metrics

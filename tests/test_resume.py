@@ -70,6 +70,8 @@ CASES = {
                                          optimizer=adamw(1e-3)), toy, 3, 1, False),
     "dmd": (lambda bb: DMD(bb, teacher_guidance_scale=2.0, num_inference_steps=2, optimizer=adamw(1e-3)),
             toy, 6, 2, False),
+    "dmd_lora": (lambda bb: DMD(bb, lora_rank=4, shared_base=True, teacher_guidance_scale=2.0, num_inference_steps=2,
+                                optimizer=adamw(1e-2)), toy, 6, 2, False),
     "consistency": (lambda bb: ConsistencyDistillation(bb, lora_rank=4, teacher_guidance_scale=2.0, num_timesteps=4,
                                                        skip_steps=2, num_inference_steps=2, optimizer=adamw(1e-2)),
                     toy, 3, 1, False),
@@ -168,6 +170,7 @@ def test_resumed_run_matches_an_uninterrupted_one(case, tiny_pixel_pipeline, tmp
                           ckpt_path=tmp_path / "crashed" / f"step={stop}.ckpt")
     full, resumed = load(tmp_path / "full" / f"step={steps}.ckpt"), load(tmp_path / "resumed" / f"step={steps}.ckpt")
     assert_same_state(training_state(full), training_state(resumed), case)
+    assert_holds_what_trains(case, full, tiny_pixel_pipeline)  # so the resume above was from trainable-only files
     before = load(tmp_path / "crashed" / f"step={stop}.ckpt")["state_dict"]
     assert any(not torch.equal(before[k], v) for k, v in full["state_dict"].items()), "nothing trained after the stop"
     # Logged rows are keyed by batch; the resumed run's first row may also hold values its interrupted batch logged
@@ -338,3 +341,18 @@ def test_the_cli_writes_checkpoints_atomically_unless_told_otherwise():
     assert len(plugins) == 1 and isinstance(plugins[0], AtomicCheckpointIO)
     own = TorchCheckpointIO()
     assert with_atomic_checkpoints({"plugins": [own]})["plugins"] == [own]
+
+
+# -- trainable-only checkpoints (more in test_checkpoint_lora.py) -------------------------------------------------
+def assert_holds_what_trains(case: str, checkpoint: dict, pipeline: str) -> None:
+    """A LoRA run's checkpoint holds its adapters (and its objective's other trained modules) and the base's
+    fingerprint, none of the frozen base; a full fine-tuning run's holds every weight."""
+    model = CASES[case][0](DiffusersVideoBackbone(pipeline, max_sequence_length=16))
+    keys, everything = set(checkpoint["state_dict"]), set(torch.nn.Module.state_dict(model))
+    reference = {k for k in everything if k.startswith("_reference_denoiser.")}
+    if model.backbone.has_lora:
+        assert keys and not keys & set(model.frozen_state_dict()), f"{case}: frozen base weights in the checkpoint"
+        assert all(".lora_" in k or not k.startswith("backbone.") for k in keys), f"{case}: non-adapter backbone keys"
+        assert checkpoint["frozen_base_fingerprint"] == model.base_fingerprint()
+    else:
+        assert keys == everything - reference and "frozen_base_fingerprint" not in checkpoint

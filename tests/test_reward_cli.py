@@ -131,8 +131,11 @@ def test_bad_score_requests_are_named(clips, tmp_path, args, error, match):
 def test_missing_video_and_missing_prompts_are_named(clips, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.mp4"):
         main(["score", "--reward", "newton", "--videos", str(tmp_path / "missing.mp4")])
-    with pytest.raises(ValueError, match="needs prompts"):
-        main(["score", "--reward", "quality", "--videos", str(clips / "clip0.mp4"), "--output_dir", str(tmp_path)])
+    alone = tmp_path / "alone"  # no metadata.jsonl beside it to bring its prompt
+    alone.mkdir()
+    (alone / "clip0.mp4").write_bytes((clips / "clip0.mp4").read_bytes())
+    with pytest.raises(ValueError, match=r"needs prompts.*1 of 1 videos have none \(first: .*clip0.mp4\)"):
+        main(["score", "--reward", "quality", "--videos", str(alone / "clip0.mp4"), "--output_dir", str(tmp_path)])
 
 
 def test_console_script_runs_in_a_fresh_process():

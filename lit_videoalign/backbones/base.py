@@ -70,6 +70,20 @@ class VideoBackbone(nn.Module):
     default_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     # Sigma shift of the sampling grid the model was trained for (diffusers keeps it in the scheduler config).
     default_sampling_shift: float = 1.0
+    # The pipeline's own diffusers scheduler (``sampler="pipeline"`` samples with it); None: only the Euler ODE.
+    scheduler = None
+    # Frame rate of the videos the model generates (frames per second), passed to rewards that sample by time; None
+    # when unknown.
+    fps: float | None = None
+
+    # -- capabilities (diffusers-style class attributes; subclasses override them, as attributes or properties) ----
+    # Callers read these directly (``backbone.pixel_space``), never with a ``getattr(..., default)`` probe.
+    pixel_space: bool = False  # latents are the pixels themselves (no VAE): decoding is free
+    is_quantized: bool = False  # the denoiser's base weights are quantized (4-bit): only LoRA can train on it
+    compile_blocks: bool = False  # ``torch.compile`` the transformer blocks when training starts
+    supports_images: bool = False  # accepts conditioning images (image-to-video, reference frames)
+    supports_context_parallel: bool = False  # can split a video's tokens across devices
+    supports_causal: bool = False  # can denoise chunk by chunk with a causal (KV-cached) attention mask
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         raise NotImplementedError
@@ -88,6 +102,11 @@ class VideoBackbone(nn.Module):
 
     def predict_velocity(self, latents: Tensor, sigma: float | Tensor, cond: Conditioning) -> Tensor:
         raise NotImplementedError
+
+    def set_timesteps_kwargs(self, num_steps: int, latent_shape: tuple[int, ...]) -> dict:
+        """Arguments of ``scheduler.set_timesteps`` besides ``num_steps`` that the model's pipeline passes (custom
+        sigmas, a resolution-dependent ``mu``), for latents ``(c, t, h, w)``; none by default."""
+        return {}
 
     # -- LoRA ---------------------------------------------------------------------------------------------------
     @property

@@ -19,12 +19,10 @@ the video itself rescaled to ``[-1, 1]`` as ``[B, C, T, H, W]``. The shipped toy
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +30,16 @@ import torch
 from torch import Tensor, nn
 
 from lit_videoalign.backbones.base import Conditioning, VideoBackbone
+from lit_videoalign.backbones.families import (  # noqa: F401  (re-exported: their old home was this module)
+    FAMILIES,
+    HunyuanVideoFamily,
+    LTXFamily,
+    ModelFamily,
+    WanFamily,
+    family_for,
+    pack_latents,
+    unpack_latents,
+)
 from lit_videoalign.backbones.loading import (  # noqa: F401  (re-exported: their old home was this module)
     _DTYPES,
     _QUANTIZATIONS,
@@ -42,6 +50,7 @@ from lit_videoalign.backbones.loading import (  # noqa: F401  (re-exported: thei
     _load_quantized,
     _scheduler_shift,
     component_classes,
+    load_scheduler,
     resolve_pretrained_path,
 )
 from lit_videoalign.errors import shorten
@@ -49,290 +58,12 @@ from lit_videoalign.schedules.flow import _broadcast
 from lit_videoalign.video_io import atomic_dir, check_video
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    pass
 
 
 
-# -- helpers shared by the families --------------------------------------------------------------------------------
-def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int,
-              device: torch.device) -> tuple[Tensor, Tensor]:
-    """Pad and truncate to ``max_length`` as the diffusers pipelines do. Returns ``ids, mask``, each ``(b, l)``."""
-    tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
-                       return_attention_mask=True, return_tensors="pt")
-    return tokens.input_ids.to(device), tokens.attention_mask.to(device)
-
-
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-def _per_channel(values: Any, like: Tensor) -> Tensor:
-    """A per-channel statistic (list or tensor ``[C]``) shaped ``(1, C, 1, 1, 1)`` to broadcast over latents."""
-    return torch.as_tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
-
-
-def _extra(cond: Conditioning, key: str, family: str, what: str) -> Tensor:
-    if key not in cond.extra:
-        raise ValueError(f"{family} conditioning needs extra[{key!r}] ({what}), got extra keys {sorted(cond.extra)}; "
-                         "build it with encode_prompts")
-    return cond.extra[key]
-
-
-def pack_latents(latents: Tensor, patch_size: int = 1, patch_size_t: int = 1) -> Tensor:
-    """``[B, C, T, H, W]`` -> tokens ``[B, T/pt * H/p * W/p, C * pt * p * p]`` (LTX-Video's transformer input)."""
-    b, c, t, h, w = latents.shape
-    x = latents.reshape(b, c, t // patch_size_t, patch_size_t, h // patch_size, patch_size, w // patch_size, patch_size)
-    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4, 7).flatten(1, 3)
-
-
-def unpack_latents(tokens: Tensor, grid: tuple[int, int, int], patch_size: int = 1, patch_size_t: int = 1) -> Tensor:
-    """Inverse of :func:`pack_latents`; ``grid`` is the token grid ``(T/pt, H/p, W/p)``."""
-    t, h, w = grid
-    x = tokens.reshape(tokens.shape[0], t, h, w, -1, patch_size_t, patch_size, patch_size)
-    return x.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
-
-
-# -- families ----------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelFamily:
-    """How one diffusers model family maps to the project's conventions. One subclass per family, one instance in
-    ``FAMILIES``; fields not in ``_FIXED`` are options a config may override (``family_options`` of the backbone).
-
-    Hooks receive the backbone (for its tokenizers, text encoders, VAE and denoiser) or just the VAE.
-
-    Attributes:
-        name: short family name used in configs (``"wan"``).
-        transformer_class: the diffusers transformer class name that identifies the family.
-        max_sequence_length: default prompt length in tokens (the family's pipeline default).
-        lora_targets: default LoRA target module names.
-        text_encoders: the pipeline's text-encoder components; each ``text_encoder*`` has a ``tokenizer*``.
-    """
-
-    name: str = ""
-    transformer_class: str = ""
-    max_sequence_length: int = 512
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    text_encoders: tuple[str, ...] = ("text_encoder",)
-
-    _FIXED = ("name", "transformer_class", "max_sequence_length", "lora_targets", "text_encoders")
-
-    @property
-    def text_pairs(self) -> list[tuple[str, str]]:
-        """``(text_encoder, tokenizer)`` component names, e.g. ``[("text_encoder", "tokenizer"), ...]``."""
-        return [(te, te.replace("text_encoder", "tokenizer")) for te in self.text_encoders]
-
-    @property
-    def components(self) -> tuple[str, ...]:
-        """The ``model_index.json`` entries this family needs besides the (optional) VAE."""
-        return ("transformer", *(name for pair in self.text_pairs for name in pair))
-
-    def with_options(self, options: dict[str, Any] | None) -> ModelFamily:
-        """A copy with ``options`` (family-specific settings such as LTX's ``frame_rate``) replaced."""
-        if not options:
-            return self
-        allowed = sorted(f.name for f in dataclasses.fields(self) if f.name not in self._FIXED)
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise ValueError(f"unknown family_options {unknown} for model family {self.name!r}; allowed: {allowed}")
-        return dataclasses.replace(self, **options)
-
-    # prompts
-    def encode_prompts(self, bb: DiffusersVideoBackbone, prompts: list[str]) -> Conditioning:
-        """Tokenise and encode ``prompts`` (already validated) the way the family's pipeline does."""
-        raise NotImplementedError(f"model family {self.name!r} has no prompt encoder")
-
-    # VAE
-    def latent_channels(self, vae: nn.Module) -> int:
-        return vae.config.latent_channels
-
-    def vae_compression(self, vae: nn.Module) -> tuple[int, int]:
-        """``(temporal, spatial)`` compression: ``1 + t*k`` frames map to ``1 + k`` latent frames, ``s`` pixels to 1."""
-        return vae.temporal_compression_ratio, vae.spatial_compression_ratio
-
-    def normalize_latents(self, vae: nn.Module, latents: Tensor) -> Tensor:
-        """Raw VAE posterior mean -> the latents the transformer is trained on."""
-        raise NotImplementedError(f"model family {self.name!r} has no latent normalisation")
-
-    def denormalize_latents(self, vae: nn.Module, latents: Tensor) -> Tensor:
-        raise NotImplementedError(f"model family {self.name!r} has no latent normalisation")
-
-    def decode_vae(self, vae: nn.Module, latents: Tensor) -> Tensor:
-        """Denormalised latents -> pixels ``[B, C, T, H, W]`` in about ``[-1, 1]``."""
-        return vae.decode(latents, return_dict=False)[0]
-
-    # transformer
-    def call_transformer(self, bb: DiffusersVideoBackbone, transformer: nn.Module, latents: Tensor, timestep: Tensor,
-                         cond: Conditioning) -> Tensor:
-        """Run ``transformer`` on ``[B, C, T', H', W']`` latents with diffusers timesteps ``[B]``; same layout out."""
-        raise NotImplementedError(f"model family {self.name!r} has no transformer call")
-
-
-@dataclass(frozen=True)
-class WanFamily(ModelFamily):
-    """Wan 2.1/2.2 (``WanPipeline``): UMT5 with mask, padding embeddings zeroed; per-channel latent mean/std."""
-
-    name: str = "wan"
-    transformer_class: str = "WanTransformer3DModel"
-    max_sequence_length: int = 512
-
-    def encode_prompts(self, bb: DiffusersVideoBackbone, prompts: list[str]) -> Conditioning:
-        ids, mask = _tokenize(bb.tokenizer, prompts, bb.max_sequence_length, _device(bb.text_encoder))
-        embeds = bb.text_encoder(ids, attention_mask=mask).last_hidden_state  # (b, l, d)
-        embeds = embeds.to(bb.denoiser.dtype)
-        # The pipeline cuts each prompt at its length and re-pads with zeros: the transformer gets no mask.
-        embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
-        return Conditioning(prompt_embeds=embeds, prompt_mask=mask)
-
-    def latent_channels(self, vae: nn.Module) -> int:
-        return vae.config.z_dim
-
-    def vae_compression(self, vae: nn.Module) -> tuple[int, int]:
-        return vae.config.get("scale_factor_temporal", 4), vae.config.get("scale_factor_spatial", 8)
-
-    def normalize_latents(self, vae: nn.Module, latents: Tensor) -> Tensor:
-        mean, std = _per_channel(vae.config.latents_mean, latents), _per_channel(vae.config.latents_std, latents)
-        return (latents - mean) / std
-
-    def denormalize_latents(self, vae: nn.Module, latents: Tensor) -> Tensor:
-        mean, std = _per_channel(vae.config.latents_mean, latents), _per_channel(vae.config.latents_std, latents)
-        return latents * std + mean
-
-    def call_transformer(self, bb, transformer, latents, timestep, cond):
-        return transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=cond.prompt_embeds,
-                           return_dict=False)[0]
-
-
-@dataclass(frozen=True)
-class LTXFamily(ModelFamily):
-    """LTX-Video (``LTXPipeline``): T5 run *without* the mask, the mask goes to the transformer; latents normalised by
-    the VAE's ``latents_mean``/``latents_std`` buffers and ``scaling_factor``; the transformer takes packed tokens
-    ``[B, T'H'W', C]`` plus the latent grid and ``rope_interpolation_scale = (t_ratio / frame_rate, s_ratio, s_ratio)``.
-
-    Options:
-        frame_rate: the ``frame_rate`` the pipeline is called with (its default, 25); it scales temporal RoPE.
-        decode_timestep: timestep of timestep-conditioned VAE decoders (the pipeline default 0.0, no decode noise).
-    """
-
-    name: str = "ltx"
-    transformer_class: str = "LTXVideoTransformer3DModel"
-    max_sequence_length: int = 128
-    frame_rate: float = 25.0
-    decode_timestep: float = 0.0
-
-    def encode_prompts(self, bb: DiffusersVideoBackbone, prompts: list[str]) -> Conditioning:
-        ids, mask = _tokenize(bb.tokenizer, prompts, bb.max_sequence_length, _device(bb.text_encoder))
-        embeds = bb.text_encoder(ids)[0]  # (b, l, d); LTXPipeline encodes without the attention mask
-        return Conditioning(prompt_embeds=embeds.to(bb.denoiser.dtype), prompt_mask=mask)
-
-    def normalize_latents(self, vae: nn.Module, latents: Tensor) -> Tensor:
-        mean, std = _per_channel(vae.latents_mean, latents), _per_channel(vae.latents_std, latents)
-        return (latents - mean) * vae.config.scaling_factor / std
-
-    def denormalize_latents(self, vae: nn.Module, latents: Tensor) -> Tensor:
-        mean, std = _per_channel(vae.latents_mean, latents), _per_channel(vae.latents_std, latents)
-        return latents * std / vae.config.scaling_factor + mean
-
-    def decode_vae(self, vae: nn.Module, latents: Tensor) -> Tensor:
-        temb = None
-        if vae.config.timestep_conditioning:
-            temb = torch.full((latents.shape[0],), self.decode_timestep, dtype=latents.dtype, device=latents.device)
-        return vae.decode(latents, temb, return_dict=False)[0]
-
-    def call_transformer(self, bb, transformer, latents, timestep, cond):
-        _, _, t, h, w = latents.shape
-        p, pt = transformer.config.patch_size, transformer.config.patch_size_t
-        grid = (t // pt, h // p, w // p)
-        ft, fs = self.vae_compression(bb.vae) if bb.vae is not None else (1, 1)
-        out = transformer(hidden_states=pack_latents(latents, p, pt), encoder_hidden_states=cond.prompt_embeds,
-                          timestep=timestep, encoder_attention_mask=cond.prompt_mask, num_frames=grid[0],
-                          height=grid[1], width=grid[2], rope_interpolation_scale=(ft / self.frame_rate, fs, fs),
-                          return_dict=False)[0]
-        return unpack_latents(out, grid, p, pt)  # (b, c, t, h, w)
-
-
-@dataclass(frozen=True)
-class HunyuanVideoFamily(ModelFamily):
-    """HunyuanVideo (``HunyuanVideoPipeline``): Llama hidden states ``hidden_state_skip_layer`` layers below the top,
-    from the prompt in a chat template whose first ``crop_start`` tokens are cut off, with their mask; CLIP's pooled
-    output as ``extra["pooled_projections"]``; for the guidance-distilled transformer (``guidance_embeds``) the embedded
-    guidance ``extra["guidance"] = guidance_scale * 1000``. Latents are scaled by the VAE's ``scaling_factor``.
-
-    Options:
-        prompt_template: ``{"template": "...{}...", "crop_start": int}``; ``None`` is diffusers' default template.
-        hidden_state_skip_layer: Llama layers skipped from the top (the pipeline's 2).
-        guidance_scale: embedded guidance of the distilled model (the pipeline's default 6.0).
-        pooled_max_sequence_length: CLIP prompt length (77).
-    """
-
-    name: str = "hunyuan_video"
-    transformer_class: str = "HunyuanVideoTransformer3DModel"
-    max_sequence_length: int = 256
-    text_encoders: tuple[str, ...] = ("text_encoder", "text_encoder_2")
-    prompt_template: dict[str, Any] | None = None
-    hidden_state_skip_layer: int = 2
-    guidance_scale: float = 6.0
-    pooled_max_sequence_length: int = 77
-
-    def __post_init__(self) -> None:
-        template = self.prompt_template
-        if template is None:
-            return
-        text = template.get("template") if isinstance(template, dict) else None
-        crop = template.get("crop_start") if isinstance(template, dict) else None
-        if not (isinstance(text, str) and "{}" in text and isinstance(crop, int) and crop >= 0):
-            raise ValueError("prompt_template must be a dict with a 'template' string containing '{}' and an integer "
-                             f"'crop_start' >= 0 (tokens cut before the prompt), got {template!r}")
-
-    def template(self) -> dict[str, Any]:
-        if self.prompt_template is not None:
-            return self.prompt_template
-        from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
-
-        return DEFAULT_PROMPT_TEMPLATE
-
-    def encode_prompts(self, bb: DiffusersVideoBackbone, prompts: list[str]) -> Conditioning:
-        template = self.template()
-        crop = template["crop_start"]
-        texts = [template["template"].format(p) for p in prompts]
-        ids, mask = _tokenize(bb.tokenizer, texts, bb.max_sequence_length + crop, _device(bb.text_encoder))
-        hidden = bb.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        embeds, mask = hidden[-(self.hidden_state_skip_layer + 1)][:, crop:], mask[:, crop:]  # (b, l, d), (b, l)
-        clip_ids, _ = _tokenize(bb.tokenizer_2, prompts, self.pooled_max_sequence_length, _device(bb.text_encoder_2))
-        pooled = bb.text_encoder_2(clip_ids, output_hidden_states=False).pooler_output  # (b, d2); CLIP without mask
-        dtype = bb.denoiser.dtype
-        extra = {"pooled_projections": pooled.to(device=embeds.device, dtype=dtype)}
-        if bb.denoiser.config.get("guidance_embeds", False):
-            extra["guidance"] = torch.tensor([self.guidance_scale] * len(prompts), dtype=dtype,
-                                             device=embeds.device) * 1000.0
-        return Conditioning(prompt_embeds=embeds.to(dtype), prompt_mask=mask, extra=extra)
-
-    def normalize_latents(self, vae: nn.Module, latents: Tensor) -> Tensor:
-        return latents * vae.config.scaling_factor
-
-    def denormalize_latents(self, vae: nn.Module, latents: Tensor) -> Tensor:
-        return latents / vae.config.scaling_factor
-
-    def call_transformer(self, bb, transformer, latents, timestep, cond):
-        if cond.prompt_mask is None:
-            raise ValueError("hunyuan_video conditioning needs prompt_mask (the Llama attention mask), got None")
-        guidance = None
-        if transformer.config.guidance_embeds:
-            guidance = _extra(cond, "guidance", self.name, "embedded guidance scale * 1000, Tensor[B]")
-        return transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=cond.prompt_embeds,
-                           encoder_attention_mask=cond.prompt_mask,
-                           pooled_projections=_extra(cond, "pooled_projections", self.name, "CLIP pooled output"),
-                           guidance=guidance, return_dict=False)[0]
-
-
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (WanFamily(), LTXFamily(), HunyuanVideoFamily())}
-
-
-def family_for(transformer_class: str) -> ModelFamily:
-    for family in FAMILIES.values():
-        if family.transformer_class == transformer_class:
-            return family
-    supported = {f.name: f.transformer_class for f in FAMILIES.values()}
-    raise ValueError(f"transformer class {transformer_class!r} is not a supported family; supported: {supported}")
+# Frame rate of the builtin pipelines' videos (the toy world is rendered and exported at 8 fps).
+BUILTIN_FPS = {"toyworld-base": 8.0}
 
 
 class DiffusersVideoBackbone(VideoBackbone):
@@ -358,6 +89,8 @@ class DiffusersVideoBackbone(VideoBackbone):
             arXiv 2305.14314); None loads full weights. Needs bitsandbytes; diffusers loads it on an accelerator.
         compile_blocks: ``torch.compile`` the transformer blocks when training starts (in ``configure_model``, after
             any sharding).
+        fps: frame rate of the generated videos, passed to rewards that sample frames by time; defaults to the
+            builtin pipeline's (toy world 8) or the family's (Wan 16, LTX its ``frame_rate``, HunyuanVideo 24).
         strict_prompts: refuse prompts longer than ``max_sequence_length`` tokens; by default they are truncated as
             the pipeline does, with one warning per backbone giving the count.
     """
@@ -375,6 +108,7 @@ class DiffusersVideoBackbone(VideoBackbone):
         quantization: str | None = None,
         compile_blocks: bool = False,
         strict_prompts: bool = False,
+        fps: float | None = None,
     ) -> None:
         super().__init__()
         if quantization is not None and quantization not in _QUANTIZATIONS:
@@ -421,12 +155,22 @@ class DiffusersVideoBackbone(VideoBackbone):
         else:
             self.vae = None
         self.max_sequence_length = max_sequence_length or self.family.max_sequence_length
+        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0):
+            raise ValueError(f"fps must be a positive number of frames per second or None, got {fps!r}")
+        builtin = BUILTIN_FPS.get(pretrained_model_name_or_path.removeprefix(BUILTIN_PREFIX)) \
+            if pretrained_model_name_or_path.startswith(BUILTIN_PREFIX) else None
+        self.fps = float(fps or builtin or self.family.default_fps)
         self.default_sampling_shift = _scheduler_shift(root)
+        self.scheduler = load_scheduler(root, index)  # the pipeline's own sampler (UniPC for Wan), or None
         patch, patch_t = self.denoiser.config.get("patch_size", (1, 1, 1)), self.denoiser.config.get("patch_size_t", 1)
         self.patch_size = tuple(patch) if isinstance(patch, (list, tuple)) else (patch_t or 1, patch, patch)
         # from_pretrained returns modules in eval mode and Lightning keeps submodule modes as it finds them, so put
         # the denoiser in this module's mode explicitly: it trains in train mode (dropout, LoRA dropout active).
         self.train(self.training)
+
+    def set_timesteps_kwargs(self, num_steps: int, latent_shape: tuple[int, ...]) -> dict[str, Any]:
+        """What the family's pipeline passes to ``scheduler.set_timesteps`` (LTX-Video: sigmas, ``mu``; Wan: none)."""
+        return self.family.set_timesteps_kwargs(self.scheduler, num_steps, tuple(latent_shape))
 
     @property
     def pixel_space(self) -> bool:

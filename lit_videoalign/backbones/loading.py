@@ -3,7 +3,7 @@
 A pipeline is named as ``builtin:NAME`` (shipped in ``lit_videoalign/pretrained/``), a local folder or a Hub id
 (:func:`resolve_pretrained_path`). Only classes from diffusers and transformers are instantiated
 (:func:`_component_class`); the denoiser may be loaded in 4 bits (:func:`_load_quantized`); the sampler's shift comes
-from the scheduler config (:func:`_scheduler_shift`).
+from the scheduler config (:func:`_scheduler_shift`), and the scheduler itself from :func:`load_scheduler`.
 """
 
 from __future__ import annotations
@@ -85,6 +85,25 @@ def component_classes(root: Path, index: dict, family: str, components: tuple[st
                                 f"{family} pipeline needs the folders {[f'{n}/' for n in names]}, each "
                                 "with its config and weights")
     return classes
+
+def load_scheduler(root: Path, index: dict):
+    """The pipeline's own diffusers scheduler (``scheduler/`` as ``model_index.json`` names it), or None when the
+    pipeline lists none. Only a diffusers ``SchedulerMixin`` class is instantiated."""
+    entry = index.get("scheduler") or [None, None]
+    if not entry[0]:
+        return None
+    if entry[0] != "diffusers":
+        raise ValueError(f"scheduler class {entry[0]}.{entry[1]} is not allowed; only diffusers schedulers are loaded")
+    from diffusers import SchedulerMixin
+
+    cls = _component_class(*entry)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ValueError(f"model_index.json names {entry[1]!r} as the scheduler, which is not a diffusers scheduler")
+    if not (root / "scheduler" / "scheduler_config.json").is_file():
+        raise FileNotFoundError(f"pipeline {root} has no scheduler/scheduler_config.json: model_index.json lists "
+                                f"the scheduler {entry[1]}")
+    return cls.from_pretrained(root, subfolder="scheduler")
+
 
 def _scheduler_shift(root: Path) -> float:
     """The sigma shift a pipeline was trained for, from its scheduler config (``shift`` or Wan's ``flow_shift``)."""

@@ -1,4 +1,5 @@
-"""Lightning callbacks of lit-videoalign, one per file; configs name them by full class path.
+"""Lightning callbacks of lit-videoalign, one per file; configs name them by full class path, Python code may import
+them from the package (``from lit_videoalign.callbacks import RewardHackingMonitor``; loaded lazily).
 
 - ``video_sample_logger.VideoSampleLogger``: fixed prompts and seeds every N steps -> MP4/GIF + TensorBoard video.
 - ``reward_evaluation.RewardEvaluation``: scores those samples with zoo rewards and held-out gold rewards.
@@ -32,3 +33,20 @@ models; it does not support sharded FSDP models), swaps the average in for valid
 List it *before* the export callbacks (``AdapterExport``, ``PipelineExport``, ``PushToHub``), whose ``on_train_end``
 then exports the averaged weights. Samples logged during training come from the live weights.
 """
+
+from lit_videoalign._exports import lazy_exports
+
+_EXPORTS = {
+    "VideoSampleLogger": "lit_videoalign.callbacks.video_sample_logger",
+    "VideoSamples": "lit_videoalign.callbacks.video_sample_logger",
+    "RewardEvaluation": "lit_videoalign.callbacks.reward_evaluation",
+    "RewardHackingMonitor": "lit_videoalign.callbacks.reward_hacking_monitor",
+    "AdapterExport": "lit_videoalign.callbacks.adapter_export",
+    "PipelineExport": "lit_videoalign.callbacks.pipeline_export",
+    "PushToHub": "lit_videoalign.callbacks.push_to_hub",
+    "VideoAlignProgressBar": "lit_videoalign.callbacks.progress_bar",
+    "RunSummary": "lit_videoalign.callbacks.run_summary",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

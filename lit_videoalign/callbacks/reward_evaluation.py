@@ -1,8 +1,10 @@
 """``RewardEvaluation``: score the fixed-seed samples of every round with zoo rewards, plus held-out gold rewards.
 
 The *evaluation* rewards are usually the training signal (or its parts), scored on deterministic samples of fixed
-prompts so their curve is comparable across steps. The *gold* rewards are rewards training never optimises; when the
-training reward climbs and the gold ones fall, the policy is exploiting its reward (see
+prompts so their curve is comparable across steps; the samples are the logger's, drawn with the pipeline's own
+diffusers scheduler unless it was given ``sampler="euler"``, so the curve measures the model as deployed. The
+*gold* rewards are rewards training never optimises; when the training reward climbs and the gold ones fall, the
+policy is exploiting its reward (see
 :class:`~lit_videoalign.callbacks.reward_hacking_monitor.RewardHackingMonitor`). A gold reward that is also part of
 the module's training reward is refused.
 """
@@ -103,14 +105,15 @@ class RewardEvaluation(L.Callback):
         for reward in (*self.rewards.values(), *self.gold_rewards.values()):
             reward.to(pl_module.device)
 
-    def score(self, samples: VideoSamples) -> dict[str, float]:
-        """Mean scores of a round, keyed by metric name; per-video rows are returned in ``self.last_rows``."""
+    def score(self, samples: VideoSamples, fps: float | None = None) -> dict[str, float]:
+        """Mean scores of a round, keyed by metric name; per-video rows are returned in ``self.last_rows``. ``fps`` is
+        the generator's frame rate, for rewards that sample frames by time."""
         metrics: dict[str, float] = {}
         rows: list[dict[str, float]] = [{} for _ in samples.prompts]
         for prefix, rewards in ((self.prefix, self.rewards), (self.gold_prefix, self.gold_rewards)):
             if not rewards:
                 continue
-            scored = score_videos(rewards, samples.videos, samples.prompts, batch_size=self.batch_size)
+            scored = score_videos(rewards, samples.videos, samples.prompts, batch_size=self.batch_size, fps=fps)
             for row, scores in zip(rows, scored):
                 row.update({f"{prefix}/{k}": v for k, v in scores.items()})
         for key in rows[0]:
@@ -120,7 +123,7 @@ class RewardEvaluation(L.Callback):
 
     def on_video_samples(self, trainer: L.Trainer, pl_module: L.LightningModule, samples: VideoSamples) -> None:
         """Called by :class:`VideoSampleLogger` after each round: score, log, record."""
-        metrics = self.score(samples)
+        metrics = self.score(samples, fps=pl_module.backbone.fps)  # the generator's frame rate
         samples.metrics.update(metrics)
         log_scalars(trainer, metrics, samples.step)
         self.history.append({"step": samples.step, **metrics})

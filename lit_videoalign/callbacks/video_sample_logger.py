@@ -1,7 +1,8 @@
 """``VideoSampleLogger``: videos from fixed prompts and seeds every N steps, as MP4/GIF files and TensorBoard videos.
 
-The same prompts and seeds are sampled with the deterministic ODE sampler at every round, so the videos of one
-seed show how training changes the model. Each round is also handed to the other callbacks that implement
+The same prompts and seeds are sampled at every round, by default with the pipeline's own diffusers scheduler (the
+videos a user of the model would see; ``sampler="euler"`` for the Euler ODE), so the videos of one seed show how
+training changes the model. Each round is also handed to the other callbacks that implement
 ``on_video_samples(trainer, pl_module, samples)`` (:class:`~lit_videoalign.callbacks.reward_evaluation.
 RewardEvaluation` scores them, :class:`~lit_videoalign.callbacks.reward_hacking_monitor.RewardHackingMonitor` checks
 them), in the order of their ``video_samples_order`` attribute, so the videos are generated once per round whatever
@@ -22,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
+from lit_videoalign.schedules.samplers import SAMPLERS
 from lit_videoalign.video_io import video_grid, write_gif, write_mp4
 
 # Single-ball toy-world prompts, each twice with different seeds (so diversity within a prompt is visible).
@@ -121,6 +123,8 @@ class VideoSampleLogger(L.Callback):
         every_n_steps: optimizer steps between rounds.
         num_inference_steps: sampler steps (default: the model's).
         guidance_scale: classifier-free guidance (default: the model's).
+        sampler: ``"pipeline"`` (the backbone's diffusers scheduler) or ``"euler"`` (the Euler ODE); a few-step
+            student always samples with its own sampler.
         batch_size: videos generated at once.
         dirpath: output folder; default ``<log_dir>/samples`` (the logger's version folder), or
             ``<default_root_dir>/samples`` without a logger.
@@ -139,6 +143,7 @@ class VideoSampleLogger(L.Callback):
         every_n_steps: int = 100,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        sampler: str = "pipeline",
         batch_size: int = 8,
         dirpath: str | None = None,
         fps: int = 8,
@@ -162,7 +167,9 @@ class VideoSampleLogger(L.Callback):
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         if fps < 1:
             raise ValueError(f"fps must be at least 1, got {fps}")
-        self.prompts, self.seeds = prompts, seeds
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
+        self.prompts, self.seeds, self.sampler = prompts, seeds, sampler
         self.every_n_steps, self.batch_size = every_n_steps, batch_size
         self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
         self._dirpath = None if dirpath is None else Path(dirpath)
@@ -198,7 +205,8 @@ class VideoSampleLogger(L.Callback):
             end = start + self.batch_size
             chunks.append(pl_module.generate(self.prompts[start:end], self.seeds[start:end],
                                              num_inference_steps=self.num_inference_steps,
-                                             guidance_scale=self.guidance_scale).float().cpu())
+                                             guidance_scale=self.guidance_scale,
+                                             sampler=self.sampler).float().cpu())
         return torch.cat(chunks)
 
     def write_files(self, samples: VideoSamples, folder: Path, grid: bool) -> None:

@@ -1,6 +1,6 @@
 """Latents and prompt embeddings written once by ``videoalign precompute``, read back as training examples.
 
-The folder (see :mod:`lit_videoalign.precompute` for how it is written)::
+The folder (see :mod:`lit_videoalign.data.precompute` for how it is written)::
 
     index.json                   # format, the encoding backbone's fingerprint, video size, latent shape, splits
     negative.safetensors         # the negative prompt's conditioning, one row (prompt dropout for guidance)

@@ -171,7 +171,7 @@ class VideoFolderDataModule(L.LightningDataModule):
                           stacklevel=2)
         backbone = getattr(getattr(self.trainer, "lightning_module", None), "backbone", None)
         if backbone is not None:  # refuse latents and embeddings from another backbone before the first step
-            from lit_videoalign.precompute import check_backbone
+            from lit_videoalign.data.encoder_fingerprint import check_backbone
 
             check_backbone(self.train_set.index, backbone, self.precomputed)
 

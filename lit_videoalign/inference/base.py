@@ -2,7 +2,9 @@
 
 No method-specific maths here. Every method samples through the model's own sampler,
 :meth:`~lit_videoalign.objectives.base.AlignmentModule.sample_latents`, so a few-step DMD or consistency student is
-searched and best-of-N'd with its own few steps. ``NFE`` (number of function evaluations) counts forward passes of
+searched and best-of-N'd with its own few steps. A base model samples with its pipeline's own diffusers scheduler by
+default (``sampler="pipeline"``, as ``generate`` does; ``"euler"`` for the Euler ODE); reward guidance alone needs the
+Euler ODE. ``NFE`` (number of function evaluations) counts forward passes of
 the denoiser per returned video, each classifier-free-guidance branch separately: an ``S``-step sample with guidance
 costs ``2 S`` (a few-step student calls its denoiser once per step, like the Euler sampler).
 """
@@ -18,7 +20,7 @@ from torch import Tensor
 
 from lit_videoalign.objectives.base import AlignmentModule
 from lit_videoalign.objectives.losses import check_reward, require_differentiable  # noqa: F401  (re-exported)
-from lit_videoalign.schedules.samplers import seeded_noise
+from lit_videoalign.schedules.samplers import check_sampler, seeded_noise
 from reward_zoo.base import RewardModel
 
 # Candidate j of the prompt with seed s starts from the noise of seed ``s + j * SEED_STRIDE``: candidate 0 is the
@@ -90,9 +92,11 @@ def seeded_candidates(module: AlignmentModule, seeds: Sequence[int]) -> tuple[Te
 @torch.no_grad()
 def sample_from_noise(module: AlignmentModule, prompts: Sequence[str], noise: Tensor,
                       num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                      batch_size: int | None = None, generators: Sequence[torch.Generator] | None = None) -> Tensor:
+                      batch_size: int | None = None, generators: Sequence[torch.Generator] | None = None,
+                      sampler: str = "pipeline") -> Tensor:
     """Samples from the given initial noise with the module's own sampler (:meth:`AlignmentModule.sample_latents`:
-    the Euler ODE, or a student's few-step sampler), decoded to ``[B, T, C, H, W]``.
+    the pipeline's scheduler or the Euler ODE as ``sampler`` says, or a student's few-step sampler), decoded to
+    ``[B, T, C, H, W]``.
 
     The same computation as :meth:`AlignmentModule.generate` (which draws the noise from seeds), in chunks of
     ``batch_size`` videos. ``generators`` (one per video, e.g. from :func:`seeded_candidates`) feed a stochastic
@@ -104,6 +108,7 @@ def sample_from_noise(module: AlignmentModule, prompts: Sequence[str], noise: Te
     if generators is not None and len(generators) != len(prompts):
         raise ValueError(f"got {len(generators)} generators for {len(prompts)} prompts; expected one per prompt")
     _, scale = resolve_sampling(module, num_inference_steps, guidance_scale)
+    check_sampler(sampler)
     batch_size = batch_size or len(prompts)
     was_training = module.training
     module.eval()
@@ -113,7 +118,8 @@ def sample_from_noise(module: AlignmentModule, prompts: Sequence[str], noise: Te
             cond = module.backbone.encode_prompts(prompts[i:i + batch_size])
             latents = module.sample_latents(noise[i:i + batch_size].to(module.device), cond,
                                             num_inference_steps=num_inference_steps, guidance_scale=scale,
-                                            generator=None if generators is None else generators[i:i + batch_size])
+                                            generator=None if generators is None else generators[i:i + batch_size],
+                                            sampler=sampler)
             out.append(module.backbone.decode_latents(latents))
         return torch.cat(out)
     finally:
@@ -121,9 +127,10 @@ def sample_from_noise(module: AlignmentModule, prompts: Sequence[str], noise: Te
 
 
 @torch.no_grad()
-def score(reward: RewardModel, videos: Tensor, prompts: Sequence[str], reward_key: str = "overall") -> Tensor:
-    """``reward(videos, prompts)[reward_key]`` as a detached float ``Tensor[B]``."""
-    scores = reward(videos, list(prompts))
+def score(reward: RewardModel, videos: Tensor, prompts: Sequence[str], reward_key: str = "overall",
+          fps: float | None = None) -> Tensor:
+    """``reward(videos, prompts, fps=fps)[reward_key]`` as a detached float ``Tensor[B]`` (``fps``: the generator's)."""
+    scores = reward(videos, list(prompts), fps=fps)
     if reward_key not in scores:
         raise KeyError(f"reward {type(reward).__name__} has no score {reward_key!r}; it returns {sorted(scores)}")
     return scores[reward_key].detach().float()

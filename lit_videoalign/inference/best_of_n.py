@@ -38,12 +38,13 @@ def best_of_n(
     reward_key: str = "overall",
     batch_size: int = 16,
     return_candidates: bool = False,
+    sampler: str = "pipeline",
 ) -> InferenceResult:
     """Sample ``n`` candidates per prompt with the module's own sampler and return the best of each.
 
     Args:
         module: the model (any :class:`AlignmentModule`); its ``generate`` (:meth:`~AlignmentModule.sample_latents`:
-            the Euler ODE, or a student's few-step sampler) draws the candidates.
+            the pipeline's scheduler, the Euler ODE, or a student's few-step sampler) draws the candidates.
         prompts: one prompt per returned video.
         reward: any ``reward_zoo`` reward or ``CompositeReward``; ``reward_key`` of its output is maximised.
         n: candidates per prompt (``n = 1`` is plain sampling).
@@ -53,6 +54,8 @@ def best_of_n(
         reward_key: which score to maximise.
         batch_size: videos generated at once (rounded to whole prompts, at least one prompt's ``n``).
         return_candidates: also return every candidate as ``info["candidates"]`` ``[B, n, T, C, H, W]``.
+        sampler: ``"pipeline"`` (the backbone's diffusers scheduler, as ``generate`` samples) or ``"euler"``; a
+            few-step student always uses its own.
 
     Returns:
         :class:`InferenceResult` with the best videos, their scores, ``all_scores`` ``[B, n]``, ``nfe = n * steps *
@@ -73,10 +76,10 @@ def best_of_n(
         flat_prompts = [p for p in chunk for _ in range(n)]
         flat_seeds = [s for ss in all_seeds[start:start + per_chunk] for s in ss]
         videos = module.generate(flat_prompts, flat_seeds, num_inference_steps=num_inference_steps,
-                                 guidance_scale=scale)  # the module's own sampler: a student's few steps
+                                 guidance_scale=scale, sampler=sampler)  # a student: its own few steps
         videos = videos.view(len(chunk), n, *videos.shape[1:])  # (p, n, t, c, h, w)
         for i, prompt in enumerate(chunk):
-            s = score(reward, videos[i], [prompt] * n, reward_key)  # (n,) one batch per prompt
+            s = score(reward, videos[i], [prompt] * n, reward_key, fps=module.backbone.fps)  # (n,) per prompt
             all_scores.append(s)
             best.append(videos[i, int(s.argmax())])
         if return_candidates:

@@ -34,6 +34,7 @@ from lit_videoalign.inference.base import (
     seeded_candidates,
 )
 from lit_videoalign.objectives.base import AlignmentModule
+from lit_videoalign.schedules.samplers import check_sampler
 from reward_zoo.base import RewardModel
 
 SEARCH_MODES = ("random", "greedy")
@@ -62,12 +63,14 @@ def noise_search(
     guidance_scale: float | None = None,
     reward_key: str = "overall",
     batch_size: int = 16,
+    sampler: str = "pipeline",
 ) -> InferenceResult:
     """Refine the initial noise of each prompt by reward within ``budget_nfe`` denoiser evaluations per prompt.
 
     Args:
         module: the model (any :class:`AlignmentModule`); candidates are sampled with its own sampler
-            (:meth:`~AlignmentModule.sample_latents`: the Euler ODE, or a student's few-step sampler). Candidate ``j``
+            (:meth:`~AlignmentModule.sample_latents`: the pipeline's scheduler, the Euler ODE, or a student's few-step
+            sampler). Candidate ``j``
             of the prompt with seed ``s`` draws any sampler noise from seed ``s + j * SEED_STRIDE``.
         prompts: one prompt per returned video.
         reward: any ``reward_zoo`` reward or ``CompositeReward``; ``reward_key`` of its output is maximised.
@@ -81,6 +84,8 @@ def noise_search(
         guidance_scale: classifier-free guidance (default: the module's).
         reward_key: which score to maximise.
         batch_size: videos sampled at once.
+        sampler: ``"pipeline"`` (the backbone's diffusers scheduler, as ``generate`` samples) or ``"euler"``; a
+            few-step student always uses its own.
 
     Returns:
         :class:`InferenceResult` with the best videos, their ``scores``, ``nfe`` (spent per prompt, at most
@@ -99,6 +104,7 @@ def noise_search(
     if not 0.0 < perturbation <= 1.0:
         raise ValueError(f"perturbation must be in (0, 1], got {perturbation}")
     steps, scale = resolve_sampling(module, num_inference_steps, guidance_scale)
+    check_sampler(sampler)
     cost = steps * cfg_factor(scale)
     total = budget_nfe // cost if isinstance(budget_nfe, int) else 0
     if total < 1:
@@ -115,7 +121,8 @@ def noise_search(
     def run(noises: Tensor, generators: list[torch.Generator]) -> Tensor:  # (b, k, ...) -> (b, k, t, c, h, w)
         k = noises.shape[1]
         flat = sample_from_noise(module, [p for p in prompts for _ in range(k)], noises.flatten(0, 1),
-                                 num_inference_steps, scale, batch_size=batch_size, generators=generators)
+                                 num_inference_steps, scale, batch_size=batch_size, generators=generators,
+                                 sampler=sampler)
         return flat.view(b, k, *flat.shape[1:]).cpu()
 
     used, rounds = 0, 0
@@ -133,7 +140,7 @@ def noise_search(
         round_scores = []
         for i, prompt in enumerate(prompts):
             batch = videos[i] if best_video is None else torch.cat([best_video[i:i + 1], videos[i]])
-            s = score(reward, batch.to(module.device), [prompt] * len(batch), reward_key).cpu()
+            s = score(reward, batch.to(module.device), [prompt] * len(batch), reward_key, fps=module.backbone.fps).cpu()
             round_scores.append(s)
         round_scores = torch.stack(round_scores)  # (b, k) or (b, 1 + k) with the incumbent first
         challengers = round_scores if best_video is None else round_scores[:, 1:]

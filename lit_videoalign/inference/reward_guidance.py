@@ -10,7 +10,11 @@ At a chosen step of the Euler ODE sampler, the model's velocity gives its predic
 
 with ``g = d reward(decode(x0_hat)) / dx`` normalised per video to unit root-mean-square, so ``scale`` is the size of
 the nudge in latent units (the initial noise has unit RMS). With ``scale = 0`` the nudge is exactly zero and the
-samples are bit-for-bit those of :meth:`AlignmentModule.generate`. No weights change.
+samples are bit-for-bit those of ``AlignmentModule.generate(..., sampler="euler")``. No weights change.
+
+Guidance needs the differentiable Euler path, so it always samples with the Euler ODE, never with the pipeline's
+diffusers scheduler that ``generate``, best-of-N and noise search use by default: its samples at ``scale = 0`` are
+those of ``--sampler euler``.
 
 Guidance needs control of every step, so it runs on models whose sampler is the Euler ODE walk of
 :meth:`AlignmentModule.sample_latents`; a model with its own sampler (a few-step DMD or consistency student) is
@@ -89,7 +93,8 @@ def reward_guided_sample(
     noise: Tensor | None = None,
     batch_size: int | None = None,
 ) -> InferenceResult:
-    """Sample with the Euler ODE sampler, nudging the latent up the reward's gradient at the guided steps.
+    """Sample with the Euler ODE sampler (always: guidance differentiates through its steps, which a pipeline's
+    diffusers scheduler does not expose), nudging the latent up the reward's gradient at the guided steps.
 
     Args:
         module: the model, an :class:`AlignmentModule` that samples with the Euler ODE (one that overrides
@@ -143,8 +148,8 @@ def reward_guided_sample(
     videos_t = torch.cat(videos)
     info = {"guided_steps": guided, "guided_reward": torch.cat(traces),
             "denoiser_backward": len(guided) * cfg_factor(cfg) if backprop_denoiser and scale > 0 else 0}
-    return InferenceResult(videos_t, score(reward, videos_t, prompts, reward_key), nfe=steps * cfg_factor(cfg),
-                           info=info)
+    return InferenceResult(videos_t, score(reward, videos_t, prompts, reward_key, fps=module.backbone.fps),
+                           nfe=steps * cfg_factor(cfg), info=info)
 
 
 @torch.no_grad()
@@ -170,7 +175,7 @@ def _guided_sample(module: AlignmentModule, prompts: list[str], reward: RewardMo
                 with torch.no_grad():
                     v = velocity_fn(x_in, s)
             x0 = predicted_x0(x_in, v, sigma)  # (b, c, t, h, w)
-            r = reward(module.backbone.decode_latents(x0), prompts)[reward_key]  # (b,)
+            r = reward(module.backbone.decode_latents(x0), prompts, fps=module.backbone.fps)[reward_key]  # (b,)
             (grad,) = torch.autograd.grad(r.sum(), x_in)
         trace.append(r.detach().float())
         nudge = normalize_per_sample(grad) if normalize_gradient else grad

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 
@@ -24,8 +25,14 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lit_videoalign.backbones.base import Conditioning, VideoBackbone
+from lit_videoalign.backbones.fingerprint import backbone_fingerprint, check_fingerprint
 from lit_videoalign.schedules.flow import euler_sample, sampling_sigmas
-from lit_videoalign.schedules.samplers import Generators, seeded_noise
+from lit_videoalign.schedules.samplers import (
+    Generators,
+    check_sampler,
+    scheduler_sample,
+    seeded_noise,
+)
 
 # The frozen VAE and text encoder stay in eval mode on purpose (no dropout, fixed norms); Lightning's generic
 # warning about eval-mode modules at the start of fit says nothing useful here.
@@ -34,6 +41,10 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode",
 
 def _default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+
+# peft's adapter weights (LoRA A/B, embedding A/B, DoRA magnitudes) in state-dict keys
+_ADAPTER_KEY = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
 
 
 class NonFiniteError(RuntimeError):
@@ -117,6 +128,7 @@ class AlignmentModule(L.LightningModule):
         if lora_rank is not None:
             backbone.add_lora(lora_rank, lora_alpha, lora_target_modules)
         self._reference_denoiser: nn.Module | None = None
+        self.reward: nn.Module | None = None  # a frozen judge, for objectives that hold one (:meth:`hold_reward`)
         self._nonfinite: list[str] = []  # what was NaN or infinite since the last optimizer step
         self.nonfinite_skips = 0  # optimizer steps skipped so far (kept in checkpoints)
         self._consecutive_nonfinite: dict[int, int] = {}  # per optimizer index: skipped steps in a row
@@ -207,9 +219,15 @@ class AlignmentModule(L.LightningModule):
         checkpoint["rng_states"] = self._rng_before_validation or rng_states()
         checkpoint["nonfinite_guard"] = {"skips": self.nonfinite_skips,
                                          "consecutive": dict(self._consecutive_nonfinite)}
+        if self.frozen_base:  # the state dict leaves the base out (see ``state_dict``): say which base it needs
+            checkpoint["frozen_base_fingerprint"] = self.base_fingerprint()
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Before any weight is restored: a trainable-only checkpoint goes only on the base it was trained on.
+        where = self.trainer.ckpt_path if self._trainer is not None and self.trainer.ckpt_path else "the checkpoint"
+        if checkpoint.get("frozen_base_fingerprint") is not None:
+            check_fingerprint(checkpoint["frozen_base_fingerprint"], self.base_fingerprint(), str(where))
         self._rng_to_restore = checkpoint.get("rng_states")
         guard = checkpoint.get("nonfinite_guard", {})
         self.nonfinite_skips = int(guard.get("skips", 0))
@@ -254,14 +272,14 @@ class AlignmentModule(L.LightningModule):
         """
         from lit_videoalign.strategies import apply_fsdp2, compile_blocks
 
-        if getattr(self.backbone, "is_quantized", False) and not self.backbone.has_lora:
+        if self.backbone.is_quantized and not self.backbone.has_lora:
             raise ValueError("the denoiser is quantized (backbone quantization=...), so only a LoRA adapter can be "
                              "trained on it; set lora_rank")
         if self.device_mesh is not None:
             precision = str(self.trainer.precision) if self._trainer is not None else ""
             mixed = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
             apply_fsdp2(self, self.device_mesh, param_dtype=mixed, reduce_dtype=torch.float32 if mixed else None)
-        if getattr(self.backbone, "compile_blocks", False):
+        if self.backbone.compile_blocks:
             compile_blocks(self)
 
     # -- conditioning ---------------------------------------------------------------------------------------------
@@ -282,6 +300,49 @@ class AlignmentModule(L.LightningModule):
             return precomputed_conditioning(batch, dropout, self.hparams.negative_prompt)
         return self.encode_prompts(batch["prompt"], dropout=dropout)
 
+    # -- the reward (a frozen judge) -------------------------------------------------------------------------------
+    def hold_reward(self, reward: nn.Module | None) -> None:
+        """Hold ``reward`` as ``self.reward``: frozen (no gradients reach it, so it stays out of the optimizer and, over
+        a frozen base, out of trainable-only checkpoints) and in eval mode for good (see :meth:`train`). None holds
+        none."""
+        self.reward = reward.requires_grad_(False).eval() if reward is not None else None
+
+    @override
+    def train(self, mode: bool = True):
+        """Train mode for everything but the held reward: rewards are judges, never in training mode (no dropout,
+        fixed normalisation statistics)."""
+        super().train(mode)
+        if self.reward is not None:
+            self.reward.eval()
+        return self
+
+    def reward_scores(self, videos: Tensor, prompts: list[str], who: str, consequence: str,
+                      key: str = "overall") -> tuple[dict[str, Tensor], Tensor]:
+        """The held reward's scores of ``videos`` and the mask ``Tensor[B]`` of samples whose ``key`` score is finite.
+        If the reward raises, every score is NaN and every sample masked (:func:`guarded_scores` warns, naming
+        ``who`` and the ``consequence``)."""
+        scores = guarded_scores(self.reward, videos, prompts, who, consequence, fps=self.backbone.fps)
+        if scores is None:
+            n = videos.shape[0]
+            nan = torch.full((n,), float("nan"), device=videos.device)
+            return {"overall": nan, key: nan}, torch.zeros(n, dtype=torch.bool, device=videos.device)
+        return scores, torch.isfinite(scores[key])
+
+    def validate_with_reward(self, batch: dict, batch_idx: int, prog_bar: bool = True) -> None:
+        """The reward-scoring validation step: videos of the batch's held-out prompts from :meth:`generate` (seeds
+        ``1000 * batch_idx + i``, so every validation draws the same noise), scored by the held reward and logged as
+        ``val/reward/{dimension}`` (``overall`` on the progress bar when ``prog_bar``). Without a reward it does
+        nothing."""
+        if self.reward is None:
+            return
+        prompts = list(batch["prompt"])
+        videos = self.generate(prompts, [batch_idx * 1000 + i for i in range(len(prompts))])
+        with torch.no_grad():
+            scores = self.reward(videos, prompts, fps=self.backbone.fps)
+        for dim, values in scores.items():
+            self.log(f"val/reward/{dim}", values.float().mean(), batch_size=len(prompts),
+                     prog_bar=prog_bar and dim == "overall")
+
     # -- reference model ------------------------------------------------------------------------------------------
     def reference_velocity(self, latents: Tensor, sigma: float | Tensor, cond: Conditioning) -> Tensor:
         """Velocity of the frozen reference policy (no gradients)."""
@@ -293,21 +354,62 @@ class AlignmentModule(L.LightningModule):
                 raise RuntimeError(f"{type(self).__name__} did not ask for a reference model (requires_reference)")
             return self.backbone.predict_velocity(latents, sigma, cond, denoiser=self._reference_denoiser)
 
+    # -- what checkpoints hold ---------------------------------------------------------------------------------
+    # Key prefixes of tensors an objective changes without gradients outside LoRA adapters (which are always kept), so
+    # that trainable-only checkpoints keep them too.
+    checkpoint_keeps: tuple[str, ...] = ()
+
+    @property
+    def frozen_base(self) -> bool:
+        """Whether the backbone's weights are a frozen base under LoRA adapters. Checkpoints then hold only what
+        trains (:meth:`state_dict`) and the base's fingerprint; full fine-tuning keeps full checkpoints."""
+        return self.backbone.has_lora
+
+    def base_fingerprint(self) -> dict:
+        """The frozen base's fingerprint (:func:`~lit_videoalign.backbones.fingerprint.backbone_fingerprint`),
+        computed once."""
+        if getattr(self, "_base_fingerprint", None) is None:
+            self._base_fingerprint = backbone_fingerprint(self.backbone)
+        return self._base_fingerprint
+
+    def frozen_state_dict(self) -> dict[str, Tensor]:
+        """The tensors trainable-only checkpoints leave out (empty without a frozen base): every parameter that does
+        not train, except LoRA adapters (trained, or moved by an EMA like NFT's ``"old"`` and consistency's ``"ema"``)
+        and :attr:`checkpoint_keeps`, and the backbone's buffers. They come back from the pipeline when the module is
+        built; the frozen reference copy is left out of every checkpoint."""
+        if not self.frozen_base:
+            return {}
+        keep = self.checkpoint_keeps
+        frozen = {n for n, p in self.named_parameters(remove_duplicate=False)
+                  if not p.requires_grad and not _ADAPTER_KEY.search(n) and not n.startswith(keep)}
+        frozen |= {n for n, _ in self.named_buffers(remove_duplicate=False)
+                   if n.startswith("backbone.") and not n.startswith(keep)}
+
+        def of_frozen(key: str) -> bool:  # the key, or extra state saved under it (a 4-bit weight's ".absmax", ...)
+            parts = key.split(".")
+            return any(".".join(parts[:i]) in frozen for i in range(len(parts), 0, -1))
+
+        return {k: v for k, v in super().state_dict().items() if of_frozen(k)}
+
     @override
     def state_dict(self, *args, **kwargs):
-        # The frozen reference copy is rebuilt from the backbone at init; do not store it twice in checkpoints.
+        # The frozen reference copy is rebuilt from the backbone at init; do not store it twice in checkpoints. Over a
+        # frozen base, leave the base out too: a LoRA checkpoint of a 14B model holds its adapters, not 30 GB of base.
         state = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
-        for key in [k for k in state if k.startswith(prefix + "_reference_denoiser.")]:
+        frozen = {prefix + k for k in self.frozen_state_dict()}
+        for key in [k for k in state if k.startswith(prefix + "_reference_denoiser.") or k in frozen]:
             del state[key]
         return state
 
     @override
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # What checkpoints leave out comes from this module, as built: the reference copy, and the frozen base of a
+        # trainable-only checkpoint (``on_load_checkpoint`` checked its fingerprint). Keys that train stay required.
+        own = dict(self.frozen_state_dict())
         if self._reference_denoiser is not None:
-            ref = {f"_reference_denoiser.{k}": v for k, v in self._reference_denoiser.state_dict().items()}
-            state_dict = {**ref, **state_dict}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+            own.update({f"_reference_denoiser.{k}": v for k, v in self._reference_denoiser.state_dict().items()})
+        return super().load_state_dict({**own, **state_dict}, strict=strict, assign=assign)
 
     # -- sampling -------------------------------------------------------------------------------------------------
     def initial_noise(self, seeds: Sequence[int], num_frames: int | None = None, height: int | None = None,
@@ -335,12 +437,21 @@ class AlignmentModule(L.LightningModule):
 
     def sample_latents(self, noise: Tensor, cond: Conditioning, *, num_inference_steps: int | None = None,
                        guidance_scale: float | None = None, generator: Generators = None,
-                       uncond: Conditioning | None = None) -> Tensor:
+                       uncond: Conditioning | None = None, sampler: str | None = None) -> Tensor:
         """How this model samples: latents ``(b, c, t, h, w)`` from ``noise`` of the same shape, conditioned on
         ``cond``. The one sampling entry point (DESIGN section 7): ``generate``, rollouts, callbacks and inference-time
         methods call it, so a model that samples differently (a few-step student) overrides this alone.
 
-        The base: the Euler ODE with classifier-free guidance. Gradients flow if the caller enables them.
+        The base, with classifier-free guidance either way:
+
+        - ``sampler="euler"`` (and None, the default, which training rollouts rely on): the Euler ODE on
+          :func:`~lit_videoalign.schedules.flow.sampling_sigmas`; gradients flow if the caller enables them;
+        - ``sampler="pipeline"``: the backbone's own diffusers scheduler (UniPC with ``flow_shift`` for Wan), stepped
+          as the diffusers pipeline steps it (:func:`~lit_videoalign.schedules.samplers.scheduler_sample`), which is
+          what ``generate`` uses. A backbone without a scheduler (``backbone.scheduler is None``) samples with the
+          Euler ODE instead.
+
+        A student that overrides this samples with its own sampler whatever ``sampler`` says.
 
         Args:
             noise: initial latents at sigma 1.
@@ -349,11 +460,17 @@ class AlignmentModule(L.LightningModule):
             guidance_scale: classifier-free guidance; None takes the module's (1.0 disables it).
             generator: for stochastic samplers, one for the batch or one per sample (the Euler ODE draws nothing).
             uncond: the negative-prompt conditioning (encoded here when guidance needs it and it is None).
+            sampler: ``"pipeline"``, ``"euler"`` or None (the module's default: Euler).
         """
+        check_sampler(sampler)
         steps = num_inference_steps or self.hparams.num_inference_steps
         scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
-        sigmas = sampling_sigmas(steps, shift=self.sampling_shift)
-        return euler_sample(self.guided_velocity_fn(cond, scale, uncond), noise, sigmas)
+        velocity = self.guided_velocity_fn(cond, scale, uncond)
+        scheduler = self.backbone.scheduler if sampler == "pipeline" else None
+        if scheduler is None:
+            return euler_sample(velocity, noise, sampling_sigmas(steps, shift=self.sampling_shift))
+        kwargs = self.backbone.set_timesteps_kwargs(steps, tuple(noise.shape[1:]))  # e.g. LTX-Video's sigmas and mu
+        return scheduler_sample(scheduler, velocity, noise, steps, generator, **kwargs)
 
     @torch.no_grad()
     def generate(
@@ -363,6 +480,7 @@ class AlignmentModule(L.LightningModule):
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         return_latents: bool = False,
+        sampler: str | None = "pipeline",
     ) -> Tensor:
         """Sample videos with this model's sampler (:meth:`sample_latents`).
 
@@ -372,6 +490,9 @@ class AlignmentModule(L.LightningModule):
             num_inference_steps: overrides the module default.
             guidance_scale: overrides the module default.
             return_latents: return final latents instead of decoded pixels.
+            sampler: ``"pipeline"`` (default: the backbone's diffusers scheduler, as a user deploys the model),
+                ``"euler"`` (the Euler ODE of training rollouts) or None (the module's default); a few-step student
+                always uses its own sampler.
 
         Returns:
             Pixel videos ``[B, T, C, H, W]`` in ``[0, 1]`` (or latents ``[B, C, T', H', W']``).
@@ -388,22 +509,23 @@ class AlignmentModule(L.LightningModule):
             shape = self.backbone.latent_shape(hp.num_frames, hp.height, hp.width)
             noise, generators = seeded_noise(shape, seeds, self.device)  # a sampler's draws follow each seed
             latents = self.sample_latents(noise, cond, num_inference_steps=num_inference_steps,
-                                          guidance_scale=guidance_scale, generator=generators)
+                                          guidance_scale=guidance_scale, generator=generators, sampler=sampler)
             return latents if return_latents else self.backbone.decode_latents(latents)
         finally:
             self.train(was_training)
 
 
 def guarded_scores(reward: nn.Module, videos: Tensor, prompts: list[str], who: str,
-                   consequence: str) -> dict[str, Tensor] | None:
+                   consequence: str, fps: float | None = None) -> dict[str, Tensor] | None:
     """``reward``'s scores of ``videos``, detached, in float32, with NaN for the samples it cannot score; None, and a
     warning ``"{who}: the reward raised ...; {consequence}"``, if the reward raises: a failing judge must never crash a
-    run or reach the weights. The objectives that score their own samples (GRPO, DiffusionNFT, online DPO) share it."""
+    run or reach the weights. The objectives that score their own samples (GRPO, DiffusionNFT, online DPO) share it.
+    ``fps`` is the videos' frame rate (the generator's), for rewards that sample frames by time."""
     try:
         try:
-            scores = reward(videos, prompts)
+            scores = reward(videos, prompts, fps=fps)
         except FloatingPointError:  # some samples scored NaN (the checked call refuses them): keep the finite ones
-            scores = reward.forward(videos, prompts)
+            scores = reward.forward(videos, prompts, **reward.fps_kwargs(fps))
     except Exception as err:
         rank_zero_warn(f"{who}: the reward raised {type(err).__name__}: {err}; {consequence}")
         return None

@@ -285,7 +285,7 @@ class ConsistencyDistillation(TeacherTrajectories, AdversarialTerm, ScoreRegular
         if reward is not None and not isinstance(reward, RewardModel):
             raise TypeError(f"reward must be a reward_zoo RewardModel or None, got {type(reward).__name__}")
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "reward"])
-        self.reward = reward.requires_grad_(False).eval() if reward is not None else None
+        self.hold_reward(reward)
         hp = self.hparams
         self.critic: nn.Module | None = None
         if self.backbone.has_lora:  # the target is a frozen second adapter over the same base (the critic a third)
@@ -332,8 +332,6 @@ class ConsistencyDistillation(TeacherTrajectories, AdversarialTerm, ScoreRegular
         super().train(mode)
         if self.ema_denoiser is not None:
             self.ema_denoiser.eval()
-        if self.reward is not None:
-            self.reward.eval()
         return self
 
     # -- roles ------------------------------------------------------------------------------------------------------
@@ -520,7 +518,7 @@ class ConsistencyDistillation(TeacherTrajectories, AdversarialTerm, ScoreRegular
     @override
     def sample_latents(self, noise: Tensor, cond: Conditioning, *, num_inference_steps: int | None = None,
                        guidance_scale: float | None = None, generator: Generators = None,
-                       uncond: Conditioning | None = None) -> Tensor:
+                       uncond: Conditioning | None = None, sampler: str | None = None) -> Tensor:
         """The student's sampler: multistep consistency sampling (predict ``x0``, re-noise it to the next sigma,
         :func:`~lit_videoalign.schedules.samplers.multistep_sample`) on ``num_inference_steps`` steps (default the
         module's), or for a phased student the Euler ODE on its phase grid. ``guidance_scale`` other than 1 applies
@@ -534,6 +532,8 @@ class ConsistencyDistillation(TeacherTrajectories, AdversarialTerm, ScoreRegular
             generator: the re-noising draws' source: one generator per sample (seeded sampling), one for the batch,
                 or None for the global RNG.
             uncond: the negative-prompt conditioning (encoded here when guidance needs it and it is None).
+            sampler: accepted for the base's signature and ignored: a student samples with its own sampler (the one it
+                was distilled for), whatever the name.
         """
         if self.hparams.phased:
             return super().sample_latents(noise, cond, num_inference_steps=num_inference_steps,
@@ -550,9 +550,4 @@ class ConsistencyDistillation(TeacherTrajectories, AdversarialTerm, ScoreRegular
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Few-step samples of held-out prompts (fixed seeds), scored by ``reward`` when one is given."""
-        prompts = list(batch["prompt"])
-        if self.reward is None:
-            return
-        videos = self.generate(prompts, seeds=[batch_idx * 1000 + i for i in range(len(prompts))])
-        for dim, values in self.reward(videos, prompts).items():
-            self.log(f"val/reward/{dim}", values.float().mean(), batch_size=len(prompts))
+        self.validate_with_reward(batch, batch_idx, prog_bar=False)

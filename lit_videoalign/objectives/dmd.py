@@ -185,7 +185,7 @@ class DMD(AlignmentModule):
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "critic_optimizer", "reward"])
         self.automatic_optimization = False
         self.critic_optimizer_fn = critic_optimizer
-        self.reward = reward.requires_grad_(False).eval() if reward is not None else None
+        self.hold_reward(reward)
         hp = self.hparams
 
         self.roles: AdapterRoles | None = None
@@ -205,13 +205,6 @@ class DMD(AlignmentModule):
             self._critic_tap = LastBlockFeatures(critic_module, self.backbone.block_classes, "critic")
         self.generator_updates = 0
         self._pairs: ODEPairs | None = None
-
-    @override
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.reward is not None:
-            self.reward.eval()
-        return self
 
     # -- roles ------------------------------------------------------------------------------------------------------
     @contextmanager
@@ -470,7 +463,7 @@ class DMD(AlignmentModule):
     @override
     def sample_latents(self, noise: Tensor, cond: Conditioning, *, num_inference_steps: int | None = None,
                        guidance_scale: float | None = None, generator: Generators = None,
-                       uncond: Conditioning | None = None) -> Tensor:
+                       uncond: Conditioning | None = None, sampler: str | None = None) -> Tensor:
         """The student's few-step sampler (:func:`~lit_videoalign.schedules.samplers.multistep_sample`): its training
         sigmas, or ``num_inference_steps`` steps of the sampling grid when given, with ``student_sampler``
         transitions. One denoiser call per step (two with guidance).
@@ -483,6 +476,8 @@ class DMD(AlignmentModule):
             generator: the re-noising draws' source: one generator per sample (seeded sampling), one for the batch,
                 or None for the global RNG.
             uncond: the negative-prompt conditioning (encoded here when guidance needs it and it is None).
+            sampler: accepted for the base's signature and ignored: a student samples with its own sampler (the one it
+                was distilled for), whatever the name.
         """
         hp = self.hparams
         scale = hp.guidance_scale if guidance_scale is None else guidance_scale
@@ -494,9 +489,4 @@ class DMD(AlignmentModule):
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Few-step samples of held-out prompts (fixed seeds), scored by ``reward`` when one is given."""
-        if self.reward is None:
-            return
-        prompts = list(batch["prompt"])
-        videos = self.generate(prompts, seeds=[batch_idx * 1000 + i for i in range(len(prompts))])
-        for dim, values in self.reward(videos, prompts).items():
-            self.log(f"val/reward/{dim}", values.float().mean(), batch_size=len(prompts))
+        self.validate_with_reward(batch, batch_idx, prog_bar=False)

@@ -274,17 +274,10 @@ class DPO(AlignmentModule):
         if candidate_steps is not None and candidate_steps < 1:
             raise ValueError(f"candidate_steps must be positive or None, got {candidate_steps}")
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "reward"])
-        self.reward = reward.requires_grad_(False).eval() if reward is not None else None
+        self.hold_reward(reward)
         self.pool = PairPool(pool_size)
         self.pool_generator = torch.Generator().manual_seed(pool_seed)
         self.online_batches = 0  # prompt batches seen, which schedules pool refreshes
-
-    @override
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.reward is not None:
-            self.reward.eval()  # rewards are judges, never in training mode
-        return self
 
     # -- pairs ----------------------------------------------------------------------------------------------------
     def _latents(self, batch: dict, key: str) -> Tensor:
@@ -420,7 +413,7 @@ class DPO(AlignmentModule):
 
     def score(self, videos: Tensor, prompts: list[str]) -> dict[str, Tensor] | None:
         """The reward's scores (NaN for samples it cannot score), or None if the reward raised."""
-        return guarded_scores(self.reward, videos, prompts, "DPO", "no pairs from this batch")
+        return guarded_scores(self.reward, videos, prompts, "DPO", "no pairs from this batch", fps=self.backbone.fps)
 
     @torch.no_grad()
     def build_pairs(self, prompts: list[str]) -> dict[str, float]:

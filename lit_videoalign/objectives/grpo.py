@@ -26,7 +26,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lit_videoalign.backbones.base import Conditioning
-from lit_videoalign.objectives.base import AlignmentModule, guarded_scores
+from lit_videoalign.objectives.base import AlignmentModule
 from lit_videoalign.schedules.flow import euler_step, sampling_sigmas, sde_step_with_logprob
 from reward_zoo.base import RewardModel
 
@@ -317,15 +317,9 @@ class GRPO(AlignmentModule):
                              f"{noise_level}")
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "reward"])
         self.automatic_optimization = False
-        self.reward = reward.requires_grad_(False).eval()
+        self.hold_reward(reward)
         self.prompt_history: dict[str, deque] = {}
         self.num_updates = 0
-
-    @override
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.reward.eval()  # rewards are judges, never in training mode
-        return self
 
     @override
     def on_fit_start(self) -> None:
@@ -413,12 +407,7 @@ class GRPO(AlignmentModule):
 
     def score(self, videos: Tensor, prompts: list[str]) -> tuple[dict[str, Tensor], Tensor]:
         """Reward every video; samples whose reward is NaN, or all samples if the reward raises, are masked out."""
-        n = videos.shape[0]
-        scores = guarded_scores(self.reward, videos, prompts, "GRPO", "this rollout batch is skipped")
-        if scores is None:
-            nan = torch.full((n,), float("nan"), device=videos.device)
-            return {"overall": nan}, torch.zeros(n, dtype=torch.bool, device=videos.device)
-        return scores, torch.isfinite(scores["overall"])
+        return self.reward_scores(videos, prompts, "GRPO", "this rollout batch is skipped")
 
     def advantages(self, rewards: Tensor, valid: Tensor, prompts: list[str]) -> Tensor:
         hp = self.hparams
@@ -568,12 +557,7 @@ class GRPO(AlignmentModule):
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Deterministic ODE samples of held-out prompts, scored by the training reward."""
-        prompts = list(batch["prompt"])
-        seeds = [batch_idx * 1000 + i for i in range(len(prompts))]
-        videos = self.generate(prompts, seeds)
-        scores = self.reward(videos, prompts)
-        for dim, values in scores.items():
-            self.log(f"val/reward/{dim}", values.mean(), batch_size=len(prompts), prog_bar=dim == "overall")
+        self.validate_with_reward(batch, batch_idx)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:

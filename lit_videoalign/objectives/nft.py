@@ -33,7 +33,7 @@ from typing_extensions import override
 
 from lit_videoalign.backbones.adapters import AdapterRoles, add_named_adapter, ema_update
 from lit_videoalign.backbones.base import Conditioning
-from lit_videoalign.objectives.base import AlignmentModule, guarded_scores
+from lit_videoalign.objectives.base import AlignmentModule
 from lit_videoalign.schedules.flow import (
     SIGMA_MODES,
     add_noise,
@@ -290,7 +290,7 @@ class DiffusionNFT(AlignmentModule):
                              f"its own sampler; use sampler: model")
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "reward"])
         self.automatic_optimization = False
-        self.reward = reward.requires_grad_(False).eval()
+        self.hold_reward(reward)
         self.roles: AdapterRoles | None = None
         self.old_denoiser: nn.Module | None = None
         if old_policy == "ema":
@@ -304,8 +304,7 @@ class DiffusionNFT(AlignmentModule):
 
     @override
     def train(self, mode: bool = True):
-        super().train(mode)
-        self.reward.eval()  # rewards are judges, never in training mode
+        super().train(mode)  # keeps the reward in eval mode
         if self.old_denoiser is not None:
             self.old_denoiser.eval()
         return self
@@ -404,13 +403,8 @@ class DiffusionNFT(AlignmentModule):
 
     def score(self, videos: Tensor, prompts: list[str]) -> tuple[dict[str, Tensor], Tensor]:
         """Reward every video; NaN scores, or every score if the reward raises, are masked out."""
-        n = videos.shape[0]
-        scores = guarded_scores(self.reward, videos, prompts, "DiffusionNFT", "this rollout batch is skipped")
-        if scores is None:
-            nan = torch.full((n,), float("nan"), device=videos.device)
-            invalid = torch.zeros(n, dtype=torch.bool, device=videos.device)
-            return {"overall": nan, self.hparams.reward_key: nan}, invalid
-        return scores, torch.isfinite(scores[self.hparams.reward_key])
+        return self.reward_scores(videos, prompts, "DiffusionNFT", "this rollout batch is skipped",
+                                  key=self.hparams.reward_key)
 
     # -- update -------------------------------------------------------------------------------------------------
     def training_sigmas(self, n: int) -> Tensor:
@@ -506,10 +500,7 @@ class DiffusionNFT(AlignmentModule):
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Deterministic samples of held-out prompts (the module's sampler and guidance), scored by the reward."""
-        prompts = list(batch["prompt"])
-        videos = self.generate(prompts, [batch_idx * 1000 + i for i in range(len(prompts))])
-        for dim, values in self.reward(videos, prompts).items():
-            self.log(f"val/reward/{dim}", values.mean(), batch_size=len(prompts), prog_bar=dim == "overall")
+        self.validate_with_reward(batch, batch_idx)
 
 
 @contextmanager

@@ -122,15 +122,9 @@ class RejectionSFT(SFT):
         if train_batch_size is not None and train_batch_size < 1:
             raise ValueError(f"train_batch_size must be positive, got {train_batch_size}")
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "reward"])
-        self.reward = reward.requires_grad_(False).eval()
+        self.hold_reward(reward)
         self.steps_seen = 0
         self.clear_buffer()
-
-    @override
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.reward.eval()  # rewards are judges, never in training mode
-        return self
 
     # -- buffer ---------------------------------------------------------------------------------------------------
     def clear_buffer(self) -> None:
@@ -179,7 +173,8 @@ class RejectionSFT(SFT):
         group_prompts = [p for p in prompts for _ in range(k)]
         seeds = torch.randint(0, 2**31 - 1, (len(group_prompts),)).tolist()
         latents = self.generate(group_prompts, seeds, num_inference_steps=hp.candidate_steps,
-                                guidance_scale=hp.candidate_guidance_scale, return_latents=True)
+                                guidance_scale=hp.candidate_guidance_scale, return_latents=True,
+                                sampler="euler")  # the policy's training-time sampler, as before pipeline sampling
         videos = self.backbone.decode_latents(latents)
         groups = [self._score(videos[i:i + k], group_prompts[i:i + k])  # one batch per prompt
                   for i in range(0, len(group_prompts), k)]
@@ -213,9 +208,9 @@ class RejectionSFT(SFT):
     def _score(self, videos: Tensor, prompts: list[str]) -> dict[str, Tensor]:
         """The reward's scores; a NaN or infinite score is kept (and never accepted) instead of raising."""
         try:
-            return self.reward(videos, prompts)
+            return self.reward(videos, prompts, fps=self.backbone.fps)
         except FloatingPointError:
-            return self.reward.forward(videos, prompts)
+            return self.reward.forward(videos, prompts, **self.reward.fps_kwargs(self.backbone.fps))
 
     # -- Lightning hooks ------------------------------------------------------------------------------------------
     @override
@@ -241,12 +236,7 @@ class RejectionSFT(SFT):
         flow-matching loss of :class:`SFT` when the batch has videos."""
         if "video" in batch or "latents" in batch:
             return super().validation_step(batch, batch_idx)
-        prompts = list(batch["prompt"])
-        videos = self.generate(prompts, [batch_idx * 1000 + i for i in range(len(prompts))])
-        with torch.no_grad():
-            scores = self.reward(videos, prompts)
-        for dim, values in scores.items():
-            self.log(f"val/reward/{dim}", values.mean(), batch_size=len(prompts), prog_bar=dim == "overall")
+        self.validate_with_reward(batch, batch_idx)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -118,18 +118,12 @@ class RewardGradient(AlignmentModule):
         if decode_frames is not None and not 1 <= decode_frames <= latent_frames:
             raise ValueError(f"decode_frames must be in [1, {latent_frames}] (latent frames of a "
                              f"{self.hparams.num_frames}-frame video), got {decode_frames}")
-        if decode_frames is not None and getattr(self.backbone, "pixel_space", False) and \
+        if decode_frames is not None and self.backbone.pixel_space and \
                 decode_frames < reward.min_frames:
             raise ValueError(f"decode_frames={decode_frames} is fewer than the {reward.min_frames} frames "
                              f"{type(reward).__name__} needs")
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "reward"])
-        self.reward = reward.requires_grad_(False).eval()
-
-    @override
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.reward.eval()  # rewards are judges, never in training mode
-        return self
+        self.hold_reward(reward)
 
     @property
     def rollout_guidance(self) -> float:
@@ -209,7 +203,7 @@ class RewardGradient(AlignmentModule):
         latents, kl = self.sample_with_grad(prompts)
         videos = self.decode_for_reward(latents)
         try:
-            scores = self.reward(videos, prompts)
+            scores = self.reward(videos, prompts, fps=self.backbone.fps)
         except FloatingPointError:  # NaN or infinite scores: the non-finite guard skips this step
             self.report_nonfinite("reward")
             scores = self.reward.forward(videos, prompts)
@@ -235,9 +229,4 @@ class RewardGradient(AlignmentModule):
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Deterministic ODE samples of held-out prompts, scored by the training reward."""
-        prompts = list(batch["prompt"])
-        videos = self.generate(prompts, [batch_idx * 1000 + i for i in range(len(prompts))])
-        with torch.no_grad():
-            scores = self.reward(videos, prompts)
-        for dim, values in scores.items():
-            self.log(f"val/reward/{dim}", values.mean(), batch_size=len(prompts), prog_bar=dim == "overall")
+        self.validate_with_reward(batch, batch_idx)

@@ -9,14 +9,19 @@ guided samplers share:
 - :func:`multistep_sample`, few-step sampling of an x0 predictor (multistep consistency sampling, Song et al., arXiv
   2303.01469, Algorithm 1; DMD2's student, arXiv 2405.14867), with :func:`next_sample` its transition;
 - :func:`seeded_noise`, the starting noise of each seed with the seed's generator, whose later draws (a few-step
-  sampler's re-noising) then depend on that seed alone, not on the batch.
+  sampler's re-noising) then depend on that seed alone, not on the batch;
+- :func:`scheduler_sample`, sampling with a pipeline's own diffusers scheduler (UniPC with Wan's ``flow_shift``,
+  FlowMatchEuler, ...) exactly as the diffusers pipeline loop does, so samples match what a user deploys.
 
 Phased sampling (phased consistency, arXiv 2405.18407) is ``euler_sample`` on the student's phase grid.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,6 +29,8 @@ from torch import Tensor
 from lit_videoalign.schedules.flow import add_noise
 
 SAMPLER_MODES = ("renoise", "euler")
+# How a base model samples (AlignmentModule.sample_latents): with its pipeline's diffusers scheduler, or our Euler ODE.
+SAMPLERS = ("pipeline", "euler")
 
 # A sampler's source of randomness: the global RNG (None), one generator for the batch, or one per sample (seeded
 # sampling that does not depend on how samples are batched).
@@ -147,3 +154,69 @@ def multistep_sample(
         eps = draw_noise(x0, generators) if mode == "renoise" else None
         x = next_sample(x, x0, sigma, sigma_next, mode, eps)
     return x0
+
+
+def check_sampler(sampler: str | None) -> None:
+    """Refuse a sampler name other than ``"pipeline"``, ``"euler"`` or None (the module's default)."""
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {list(SAMPLERS)} or None, got {sampler!r}")
+
+
+def dynamic_shift_mu(config: Any, num_tokens: int) -> float:
+    """``mu`` of a resolution-dependent (``use_dynamic_shifting``) scheduler for ``num_tokens`` latent tokens: linear
+    from ``base_shift`` at ``base_image_seq_len`` to ``max_shift`` at ``max_image_seq_len``, as the LTX-Video and Flux
+    pipelines compute it."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return num_tokens * slope + base_shift - slope * base_len
+
+
+def scheduler_sample(
+    scheduler: Any,
+    velocity_fn: Callable[[Tensor, Tensor], Tensor],
+    noise: Tensor,
+    num_inference_steps: int,
+    generators: Generators = None,
+    **set_timesteps_kwargs: Any,
+) -> Tensor:
+    """Sample with a diffusers scheduler, as a diffusers pipeline's denoising loop does.
+
+    ``scheduler.set_timesteps(num_inference_steps)``, then for each timestep ``t``: the model's output at ``(x, t)``,
+    and ``x = scheduler.step(output, t, x)``. A flow pipeline's transformer output is the velocity ``noise - x0`` at
+    ``timestep = sigma * num_train_timesteps``, so ``velocity_fn`` gets ``sigma = t / num_train_timesteps`` (for UniPC,
+    whose timesteps are integers, that is the rounded-down sigma the model sees, not the scheduler's own sigma).
+
+    The scheduler is deep-copied per call (its step counter and multistep history live in it), so the caller's is
+    never changed and concurrent or nested samples do not interfere.
+
+    Args:
+        scheduler: a diffusers scheduler (``SchedulerMixin``) of a flow model, e.g. ``UniPCMultistepScheduler`` with
+            ``use_flow_sigmas`` or ``FlowMatchEulerDiscreteScheduler``.
+        velocity_fn: ``(x, sigma Tensor[B]) -> velocity``; classifier-free guidance, if any, lives inside it.
+        noise: ``(b, c, t, h, w)`` starting latents, as passed to a pipeline's ``latents=``.
+        num_inference_steps: the pipeline's ``num_inference_steps`` (a second-order scheduler calls the model about
+            twice per step).
+        generators: the draws of a stochastic scheduler (its ``step`` takes ``generator``): one per sample, one for
+            the batch, or None for the global RNG. Deterministic schedulers draw nothing.
+        **set_timesteps_kwargs: passed to ``set_timesteps`` (e.g. ``mu`` of a dynamic-shifting scheduler).
+
+    Returns:
+        The final latents, shaped like ``noise``.
+    """
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+    _check_generators(generators, noise.shape[0])
+    scheduler = copy.deepcopy(scheduler)
+    scheduler.set_timesteps(num_inference_steps, device=noise.device, **set_timesteps_kwargs)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+    step_kwargs: dict[str, Any] = {}
+    if generators is not None and "generator" in inspect.signature(scheduler.step).parameters:
+        step_kwargs["generator"] = generators if isinstance(generators, torch.Generator) else list(generators)
+    num_train = scheduler.config.num_train_timesteps
+    x = noise
+    for t in scheduler.timesteps:
+        sigma = (t.to(torch.float32) / num_train).to(x.device).expand(x.shape[0])  # (b,)
+        x = scheduler.step(velocity_fn(x, sigma), t, x, return_dict=False, **step_kwargs)[0]
+    return x
