@@ -245,9 +245,24 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def variant(spec: str) -> tuple[str, tuple[str, list[str]]]:
+    """``NAME=METHOD:OVERRIDE[,OVERRIDE...]`` -> ``(NAME, (METHOD's config, its overrides + these))``."""
+    name, eq, rest = spec.partition("=")
+    base, _, overrides = rest.partition(":")
+    if not eq or not name or base not in METHODS or name in METHODS or name == BASE:
+        raise argparse.ArgumentTypeError(f"expected NAME=METHOD:OVERRIDE[,OVERRIDE...] with a new NAME and METHOD "
+                                         f"one of {sorted(METHODS)}, got {spec!r}")
+    config, own = METHODS[base]
+    return name, (config, [*own, *[o for o in overrides.split(",") if o]])
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["grpo", "nft", "awm"], choices=sorted(METHODS))
+    parser.add_argument("--methods", nargs="+", default=["grpo", "nft", "awm"],
+                        help=f"methods to run: {', '.join(sorted(METHODS))} or a --variant")
+    parser.add_argument("--variant", nargs="*", default=[], type=variant,
+                        help="an extra method, NAME=METHOD:OVERRIDE[,OVERRIDE...], e.g. "
+                             "nft_spp2=nft:--model.init_args.sigmas_per_sample=2")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--minutes", nargs="*", default=[], type=lambda s: (s.split("=")[0], float(s.split("=")[1])),
                         help="training CPU-minutes per method, e.g. grpo=27 nft=10")
@@ -266,6 +281,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "toyworld_rl"))
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    METHODS.update(dict(args.variant))
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"error: unknown method(s) {unknown}; expected one of {sorted(METHODS)} or a --variant")
     if args.worker:
         worker(args)
         return None
