@@ -43,6 +43,7 @@ METHODS = {  # name -> (config, CLI overrides)
 }
 BASE = "base"  # the shipped base at the GRPO config's (default, guided) sampler: the reference of every change
 KEYS = ("physics_learned", "quality", "newton", "trajectory_error")
+GRPO_README_GAIN = 0.51  # held-out physics_learned of GRPO in the README (base v1, 160 steps): the bar
 
 
 # -- one run (a worker process) ---------------------------------------------------------------------------------------
@@ -196,14 +197,19 @@ def targets(summary: dict) -> list[str]:
     out = []
     if runs["grpo"] and runs["nft"]:
         grpo_final = [r["points"][-1] for r in runs["grpo"]]
-        gain = sum(p["physics_learned"] for p in grpo_final) / len(grpo_final)
+        measured = sum(p["physics_learned"] for p in grpo_final) / len(grpo_final)
         grpo_minutes = sum(p["cpu_minutes"] for p in grpo_final) / len(grpo_final)
+        # A GRPO that ends below the base would make the target trivial: then the bar is the figure, GRPO's
+        # README result (+0.51 on base v1).
+        gain = max(measured, GRPO_README_GAIN)
         reach = [first_reaching(r, "physics_learned", gain) for r in runs["nft"]]
         said = ", ".join("never" if m is None else f"{m:.1f}" for m in reach)
         ok = all(m is not None and m <= grpo_minutes / 3 for m in reach)
-        out.append(f"NFT reaches GRPO's final held-out physics_learned gain ({gain:+.2f} after {grpo_minutes:.1f} "
-                   f"CPU-min) within one third of its CPU-minutes ({grpo_minutes / 3:.1f}): NFT seeds at {said} "
-                   f"CPU-min: {'met' if ok else 'not met'}")
+        bar = (f"GRPO's final held-out physics_learned gain ({gain:+.2f} after {grpo_minutes:.1f} CPU-min)"
+               if gain == measured else
+               f"GRPO's README gain ({gain:+.2f}; GRPO here ends at {measured:+.2f} after {grpo_minutes:.1f} CPU-min)")
+        out.append(f"NFT reaches {bar} within one third of GRPO's CPU-minutes ({grpo_minutes / 3:.1f}): NFT seeds at "
+                   f"{said} CPU-min: {'met' if ok else 'not met'}")
     for method in ("nft", "awm"):
         for run in runs[method]:
             within = [p for p in run["points"] if p["cpu_minutes"] <= 10.5]
