@@ -1,7 +1,8 @@
 """Real-size smoke benchmark of the real-model rewards: each built at its real architecture with random weights,
 scoring one 2-second 480p video on CPU.
 
-    python -m benchmarks.reward_real_size [--rewards videoreward hpsv2] [--threads 2] [--repeats 1] [--warmup 0]
+    python -m benchmarks.reward_real_size [--rewards videoreward hpsv2 pickscore] [--threads 2] [--repeats 1]
+        [--warmup 0] [--merge RESULT.json]
 
 Per reward, in its own subprocess (so peak RSS is its own): build time, seconds to score one video (the mean of
 ``--repeats`` calls after ``--warmup`` calls, under ``torch.no_grad``), peak RSS, and the vision tokens the video
@@ -11,10 +12,13 @@ The video is ``[1, 32, 3, 480, 832]`` at 16 fps (Wan's 480p), float32 in [0, 1].
 No weights or tokenizers download here, so each reward gets an offline stand-in tokenizer with the real special-token
 ids (the text length the real tokenizer gives is estimated, not measured): for ``videoreward`` a byte-level BPE
 trained on this repository's Markdown (8192 tokens) padded so Qwen2-VL's special tokens keep their ids 151643-151656;
-for ``hpsv2`` a word-level tokenizer with CLIP's start/end ids 49406/49407. ``videoreward``'s prompt template is a
-stand-in written here with the length of VideoAlign's (which this repository does not ship). Timings are of random
-weights in float32 and scale with the machine; they are a smoke test of the real shapes, not a speed claim. Results go
-to ``benchmarks/results/reward_real_size.{json,md}``.
+for ``hpsv2`` and ``pickscore`` a word-level tokenizer with CLIP's 49408 ids and start/end ids 49406/49407.
+``pickscore`` loads from a CLIP folder, so a random-weight ``CLIPModel`` at ViT-H-14's geometry is saved (safetensors)
+with that tokenizer and a default ``CLIPImageProcessor`` into a temporary folder and loaded from there.
+``videoreward``'s prompt template is a stand-in written here with the length of VideoAlign's (which this repository
+does not ship). Timings are of random weights in float32 and scale with the machine; they are a smoke test of the real
+shapes, not a speed claim. Results go to ``benchmarks/results/reward_real_size.{json,md}``; ``--merge`` keeps the
+other rewards' rows of an earlier result (each row records the command that measured it).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from benchmarks import add_output_argument, output_path, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
-REWARDS = ("videoreward", "hpsv2")
+REWARDS = ("videoreward", "hpsv2", "pickscore")
 FRAMES, HEIGHT, WIDTH, FPS = 32, 480, 832, 16.0
 PROMPT = "A golden retriever runs across a sunlit meadow, the camera tracking it from the side."
 QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -124,7 +128,44 @@ def build(name: str, tmp: Path):
         per_frame = (vision.image_size // vision.patch_size) ** 2 + 1  # patches + class token
         return reward, {"frames_sampled": reward.num_frames, "frame_size": [vision.image_size] * 2,
                         "vision_tokens": per_frame * reward.num_frames, "sequence_tokens": 77}
+    if name == "pickscore":
+        return pickscore_reward(tmp)
     raise ValueError(f"unknown reward {name!r}; known: {REWARDS}")
+
+
+def pickscore_folder(path: Path) -> Path:
+    """A CLIP folder shaped like ``yuvalkirstain/PickScore_v1`` with CLIP-H's processor: a random-weight ViT-H-14
+    ``CLIPModel`` (safetensors), the stand-in CLIP tokenizer and ``CLIPImageProcessor``'s defaults (shortest side 224,
+    centre crop 224, OpenAI CLIP mean/std, as CLIP-H's processor has)."""
+    import gc
+
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from reward_zoo.hpsv2 import vit_h_14_config
+
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(**vit_h_14_config()))
+    clip.save_pretrained(path, safe_serialization=True)
+    del clip
+    gc.collect()  # free the built copy before the reward loads its own (peak RSS then holds one model)
+    clip_stand_in_tokenizer(path)
+    CLIPImageProcessor().save_pretrained(path)
+    return path
+
+
+def pickscore_reward(tmp: Path):
+    """``pickscore`` loaded from :func:`pickscore_folder` (model and processor from the one folder)."""
+    from reward_zoo.pickscore import PickScore
+
+    folder = str(pickscore_folder(tmp / "pickscore"))
+    reward = PickScore(model_name_or_path=folder, processor_name_or_path=folder)
+    vision = reward.image_encoder.vision_model.config
+    per_frame = (vision.image_size // vision.patch_size) ** 2 + 1  # patches + class token
+    return reward, {"frames_sampled": reward.num_frames, "frame_size": [vision.image_size] * 2,
+                    "vision_tokens": per_frame * reward.num_frames, "sequence_tokens": 77,
+                    "tokenizer": "stand-in (word-level, CLIP's 49408 ids; the real CLIP-H tokenizer is not available "
+                                 "offline)"}
 
 
 def worker(name: str, repeats: int, warmup: int) -> dict:
@@ -161,21 +202,28 @@ def markdown(result: dict) -> str:
                     f"{r['frame_size'][0]}x{r['frame_size'][1]} | {r['vision_tokens']} | {r['sequence_tokens']} | "
                     f"{r['build_s']:.0f} | {r['seconds_per_video']:.1f} | {r['peak_rss_mib'] / 1024:.1f} |")
     env = result["environment"]
+    commands = {}  # command -> the rewards it measured (rows of a --merge carry their own)
+    for r in result["runs"]:
+        commands.setdefault(r.get("command", result["command"]), []).append(f"`{r['reward']}`")
+    header = [f"`{result['command']}`"] if len(commands) == 1 else [
+        "; ".join(f"{', '.join(names)}: `{cmd}`" for cmd, names in commands.items())]
     return "\n".join([
         "# Real-size rewards on CPU: one 2-second 480p video", "",
-        f"`{result['command']}`", "",
+        *header, "",
         f"A `[1, {FRAMES}, 3, {HEIGHT}, {WIDTH}]` video at {FPS:g} fps, float32, random weights at the real "
         f"architecture, {env['threads']} CPU thread(s) ({env['machine']}, torch {env['torch']}). Seconds per video: "
         f"the mean of {result['repeats']} call(s) after {result['warmup']} warm-up call(s); peak RSS of the reward's "
         "own process.", "",
         *rows, "",
         "Vision tokens: what the language model (videoreward: merged 2x2 Qwen2-VL patches over 2-frame temporal "
-        "patches) or the image tower (hpsv2: patches + class token per frame) reads. Sequence tokens: videoreward's "
-        "whole prompt with an offline stand-in tokenizer (a byte-level BPE trained on this repository's Markdown; "
-        "Qwen2-VL's own tokenizer was not available offline, so the text part of the count is an estimate) and a "
-        f"stand-in prompt template of VideoAlign's length ({TEMPLATE_CHARS} characters; its text is not shipped here); "
-        "hpsv2's text context is 77. `pickscore` is not run: it is the same CLIP ViT-H-14 tower as `hpsv2` (centre "
-        "crop instead of padding), loaded from a CLIP folder rather than built from a config.", ""])
+        "patches) or the image tower (hpsv2, pickscore: patches + class token per frame) reads. Sequence tokens: "
+        "videoreward's whole prompt with an offline stand-in tokenizer (a byte-level BPE trained on this "
+        "repository's Markdown; Qwen2-VL's own tokenizer was not available offline, so the text part of the count is "
+        f"an estimate) and a stand-in prompt template of VideoAlign's length ({TEMPLATE_CHARS} characters; its text "
+        "is not shipped here); the CLIP rewards' text context is 77, with a stand-in word-level tokenizer of CLIP's "
+        "49408 ids (the real CLIP-H tokenizer was not available offline). `pickscore` is the same CLIP ViT-H-14 as "
+        "`hpsv2` (centre crop instead of padding); it loads from a CLIP folder, so its random-weight `CLIPModel` is "
+        "first saved to a temporary folder (its build time includes saving and reloading about 4 GB).", ""])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -184,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--merge", default=None, metavar="RESULT.json",
+                        help="keep the rows of this earlier result for rewards not run now")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     add_output_argument(parser, RESULTS / "reward_real_size")
     args = parser.parse_args(argv)
@@ -192,6 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     import torch
 
+    command = "python -m benchmarks.reward_real_size " + " ".join(argv if argv is not None else sys.argv[1:])
+    earlier = read_merge(args.merge, args) if args.merge else None
     runs = []
     for name in args.rewards:  # one at a time: each in its own process
         cmd = [sys.executable, "-m", "benchmarks.reward_real_size", "--worker", name, "--repeats", str(args.repeats),
@@ -202,11 +254,29 @@ def main(argv: list[str] | None = None) -> dict:
             runs.append({"reward": name, "error": (res.stderr.strip().splitlines() or ["?"])[-1][:200]})
         else:
             runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        runs[-1]["command"] = command.strip()
         print(json.dumps(runs[-1]))
-    command = "python -m benchmarks.reward_real_size " + " ".join(argv if argv is not None else sys.argv[1:])
+    if earlier is not None:
+        kept = [{"command": earlier["command"], **r} for r in earlier["runs"] if r["reward"] not in args.rewards]
+        runs = sorted(kept + runs, key=lambda r: REWARDS.index(r["reward"]) if r["reward"] in REWARDS else len(REWARDS))
     result = {"command": command.strip(), "repeats": args.repeats, "warmup": args.warmup, "runs": runs,
               "environment": {"threads": args.threads, "machine": platform.machine(), "torch": torch.__version__}}
     return write_result(result, output_path(args), markdown)
+
+
+def read_merge(path: str, args: argparse.Namespace) -> dict:
+    """The earlier result to merge into, checked to be measured the same way (threads, repeats, warm-up)."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--merge {path!r}: cannot read an earlier reward_real_size result ({err})") from None
+    env = earlier.get("environment", {})
+    for key, now, then in (("threads", args.threads, env.get("threads")), ("repeats", args.repeats,
+                           earlier.get("repeats")), ("warmup", args.warmup, earlier.get("warmup"))):
+        if now != then:
+            raise SystemExit(f"--merge {path!r}: it was measured with --{key} {then}, this run uses {now}; "
+                             "expected the same settings")
+    return earlier
 
 
 if __name__ == "__main__":
