@@ -231,6 +231,9 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     colours = {"grpo": "tab:blue", "nft": "tab:green", "awm": "tab:orange"}
+    others = iter(["tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"] * 4)
+    for run in summary["runs"]:  # --variant methods: the next free colour each
+        colours.setdefault(run["method"], next(others))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key, title in zip(axes, ("physics_learned", "quality", "trajectory_error"),
                               ("held-out physics_learned (logit) - base", "held-out quality (logit) - base",
