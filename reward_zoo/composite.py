@@ -53,7 +53,8 @@ class CompositeReward(RewardModel):
     """Weighted sum of sub-rewards' normalised ``"overall"`` scores.
 
     The output holds every sub-reward score as ``"{name}/{dimension}"`` (its ``"overall"`` included) plus
-    ``"overall"`` = sum over names of ``weights[name] * normalize(scores[name]["overall"])``.
+    ``"overall"`` = sum over names of ``weights[name] * normalize(scores[name][score_keys[name]])`` (``score_keys``
+    default ``"overall"``).
 
     Args:
         rewards: name -> reward, or name -> ``{"class_path": ..., "init_args": {...}}`` (the form stored in
@@ -61,13 +62,15 @@ class CompositeReward(RewardModel):
         weights: name -> weight; exactly the keys of ``rewards``.
         normalize: ``"none"``, ``"zscore"`` (within the batch) or ``"rank"`` (within the batch, in [0, 1];
             not differentiable).
+        score_keys: name -> the dimension of that reward that enters the sum (default ``"overall"``), e.g.
+            ``{"quality": "visual"}`` to reward one head of a multi-head reward alone.
     """
 
     license = "apache-2.0"
     family = "composite"
 
     def __init__(self, rewards: dict[str, RewardModel | dict], weights: dict[str, float],
-                 normalize: str = "none") -> None:
+                 normalize: str = "none", score_keys: dict[str, str] | None = None) -> None:
         super().__init__()
         if not rewards:
             raise ValueError("CompositeReward needs at least one reward, got an empty dict")
@@ -89,6 +92,15 @@ class CompositeReward(RewardModel):
                                       for n, r in rewards.items()})
         self.weights = {n: float(w) for n, w in weights.items()}
         self.normalize = normalize
+        score_keys = dict(score_keys or {})
+        unknown = sorted(set(score_keys) - set(rewards))
+        if unknown:
+            raise ValueError(f"score_keys names rewards {unknown} that are not in rewards {sorted(rewards)}")
+        for n, key in score_keys.items():
+            valid = (*self.rewards[n].dimensions, "overall")
+            if key not in valid:
+                raise ValueError(f"score_keys[{n!r}] is {key!r}, but reward {n!r} scores only {list(valid)}")
+        self.score_keys = {n: score_keys.get(n, "overall") for n in rewards}
 
     @classmethod
     def _encode_init_arg(cls, name: str, value: Any) -> Any:
@@ -124,7 +136,7 @@ class CompositeReward(RewardModel):
         for name, reward in self.rewards.items():
             scores = reward(videos, prompts, references, fps)  # each sub-reward checks its inputs and scores
             out.update({f"{name}/{dim}": value for dim, value in scores.items()})
-            score = scores["overall"].float()
+            score = scores[self.score_keys[name]].float()
             if self.normalize == "zscore":
                 score = zscore(score)
             elif self.normalize == "rank":

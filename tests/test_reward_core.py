@@ -346,6 +346,30 @@ def test_composite_normalisations():
     assert zscore(torch.tensor([7.0])).item() == 0.0
 
 
+class TwoHeads(RewardModel):
+    """Brightness and darkness heads whose ``overall`` is brightness: for ``score_keys``."""
+
+    dimensions = ("bright", "dark")
+
+    def forward(self, videos: Tensor, prompts=None, references=None) -> dict[str, Tensor]:
+        mean = videos.mean((1, 2, 3, 4))  # (b,)
+        return {"bright": mean, "dark": 1 - mean, "overall": mean}
+
+
+def test_composite_score_keys_pick_one_head():
+    v = torch.stack([torch.full((4, 3, 8, 8), x) for x in (0.2, 0.4, 0.9)])
+    heads = TwoHeads()
+    dark = CompositeReward({"h": heads}, {"h": 2.0}, score_keys={"h": "dark"})
+    torch.testing.assert_close(dark(v)["overall"], 2.0 * (1 - torch.tensor([0.2, 0.4, 0.9])))
+    assert dark.config["score_keys"] == {"h": "dark"}
+    default = CompositeReward({"h": heads}, {"h": 2.0})
+    torch.testing.assert_close(default(v)["overall"], 2.0 * torch.tensor([0.2, 0.4, 0.9]))
+    with pytest.raises(ValueError, match=r"score_keys\['h'\] is 'visual', but reward 'h' scores only"):
+        CompositeReward({"h": heads}, {"h": 1.0}, score_keys={"h": "visual"})
+    with pytest.raises(ValueError, match=r"score_keys names rewards \['x'\]"):
+        CompositeReward({"h": heads}, {"h": 1.0}, score_keys={"x": "dark"})
+
+
 def test_composite_validation():
     a = Brightness()
     with pytest.raises(ValueError, match=r"weights keys \['b'\] must equal rewards keys \['a'\]"):
@@ -372,6 +396,7 @@ def test_composite_config_and_round_trip(tmp_path):
                     "f": {"class_path": "reward_zoo.temporal.TemporalFlicker", "init_args": {"grid": 4}}},
         "weights": {"a": 1.0, "f": 0.5},
         "normalize": "zscore",
+        "score_keys": None,
     }
     assert CompositeReward(**composite.config).config == composite.config  # the YAML init_args form builds it
     composite.save_pretrained(tmp_path)
