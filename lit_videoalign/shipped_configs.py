@@ -92,10 +92,15 @@ def resolve_config_args(argv: list[str], roots: Mapping[str, Path] = SUITE_CONFI
 def describe_config(path: Path) -> tuple[str, str]:
     """``(method class, backbone or reward)`` of a config file, read from its ``model:`` section (``"?"`` where
     absent): the class name of ``model.class_path`` and the backbone's ``pretrained_model_name_or_path`` (for a
-    reward-training config, the reward's class name)."""
+    reward-training config, the reward's class name); for a reward spec (a top-level ``class_path``), the reward's
+    class name and checkpoint."""
     import yaml
 
-    model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+    config = yaml.safe_load(path.read_text()) or {}
+    if "class_path" in config and "model" not in config:  # a reward spec (reward-zoo serve --reward FILE)
+        source = (config.get("init_args") or {}).get("pretrained_model_name_or_path", "reward spec")
+        return str(config["class_path"]).rsplit(".", 1)[-1], str(source)
+    model = config.get("model") or {}
     init = model.get("init_args") or {}
     method = str(model.get("class_path", "?")).rsplit(".", 1)[-1]
     backbone = init.get("backbone") or {}

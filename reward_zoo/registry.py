@@ -24,7 +24,7 @@ from reward_zoo.base import RewardModel
 
 # Reward family modules of this package, imported on the first registry query. A new family adds its name here.
 FAMILY_MODULES = ("physics", "temporal", "identity", "quality", "alignment", "aesthetic", "pickscore", "hpsv2",
-                  "frame", "videoreward")
+                  "frame", "videoreward", "vlm_judge", "remote")
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 HUB_PREFIX = "hf-hub:"
 

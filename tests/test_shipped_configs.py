@@ -26,7 +26,8 @@ def test_every_shipped_file_has_a_name_and_the_name_finds_it():
     files = sorted(PACKAGE_CONFIGS.rglob("*.yaml"))
     assert len(names) == len(files) and {"toyworld/sft", "toyworld/nft", "wan2.1-1.3b/sft_lora"} <= set(names)
     assert sorted(config_path(n) for n in names) == files
-    assert list_configs(REWARD_CONFIGS) == ["rewards/identity", "rewards/physics_learned", "rewards/quality"]
+    assert list_configs(REWARD_CONFIGS) == ["rewards/identity", "rewards/physics_learned", "rewards/quality",
+                                            "rewards/vlm_judge_unifiedreward", "rewards/vlm_judge_videoscore2"]
 
 
 @pytest.mark.parametrize("name", ["toyworld/sft", "toyworld/sft.yaml", "builtin:toyworld/sft",
@@ -64,6 +65,10 @@ def test_every_shipped_config_names_its_method_and_backbone():
     assert describe_config(config_path("toyworld/nft")) == ("DiffusionNFT", "builtin:toyworld-base")
     assert describe_config(config_path("rewards/quality", REWARD_CONFIGS)) == ("RewardTraining",
                                                                                "reward QualityReward")
+    for name in list_configs(REWARD_CONFIGS):  # training configs and reward specs alike
+        assert "?" not in describe_config(config_path(name, REWARD_CONFIGS)), name
+    assert describe_config(config_path("rewards/vlm_judge_videoscore2", REWARD_CONFIGS)) == ("VLMJudge",
+                                                                                           "TIGER-Lab/VideoScore2")
 
 
 def test_configs_subcommand_lists_one_config_per_line(capsys):
