@@ -4,13 +4,15 @@
     reward-zoo validate --config configs/rewards/quality.yaml
     reward-zoo score --reward quality --videos clips/ --prompts_file prompts.txt --output_dir scores
     reward-zoo list
+    reward-zoo serve --reward quality --port 8765                 # HTTP reward server on loopback (reward_zoo.server)
     reward-zoo convert hpsv2 HPS_v2.1_compressed.pt hpsv2-converted --tokenizer laion/CLIP-ViT-H-14-laion2B-s32B-b79K
     reward-zoo convert videoreward VideoReward/ videoreward-converted --videoalign_repo VideoAlign/
 
 ``fit/validate/test`` are LightningCLI's, reading ``model:`` (a :class:`~reward_zoo.training.RewardTraining`),
-``data:`` and ``trainer:`` from the YAML. ``score`` and ``list`` are tools that build no trainer: ``score`` decodes
-MP4 files (PyAV) and writes a JSON and a CSV table of per-dimension scores; ``list`` prints every registered reward
-with its family, dimensions, differentiability, licence and whether weights ship with the package.
+``data:`` and ``trainer:`` from the YAML. ``score``, ``list`` and ``serve`` are tools that build no trainer: ``score``
+decodes MP4 files (PyAV) and writes a JSON and a CSV table of per-dimension scores; ``list`` prints every registered
+reward with its family, dimensions, differentiability, licence and whether weights ship with the package; ``serve``
+serves a reward over HTTP until Ctrl-C or SIGTERM (clients: ``create_reward("remote", url=...)``).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from lit_videoalign.errors import UsageError, config_phase, run_cli, shorten
 from lit_videoalign.subcommands import MethodSubcommandsCLI
 from reward_zoo.training import RewardTraining
 
-# Subcommands that build no model, datamodule or trainer; their arguments are their method's signature.
-TOOL_SUBCOMMANDS: dict[str, set[str]] = {"score": set(), "list": set(), "convert": set()}  # name -> CLI-filled args
+# Subcommands that build no model, datamodule or trainer; their arguments are their method's signature
+# (name -> CLI-filled args).
+TOOL_SUBCOMMANDS: dict[str, set[str]] = {"score": set(), "list": set(), "convert": set(), "serve": set()}
 # Positional arguments of tool subcommands (``reward-zoo convert FAMILY SOURCE DESTINATION``), added by hand.
 POSITIONAL_ARGS = {"convert": {
     "family": "the checkpoint's family, one of the keys of reward_zoo.cli.CONVERTERS (hpsv2, ...)",
@@ -43,6 +46,8 @@ MULTI_VALUE_ARGS = {"score": {
     "references": (str, "one reference image (PNG/JPG) per video, for identity rewards"),
 }}
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
+# Shipped configs by name: `reward-zoo fit --config rewards/quality`, `reward-zoo serve --reward rewards/vlm_judge_...`
+CONFIG_ROOTS = {"rewards/": Path(__file__).resolve().parent / "configs"}
 
 
 class RewardZooCLI(MethodSubcommandsCLI):
@@ -70,17 +75,25 @@ class RewardZooCLI(MethodSubcommandsCLI):
             return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         # no model/data/trainer groups: only the method's own arguments
         parser = self.init_parser(**kwargs)
-        skip = set(MULTI_VALUE_ARGS.get(subcommand, {})) | set(POSITIONAL_ARGS.get(subcommand, {})) | {"pretrained"}
+        skip = set(MULTI_VALUE_ARGS.get(subcommand, {})) | set(POSITIONAL_ARGS.get(subcommand, {})) | {"pretrained",
+                                                                                                "allow_remote"}
         self._subcommand_method_arguments[subcommand] = parser.add_method_arguments(klass, subcommand, skip=skip)
         for name, help_text in POSITIONAL_ARGS.get(subcommand, {}).items():
             parser.add_argument(name, type=str, help=help_text)
             self._subcommand_method_arguments[subcommand].append(name)
         self._add_multi_value_args(parser, subcommand)
-        if subcommand == "score":
+        if subcommand in ("score", "serve"):
             parser.add_argument("--pretrained", action=ActionYesNo, default=None,
                                 help="load shipped weights for a registered name (default: when they exist); "
                                      "--no_pretrained builds it untrained")
             self._subcommand_method_arguments[subcommand].append("pretrained")
+        if subcommand == "serve":
+            parser.add_argument("--allow_remote", action=ActionYesNo, default=False,
+                                help="allow a --host that is not loopback. The server has no authentication or "
+                                     "encryption: anyone who reaches it can run the reward on their inputs, so by "
+                                     "default it only listens on loopback (reach it from elsewhere through an SSH "
+                                     "tunnel)")
+            self._subcommand_method_arguments[subcommand].append("allow_remote")
         return parser
 
     @override
@@ -154,6 +167,37 @@ class RewardZooCLI(MethodSubcommandsCLI):
             _write_rows(rows, Path(output))
             print(f"wrote {output}")
         return rows
+
+    def serve(self, reward: str, port: int = 8765, host: str = "127.0.0.1", max_batch: int = 8,
+              max_request_mb: float = 1024.0, delay_s: float = 0.0, pretrained: bool | None = None,
+              allow_remote: bool = False, device: str = "cpu") -> None:
+        """Serve a reward over HTTP on loopback until Ctrl-C or SIGTERM.
+
+        Endpoints ``POST /score``, ``POST /compare``, ``GET /health``, ``GET /info``; concurrent requests are batched.
+        Clients use ``create_reward("remote", url="http://HOST:PORT")``; the wire format is described in
+        ``reward_zoo/server.py``.
+
+        Args:
+            reward: a registered reward name, ``hf-hub:org/repo``, a folder written by ``save_pretrained``, a
+                YAML/JSON file holding ``{class_path, init_args}`` (as under ``reward:`` in a training config), or a
+                shipped one by name (``rewards/vlm_judge_videoscore2``).
+            port: TCP port (0 picks a free one; the URL is printed).
+            host: address to listen on; loopback only unless --allow_remote.
+            max_batch: most videos per reward call (a pair counts as two); concurrent requests are batched up to it.
+            max_request_mb: largest request body accepted (MiB), checked before it is read.
+            delay_s: sleep before each reward call (emulates a slow judge in benchmarks).
+            pretrained: for a registered name, load its shipped weights (default: when they ship).
+            allow_remote: listen on a non-loopback host (see --allow_remote).
+            device: torch device the reward runs on.
+        """
+        from lit_videoalign.shipped_configs import BUILTIN, config_path
+        from reward_zoo.server import serve
+
+        spec = reward
+        if reward.startswith((BUILTIN, *CONFIG_ROOTS)) and not Path(reward).exists():
+            reward = str(config_path(reward, CONFIG_ROOTS, "reward-zoo"))
+        serve(reward, port=port, host=host, max_batch=max_batch, max_request_mb=max_request_mb, delay_s=delay_s,
+              pretrained=pretrained, allow_remote=allow_remote, device=device, name=spec)
 
     def convert(self, family: str, source: str, destination: str, tokenizer: str | None = None,
                 num_frames: int | None = None, videoalign_repo: str | None = None,
@@ -406,8 +450,7 @@ def main(args: list[str] | None = None, exit_on_error: bool | None = None) -> No
     stack; see :func:`lit_videoalign.errors.run_cli`)."""
     from lit_videoalign.shipped_configs import cli_builder
 
-    roots = {"rewards/": Path(__file__).resolve().parent / "configs"}  # `reward-zoo fit --config rewards/quality`
-    run_cli(cli_builder(RewardZooCLI, roots, "reward-zoo"), args, exit_on_error)
+    run_cli(cli_builder(RewardZooCLI, CONFIG_ROOTS, "reward-zoo"), args, exit_on_error)
 
 
 if __name__ == "__main__":

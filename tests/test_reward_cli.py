@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from lit_videoalign.data.toyworld import ToyWorld
@@ -20,7 +21,10 @@ from reward_zoo import create_reward
 from reward_zoo.cli import main, zoo_table
 
 ROOT = Path(__file__).resolve().parent.parent
-REWARD_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs" / "rewards").glob("*.yaml"))
+# training configs (a ``model:`` section); the reward specs beside them (a top-level ``class_path``, for
+# ``reward-zoo serve --reward``) build a reward, not a run
+REWARD_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs" / "rewards").glob("*.yaml")
+                        if "model" in (yaml.safe_load(p.read_text()) or {}))
 SHIPPED = ("quality", "identity", "physics_learned")
 
 
