@@ -89,6 +89,9 @@ BENCHMARKS = (
     Benchmark("toyworld_alignment", "aligned models (SFT, DPO, GRPO, DMD, consistency, ...) against the base on the "
               "toy world: rewards, trajectory error against true physics, diversity, NFE", (), "--output",
               needs="--model NAME=CONFIG[:WEIGHTS][@CPU_MINUTES] (repeatable)"),
+    Benchmark("gpu_check", "Wan 2.1 1.3B architecture on one CUDA GPU: SFT / DPO / GRPO-update step time, peak "
+              "memory, MFU, compile, FSDP2, checkpointing (under 8 minutes)", (), "--output",
+              needs="a CUDA GPU (`--smoke` runs it tiny on CPU)"),
 )
 BY_NAME = {b.name: b for b in BENCHMARKS}
 
