@@ -89,6 +89,8 @@ BENCHMARKS = (
     Benchmark("toyworld_alignment", "aligned models (SFT, DPO, GRPO, DMD, consistency, ...) against the base on the "
               "toy world: rewards, trajectory error against true physics, diversity, NFE", (), "--output",
               needs="--model NAME=CONFIG[:WEIGHTS][@CPU_MINUTES] (repeatable)"),
+    Benchmark("async_scoring", "the rollout phase with a slow reward server (delay = one chunk's generation): "
+              "scored in turn against in the background, GRPO and DiffusionNFT", ("--quick",), "--output"),
     Benchmark("gpu_check", "Wan 2.1 1.3B architecture on one CUDA GPU: SFT / DPO / GRPO-update step time, peak "
               "memory, MFU, compile, FSDP2, checkpointing (under 8 minutes)", (), "--output",
               needs="a CUDA GPU (`--smoke` runs it tiny on CPU)"),

@@ -131,6 +131,7 @@ class AlignmentModule(L.LightningModule):
         self.reward: nn.Module | None = None  # a frozen judge, for objectives that hold one (:meth:`hold_reward`)
         self._nonfinite: list[str] = []  # what was NaN or infinite since the last optimizer step
         self.nonfinite_skips = 0  # optimizer steps skipped so far (kept in checkpoints)
+        self.reward_failures = 0  # reward calls that raised so far (kept in checkpoints; see :meth:`reward_scores`)
         self._consecutive_nonfinite: dict[int, int] = {}  # per optimizer index: skipped steps in a row
         self._rng_before_validation: dict | None = None
         self._rng_to_restore: dict | None = None
@@ -218,7 +219,8 @@ class AlignmentModule(L.LightningModule):
         rollouts as an uninterrupted one. Objectives that override this call ``super()`` first."""
         checkpoint["rng_states"] = self._rng_before_validation or rng_states()
         checkpoint["nonfinite_guard"] = {"skips": self.nonfinite_skips,
-                                         "consecutive": dict(self._consecutive_nonfinite)}
+                                         "consecutive": dict(self._consecutive_nonfinite),
+                                         "reward_failures": self.reward_failures}
         if self.frozen_base:  # the state dict leaves the base out (see ``state_dict``): say which base it needs
             checkpoint["frozen_base_fingerprint"] = self.base_fingerprint()
 
@@ -232,6 +234,7 @@ class AlignmentModule(L.LightningModule):
         guard = checkpoint.get("nonfinite_guard", {})
         self.nonfinite_skips = int(guard.get("skips", 0))
         self._consecutive_nonfinite = {int(k): int(v) for k, v in guard.get("consecutive", {}).items()}
+        self.reward_failures = int(guard.get("reward_failures", 0))
 
     @override
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -320,9 +323,10 @@ class AlignmentModule(L.LightningModule):
                       key: str = "overall") -> tuple[dict[str, Tensor], Tensor]:
         """The held reward's scores of ``videos`` and the mask ``Tensor[B]`` of samples whose ``key`` score is finite.
         If the reward raises, every score is NaN and every sample masked (:func:`guarded_scores` warns, naming
-        ``who`` and the ``consequence``)."""
+        ``who`` and the ``consequence``), and :attr:`reward_failures` counts the call."""
         scores = guarded_scores(self.reward, videos, prompts, who, consequence, fps=self.backbone.fps)
         if scores is None:
+            self.reward_failures += 1
             n = videos.shape[0]
             nan = torch.full((n,), float("nan"), device=videos.device)
             return {"overall": nan, key: nan}, torch.zeros(n, dtype=torch.bool, device=videos.device)

@@ -5,7 +5,8 @@ Gaussian policy with a log-probability. For each prompt a group of K videos is s
 reward, and each video's advantage is its reward standardised within its group (GRPO: no value network). The policy
 is updated with PPO's clipped surrogate on the recorded steps, plus an optional KL term to the reference policy,
 which between two Gaussian steps of equal variance is ``||mean - mean_ref||^2 / (2 std^2)``. MixGRPO's sliding
-window (arXiv 2507.21802) and DanceGRPO's shared group noise and best/worst-k selection are options.
+window (arXiv 2507.21802) and DanceGRPO's shared group noise and best/worst-k selection are options, and so are
+Pref-GRPO's win-rate advantages and scoring in the background while the next chunk is generated (``rollout_scoring``).
 
 Stabilisers, all off by default: GRPO-Guard's ratio normalisation (arXiv 2510.22319), which re-centres and rescales
 each step's log-ratio so that the PPO clip binds evenly across noise levels; per-step weighting of the policy loss by
@@ -26,6 +27,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lit_videoalign.backbones.base import Conditioning
+from lit_videoalign.objectives import rollout_scoring as scoring
 from lit_videoalign.objectives.base import AlignmentModule
 from lit_videoalign.schedules.flow import euler_step, sampling_sigmas, sde_step_with_logprob
 from reward_zoo.base import RewardModel
@@ -208,6 +210,7 @@ class Rollout:
     valid: Tensor  # (n,) bool: the reward was finite
     advantages: Tensor  # (n,)
     means: dict[int, Tensor] = field(default_factory=dict)  # step -> (n, c, t, h, w) rollout-policy means (ratio_norm)
+    scoring: dict[str, float] = field(default_factory=dict)  # scoring stats, logged as train/<name>
 
 
 class GRPO(AlignmentModule):
@@ -251,6 +254,11 @@ class GRPO(AlignmentModule):
         history_size: rewards kept per prompt for ``per_prompt_stats``.
         top_bottom_k: keep only the best and worst k rollouts of each group in the loss (DanceGRPO).
         max_grad_norm: gradient clipping before each optimizer step (None to skip).
+        advantage: ``"reward"`` (standardise the rewards) or ``"win_rate"`` (Pref-GRPO: each sample's win rate against
+            its group; the reward may then be a ``PairwiseReward``); see :mod:`.rollout_scoring`.
+        win_rate_pairs: random opponents per sample, seeded by the run's seed and step; None compares every pair.
+        async_scoring: score chunk ``j`` in a background thread while chunk ``j + 1`` is generated (bit-identical).
+        rollout_chunk_size: prompts per generated and scored chunk, dividing the batch; None is one chunk.
         **kwargs: :class:`AlignmentModule` arguments (backbone, optimizer, LoRA, sampling).
     """
 
@@ -283,13 +291,17 @@ class GRPO(AlignmentModule):
         history_size: int = 32,
         top_bottom_k: int | None = None,
         max_grad_norm: float | None = 1.0,
+        advantage: str = "reward",
+        win_rate_pairs: int | None = None,
+        async_scoring: bool = False,
+        rollout_chunk_size: int | None = None,
         **kwargs,
     ) -> None:
         kl_max = kl_beta if kl_schedule == "constant" or kl_beta_final is None else max(kl_beta, kl_beta_final)
         self.requires_reference = kl_max > 0  # no reference copy or forward when the KL term is off
         super().__init__(*args, **kwargs)
-        if not isinstance(reward, RewardModel):
-            raise TypeError(f"reward must be a reward_zoo RewardModel, got {type(reward).__name__}")
+        scoring.check_scoring_options(reward, advantage, win_rate_pairs, group_size, async_scoring, rollout_chunk_size,
+                                      "GRPO")
         if group_size < 2:
             raise ValueError(f"group_size must be at least 2 for group-relative advantages, got {group_size}")
         if not 0.0 < train_fraction <= 1.0:
@@ -340,6 +352,7 @@ class GRPO(AlignmentModule):
         if not isinstance(batch_size, int) or batch_size < 1:
             return
         hp = self.hparams
+        scoring.chunk_slices(batch_size, hp.group_size, hp.rollout_chunk_size)  # the chunk size divides the batch
         try:
             per_update = micro_batches_per_update(batch_size, hp.group_size, hp.micro_batch_size, hp.updates_per_epoch)
         except ValueError as err:
@@ -367,43 +380,51 @@ class GRPO(AlignmentModule):
 
     @torch.no_grad()
     def rollout(self, prompts: list[str], generator: torch.Generator | None = None) -> Rollout:
-        """Sample ``group_size`` videos per prompt with the SDE, record the trajectory, score and standardise."""
+        """Sample ``group_size`` videos per prompt with the SDE, record the trajectory, score and standardise; chunk
+        by chunk, each scored in turn or in the background (:func:`.rollout_scoring.generate_and_score`)."""
         hp = self.hparams
-        k = hp.group_size
         was_training = self.training
         self.eval()
         try:
-            group_prompts = [p for p in prompts for _ in range(k)]
+            group_prompts = [p for p in prompts for _ in range(hp.group_size)]
             cond = self.backbone.encode_prompts(group_prompts)
-            shape = self.backbone.latent_shape(hp.num_frames, hp.height, hp.width)
-            n_noise = len(prompts) if hp.same_noise_per_group else len(group_prompts)
-            noise = torch.randn((n_noise, *shape), generator=generator).to(self.device)
-            if hp.same_noise_per_group:
-                noise = noise.repeat_interleave(k, dim=0)
             sigmas = sampling_sigmas(hp.num_sampling_steps, shift=self.sampling_shift).to(self.device)
             steps = self.sde_steps()
             uncond = self._uncond(len(group_prompts))
-            velocity = self.guided_velocity_fn(cond, self.rollout_guidance, uncond)
-            x, latents, means = noise, [noise], {}
-            log_probs = torch.zeros(len(group_prompts), hp.num_sampling_steps, device=self.device)
-            for i in range(hp.num_sampling_steps):
-                s, s_next = sigmas[i].expand(len(x)), sigmas[i + 1].expand(len(x))
-                v = velocity(x, s)
-                if i in steps:
-                    x, log_probs[:, i], mean, _ = sde_step_with_logprob(x, v, s, s_next, noise_level=hp.noise_level,
-                                                                        generator=generator)
-                    if hp.ratio_norm:
-                        means[i] = mean
-                else:
-                    x = euler_step(x, v, s, s_next)
-                latents.append(x)
-            videos = self.backbone.decode_latents(x)
-            rewards, valid = self.score(videos, group_prompts)
-            advantages = self.advantages(rewards["overall"], valid, group_prompts)
+            chunks, scored = scoring.generate_and_score(self, group_prompts, lambda sl: self._sample_chunk(
+                cond.index(sl), None if uncond is None else uncond.index(sl), sigmas, steps, generator), "overall")
+            advantages = self.advantages(scored.signal, scored.valid, group_prompts)
         finally:
             self.train(was_training)
-        return Rollout(torch.stack(latents, dim=1), log_probs, sigmas, steps, cond, uncond, group_prompts, rewards,
-                       valid, advantages, means)
+        latents, log_probs, means = zip(*chunks)
+        means = {i: torch.cat([m[i] for m in means]) for i in means[0]}
+        return Rollout(torch.cat(latents), torch.cat(log_probs), sigmas, steps, cond, uncond, group_prompts,
+                       scored.rewards, scored.valid, advantages, means, scored.stats)
+
+    def _sample_chunk(self, cond: Conditioning, uncond: Conditioning | None, sigmas: Tensor, steps: list[int],
+                      generator: torch.Generator | None) -> tuple[tuple[Tensor, Tensor, dict[int, Tensor]], Tensor]:
+        """One chunk's SDE trajectories, ``(latents (b, s + 1, ...), log_probs (b, s), means)``, and its videos."""
+        hp = self.hparams
+        n = len(cond)
+        shape = self.backbone.latent_shape(hp.num_frames, hp.height, hp.width)
+        noise = torch.randn((n // hp.group_size if hp.same_noise_per_group else n, *shape), generator=generator)
+        noise = noise.repeat_interleave(hp.group_size, dim=0) if hp.same_noise_per_group else noise
+        noise = noise.to(self.device)
+        velocity = self.guided_velocity_fn(cond, self.rollout_guidance, uncond)
+        x, latents, means = noise, [noise], {}
+        log_probs = torch.zeros(n, hp.num_sampling_steps, device=self.device)
+        for i in range(hp.num_sampling_steps):
+            s, s_next = sigmas[i].expand(len(x)), sigmas[i + 1].expand(len(x))
+            v = velocity(x, s)
+            if i in steps:
+                x, log_probs[:, i], mean, _ = sde_step_with_logprob(x, v, s, s_next, noise_level=hp.noise_level,
+                                                                    generator=generator)
+                if hp.ratio_norm:
+                    means[i] = mean
+            else:
+                x = euler_step(x, v, s, s_next)
+            latents.append(x)
+        return (torch.stack(latents, dim=1), log_probs, means), self.backbone.decode_latents(x)
 
     def score(self, videos: Tensor, prompts: list[str]) -> tuple[dict[str, Tensor], Tensor]:
         """Reward every video; samples whose reward is NaN, or all samples if the reward raises, are masked out."""
@@ -413,9 +434,8 @@ class GRPO(AlignmentModule):
         hp = self.hparams
         if hp.per_prompt_stats:
             adv = torch.zeros_like(rewards)
-            for i, (r, ok, p) in enumerate(zip(rewards.tolist(), valid.tolist(), prompts)):
-                if ok:
-                    self.prompt_history.setdefault(p, deque(maxlen=hp.history_size)).append(r)
+            for r, p in zip(rewards[valid].tolist(), [p for p, ok in zip(prompts, valid.tolist()) if ok]):
+                self.prompt_history.setdefault(p, deque(maxlen=hp.history_size)).append(r)
             for i, (r, ok, p) in enumerate(zip(rewards.tolist(), valid.tolist(), prompts)):
                 if ok:
                     hist = torch.tensor(list(self.prompt_history[p]))
@@ -546,6 +566,7 @@ class GRPO(AlignmentModule):
         n = len(rollout.prompts)
         valid = rollout.valid
         self.log("train/masked_samples", (~valid).sum().float(), batch_size=n)
+        scoring.log_scoring(self, rollout.scoring, n)
         for dim, values in rollout.rewards.items():
             finite = values[valid]
             if finite.numel():
@@ -556,8 +577,9 @@ class GRPO(AlignmentModule):
     # -- evaluation ---------------------------------------------------------------------------------------------
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Deterministic ODE samples of held-out prompts, scored by the training reward."""
-        self.validate_with_reward(batch, batch_idx)
+        """Deterministic ODE samples of held-out prompts, scored by the training reward (if pointwise)."""
+        if isinstance(self.reward, RewardModel):
+            self.validate_with_reward(batch, batch_idx)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:

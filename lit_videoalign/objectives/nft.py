@@ -18,14 +18,15 @@ noised afresh at new sigmas, so it needs neither the sampling trajectory nor an 
 
 The sampling policy (``v_old``) is the paper's lagging EMA of the trained weights (a second LoRA adapter ``"old"``
 under LoRA, a frozen copy otherwise), or the frozen base. Sampling is CFG-free by default, so the model learns to need
-no guidance.
+no guidance. Pref-GRPO's win rates can replace the rewards, and rollouts can be scored in the background while the next
+chunk is generated (``rollout_scoring``).
 """
 
 from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,7 @@ from typing_extensions import override
 
 from lit_videoalign.backbones.adapters import AdapterRoles, add_named_adapter, ema_update
 from lit_videoalign.backbones.base import Conditioning
+from lit_videoalign.objectives import rollout_scoring as scoring
 from lit_videoalign.objectives.base import AlignmentModule
 from lit_videoalign.schedules.flow import (
     SIGMA_MODES,
@@ -185,6 +187,7 @@ class NFTRollout:
     valid: Tensor  # (n,) bool: finite reward
     r: Tensor  # (n,) optimality probability
     advantages: Tensor  # (n,)
+    scoring: dict[str, float] = field(default_factory=dict)  # scoring stats, logged as train/<name>
 
 
 class DiffusionNFT(AlignmentModule):
@@ -222,6 +225,11 @@ class DiffusionNFT(AlignmentModule):
         micro_batch_size: samples per forward/backward (gradients accumulate); None = all at once.
         updates_per_epoch: optimizer steps per pass: the micro-batches are split into this many groups.
         max_grad_norm: gradient clipping before each optimizer step (None to skip).
+        advantage: ``"reward"`` (the ``reward_key`` scores become ``r``) or ``"win_rate"`` (Pref-GRPO: each sample's
+            win rate against its group does; the reward may then be a ``PairwiseReward``); see :mod:`.rollout_scoring`.
+        win_rate_pairs: random opponents per sample, seeded by the run's seed and step; None compares every pair.
+        async_scoring: score chunk ``j`` in a background thread while chunk ``j + 1`` is generated (bit-identical).
+        rollout_chunk_size: prompts per generated and scored chunk, dividing the batch; None is one chunk.
         **kwargs: :class:`AlignmentModule` arguments (backbone, optimizer, LoRA, sampling).
     """
 
@@ -252,15 +260,19 @@ class DiffusionNFT(AlignmentModule):
         micro_batch_size: int | None = None,
         updates_per_epoch: int = 1,
         max_grad_norm: float | None = 1.0,
+        advantage: str = "reward",
+        win_rate_pairs: int | None = None,
+        async_scoring: bool = False,
+        rollout_chunk_size: int | None = None,
         **kwargs,
     ) -> None:
         self.requires_reference = kl_beta > 0 or old_policy == "base"
         super().__init__(*args, **kwargs)
-        if not isinstance(reward, RewardModel):
-            raise TypeError(f"reward must be a reward_zoo RewardModel, got {type(reward).__name__}")
-        if reward_key not in (*reward.dimensions, "overall"):
+        scoring.check_scoring_options(reward, advantage, win_rate_pairs, group_size, async_scoring, rollout_chunk_size,
+                                      "DiffusionNFT")
+        if reward_key not in (dims := scoring.reward_dimensions(reward, advantage)):
             raise ValueError(f"reward_key {reward_key!r} is not a score of {type(reward).__name__}; expected one of "
-                             f"{[*reward.dimensions, 'overall']}")
+                             f"{list(dims)}")
         checks = {
             "loss_type": (loss_type in LOSS_TYPES, f"one of {LOSS_TYPES}"),
             "old_policy": (old_policy in OLD_POLICIES, f"one of {OLD_POLICIES}"),
@@ -360,31 +372,38 @@ class DiffusionNFT(AlignmentModule):
     # -- rollouts -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, prompts: list[str], generator: torch.Generator | None = None) -> NFTRollout:
-        """``group_size`` clean samples per prompt from the sampling policy, scored, with ``r`` and advantages."""
+        """``group_size`` clean samples per prompt from the sampling policy, scored, with ``r`` and advantages; chunk by
+        chunk, each scored in turn or in the background (:func:`.rollout_scoring.generate_and_score`)."""
         hp = self.hparams
         group_prompts = [p for p in prompts for _ in range(hp.group_size)]
         was_training = self.training
         self.eval()
         try:
             cond = self.backbone.encode_prompts(group_prompts)
-            shape = self.backbone.latent_shape(hp.num_frames, hp.height, hp.width)
-            noise = torch.randn((len(group_prompts), *shape), generator=generator).to(self.device)
             uncond = None
             if hp.rollout_guidance_scale != 1.0:
                 uncond = self.backbone.encode_prompts([hp.negative_prompt] * len(group_prompts))
-            with self.sampling_policy():
-                if hp.sampler == "model":
-                    latents = self.sample_latents(noise, cond, num_inference_steps=hp.num_sampling_steps,
-                                                  guidance_scale=hp.rollout_guidance_scale, generator=generator,
-                                                  uncond=uncond)
-                else:
-                    latents = self._sde_sample(noise, cond, uncond, generator)
-            videos = self.backbone.decode_latents(latents)
-            rewards, valid = self.score(videos, group_prompts)
+            chunks, scored = scoring.generate_and_score(self, group_prompts, lambda sl: self._sample_chunk(
+                cond.index(sl), None if uncond is None else uncond.index(sl), generator), hp.reward_key)
         finally:
             self.train(was_training)
-        r, adv = optimality_probability(rewards[hp.reward_key], hp.group_size, hp.adv_clip_max, valid, hp.global_std)
-        return NFTRollout(latents, cond, group_prompts, rewards, valid, r, adv)
+        r, adv = optimality_probability(scored.signal, hp.group_size, hp.adv_clip_max, scored.valid, hp.global_std)
+        return NFTRollout(torch.cat(chunks), cond, group_prompts, scored.rewards, scored.valid, r, adv, scored.stats)
+
+    def _sample_chunk(self, cond: Conditioning, uncond: Conditioning | None,
+                      generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """One chunk's clean latents from the sampling policy, and its videos."""
+        hp = self.hparams
+        shape = self.backbone.latent_shape(hp.num_frames, hp.height, hp.width)
+        noise = torch.randn((len(cond), *shape), generator=generator).to(self.device)
+        with self.sampling_policy():
+            if hp.sampler == "model":
+                latents = self.sample_latents(noise, cond, num_inference_steps=hp.num_sampling_steps,
+                                              guidance_scale=hp.rollout_guidance_scale, generator=generator,
+                                              uncond=uncond)
+            else:
+                latents = self._sde_sample(noise, cond, uncond, generator)
+        return latents, self.backbone.decode_latents(latents)
 
     def _sde_sample(self, noise: Tensor, cond: Conditioning, uncond: Conditioning | None,
                     generator: torch.Generator | None) -> Tensor:
@@ -491,6 +510,7 @@ class DiffusionNFT(AlignmentModule):
         n = len(rollout.prompts)
         valid = rollout.valid
         self.log("train/masked_samples", (~valid).sum().float(), batch_size=n)
+        scoring.log_scoring(self, rollout.scoring, n)
         for dim, values in rollout.rewards.items():
             if values[valid].numel():
                 self.log(f"train/reward/{dim}", values[valid].mean(), prog_bar=dim == "overall", batch_size=n)
@@ -499,8 +519,10 @@ class DiffusionNFT(AlignmentModule):
     # -- evaluation ---------------------------------------------------------------------------------------------
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Deterministic samples of held-out prompts (the module's sampler and guidance), scored by the reward."""
-        self.validate_with_reward(batch, batch_idx)
+        """Deterministic samples of held-out prompts (the module's sampler and guidance), scored by the reward (if
+        pointwise)."""
+        if isinstance(self.reward, RewardModel):
+            self.validate_with_reward(batch, batch_idx)
 
 
 @contextmanager
