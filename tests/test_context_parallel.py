@@ -1,0 +1,395 @@
+"""Context parallelism on 2 CPU processes (gloo, Ulysses over SDPA): the tiny Wan denoiser's output and summed
+parameter gradients equal one process's (an uneven split's output too); SFT, LoRA SFT, DPO (a frozen reference copy)
+and GRPO (rollouts sampled under CP) through Lightning's ``ContextParallelStrategy`` equal the same runs in one
+process (losses and trained weights); the sharded checkpoint loads into one process; CP peers share their random
+state; and every bad input gets its one-line error before any work.
+
+The 2-process half runs this file as a script (``python tests/test_context_parallel.py OUT PIPELINE``), started twice
+with the environment Lightning reads for externally launched processes, as ``tests/test_fsdp2.py`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
+from lit_videoalign.context_parallel import (
+    ContextParallelStrategy,
+    check_degrees,
+    check_denoiser,
+    check_token_count,
+    context_parallel_mesh,
+)
+from lit_videoalign.data.toyworld import ToyWorld
+from lit_videoalign.objectives.dpo import DPO
+from lit_videoalign.objectives.grpo import GRPO
+from lit_videoalign.objectives.sft import SFT
+from lit_videoalign.strategies import denoiser_copies
+from lit_videoalign.testing import Brightness
+
+ROOT = Path(__file__).resolve().parent.parent
+WORLD, STEPS, BATCH = 2, 2, 2
+# A tiny Wan denoiser: 2 heads (Ulysses 2 puts one on each rank), 2 blocks, latents 4x2x8x8 -> 2x4x4 = 32 tokens.
+WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+           text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+           rope_max_seq_len=32)
+
+
+def tiny_wan():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(**WAN)
+
+
+def denoiser_inputs(odd: bool = False) -> dict:
+    """Latents of 2x4x4 = 32 tokens, or with ``odd`` 1x3x3 = 9 (which 2 does not divide)."""
+    g = torch.Generator().manual_seed(1)
+    inputs = {"hidden_states": torch.randn(2, 4, 2, 8, 8, generator=g), "timestep": torch.tensor([300.0, 700.0]),
+              "encoder_hidden_states": torch.randn(2, 8, 32, generator=g)}
+    if odd:
+        inputs["hidden_states"] = inputs["hidden_states"][:, :, :1, :6, :6]
+    return inputs
+
+
+def forward_backward(model, odd: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    out = model(**denoiser_inputs(odd), return_dict=False)[0]
+    out.square().mean().backward()  # a loss over the whole (gathered) sequence
+    return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+class Clips(Dataset):
+    def __init__(self, size: int) -> None:
+        self.world, self.size = ToyWorld(), size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> dict:
+        ex = self.world.example(2000 + i)
+        return {"video": ex.video, "prompt": ex.prompt}
+
+
+class Recording:
+    """An objective, unchanged (noise, sigmas and prompt dropout from the global RNG), recording each step's loss."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.losses: list[float] = []
+
+    def setup(self, stage: str) -> None:
+        # Lightning reseeds (``reset_seed``) when it starts a process group, after the model is built; reseed the
+        # one-process run at the same point, so both start training from the same random state.
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.losses.append(loss.item())
+        return loss
+
+
+class RecordingSFT(Recording, SFT):
+    pass
+
+
+class RecordingDPO(Recording, DPO):
+    pass
+
+
+class RecordingGRPO(Recording, GRPO):
+    pass
+
+
+class Prompts(Dataset):
+    def __init__(self, size: int) -> None:
+        self.world, self.size = ToyWorld(), size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> dict:
+        return {"prompt": self.world.example(4000 + i).prompt}
+
+
+class Pairs(Dataset):
+    """Toy-world clips preferred over the same scenes without gravity."""
+
+    def __init__(self, size: int) -> None:
+        self.world, self.size = ToyWorld(max_balls=1), size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> dict:
+        ex = self.world.example(3000 + i)
+        bad = self.world.corrupt(ex, "gravity_zero", torch.Generator().manual_seed(i))
+        return {"prompt": ex.prompt, "chosen": ex.video, "rejected": bad.video}
+
+
+# tag: (objective, its arguments, dataset, SGD learning rate). SGD, not Adam: Adam's update hardly depends on the
+# gradient's scale, SGD's is proportional to it. DPO trains all weights, so its frozen reference is a second copy;
+# GRPO samples its rollouts (2 Euler steps, CFG) under context parallelism before the update.
+RUNS = {"sft": (RecordingSFT, {"prompt_dropout": 0.5}, Clips, 0.5),
+        "lora": (RecordingSFT, {"prompt_dropout": 0.5, "lora_rank": 4}, Clips, 0.5),
+        "dpo": (RecordingDPO, {"beta": 1000.0}, Pairs, 0.01),
+        "grpo": (RecordingGRPO, {"reward": "brightness", "lora_rank": 4, "group_size": 2, "num_sampling_steps": 2,
+                                 "num_inference_steps": 2}, Prompts, 1.0)}
+
+
+def make_model(pipeline: str, tag: str):
+    cls, kwargs, _, lr = RUNS[tag]
+    if kwargs.get("reward") == "brightness":
+        kwargs = {**kwargs, "reward": Brightness()}
+    return cls(DiffusersVideoBackbone(pipeline, max_sequence_length=16),
+               optimizer=lambda p: torch.optim.SGD(p, lr=lr), **kwargs)
+
+
+def fit_run(pipeline: str, tag: str, strategy="auto", devices: int = 1):
+    L.seed_everything(0)
+    model = make_model(pipeline, tag)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False)
+    trainer.fit(model, DataLoader(RUNS[tag][2](STEPS * BATCH), batch_size=BATCH, shuffle=False))
+    return model
+
+
+# -- the 2-process worker ------------------------------------------------------------------------------------------
+def worker(out: Path, pipeline: str) -> None:
+    import random
+
+    import numpy as np
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from lit_videoalign.context_parallel import enable_context_parallel, synchronize_rng
+
+    torch.set_num_threads(1)
+    rank = int(os.environ["LOCAL_RANK"])
+    report: dict = {}
+    # 1. the bare denoiser, Ulysses 2: output gathered on every rank, each rank's gradient a part of the sum.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    mesh = context_parallel_mesh(WORLD, WORLD)
+    model = tiny_wan()
+    assert enable_context_parallel(model, mesh) and not enable_context_parallel(model, mesh)
+    output, grads = forward_backward(model)
+    summed = {}
+    for name, grad in grads.items():
+        summed[name] = grad.clone()
+        dist.all_reduce(summed[name])
+    # An uneven split (9 tokens over 2 ranks: 5 + 4), without gradients: diffusers has no backward for it.
+    uneven = tiny_wan()
+    enable_context_parallel(uneven, context_parallel_mesh(WORLD, WORLD, uneven=True))
+    try:
+        uneven(**denoiser_inputs(odd=True), return_dict=False)
+        report["uneven_grad_error"] = None
+    except ValueError as e:
+        report["uneven_grad_error"] = str(e)
+    with torch.no_grad():
+        uneven_output = uneven(**denoiser_inputs(odd=True), return_dict=False)[0]
+    report["uneven_mode"] = uneven._parallel_config.context_parallel_config.ulysses_anything
+    # The random state: ranks seeded apart draw the same numbers after synchronize_rng (torch, numpy, random).
+    torch.manual_seed(rank), np.random.seed(rank), random.seed(rank)
+    synchronize_rng(dist.group.WORLD)
+    report["draws"] = [torch.rand(1).item(), float(np.random.rand()), random.random()]
+    if rank == 0:
+        save_file({"output": output, "uneven_output": uneven_output, **{f"local.{n}": g for n, g in grads.items()},
+                   **{f"sum.{n}": g for n, g in summed.items()}}, str(out / "denoiser.safetensors"))
+    # 2. bad input at the first forward: a token count the degree does not divide; ranks given different noise.
+    errors = {}
+    for case in ("tokens", "inputs"):
+        fresh = tiny_wan()
+        enable_context_parallel(fresh, mesh)
+        inputs = denoiser_inputs(odd=case == "tokens")
+        if case == "inputs":
+            inputs["hidden_states"] = inputs["hidden_states"] + rank
+        try:
+            fresh(**inputs, return_dict=False)
+            errors[case] = None
+        except (ValueError, RuntimeError) as e:
+            errors[case] = str(e)
+    report["errors"] = errors
+
+    # 3. SFT through Lightning, full and LoRA: ContextParallelStrategy builds its own mesh on the process group
+    # (Lightning keeps an initialised one; a second group on the same port would hang).
+    for tag in RUNS:
+        strategy = ContextParallelStrategy(context_parallel_size=WORLD, process_group_backend="gloo")
+        sft = fit_run(pipeline, tag, strategy, devices=WORLD)
+        state = get_model_state_dict(sft, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        report[tag] = {"losses": sft.losses, "copies": [c._parallel_config is not None for c in denoiser_copies(sft)]}
+        report["mesh"] = {"dims": list(strategy.device_mesh.mesh_dim_names), "shape": list(strategy.device_mesh.shape),
+                          "sampler": strategy.distributed_sampler_kwargs}
+        if rank == 0:
+            save_file({k: v.clone().contiguous() for k, v in state.items() if k.startswith("backbone.denoiser.")},
+                      str(out / f"{tag}.safetensors"))
+        if tag == "sft":  # a distributed checkpoint of the dp x cp sharded weights, one file per rank
+            sft.trainer.save_checkpoint(out / "sft.ckpt")
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, tiny_pixel_pipeline) -> Path:
+    out = tmp_path_factory.mktemp("cp")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(WORLD),
+           "NODE_RANK": "0", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, __file__, str(out), tiny_pixel_pipeline], cwd=ROOT,
+                              env={**env, "LOCAL_RANK": str(r), "RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    return out
+
+
+# -- the tests -----------------------------------------------------------------------------------------------------
+def test_denoiser_output_and_gradients_match_one_process(two_process_run):
+    from safetensors.torch import load_file
+
+    cp = load_file(two_process_run / "denoiser.safetensors")
+    output, grads = forward_backward(tiny_wan())
+    torch.testing.assert_close(cp["output"], output, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(cp[f"sum.{name}"], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # The gradient scale: a rank's own gradient is only its tokens' part (diffusers does not rescale it), so the
+    # strategy must sum over the CP group, not average.
+    block = "blocks.0.attn1.to_q.weight"
+    assert not torch.allclose(cp[f"local.{block}"], grads[block], rtol=1e-2)
+    assert not torch.allclose(cp[f"local.{block}"] * WORLD, grads[block], rtol=1e-2)
+
+
+def test_uneven_split_matches_one_process_without_gradients(two_process_run):
+    from safetensors.torch import load_file
+
+    cp = load_file(two_process_run / "denoiser.safetensors")
+    with torch.no_grad():
+        output = tiny_wan()(**denoiser_inputs(odd=True), return_dict=False)[0]
+    torch.testing.assert_close(cp["uneven_output"], output, rtol=1e-5, atol=1e-6)
+    for r in range(WORLD):
+        report = json.loads((two_process_run / f"rank{r}.json").read_text())
+        assert report["uneven_mode"]  # diffusers' ulysses_anything split ran, not a silent fallback
+        assert "uneven context-parallel splits run without gradients only" in report["uneven_grad_error"]
+
+
+def test_ranks_seeded_apart_draw_alike_after_synchronize_rng(two_process_run):
+    draws = [json.loads((two_process_run / f"rank{r}.json").read_text())["draws"] for r in range(WORLD)]
+    assert draws[0] == draws[1]
+    seeded = {seed: torch.Generator().manual_seed(seed) for seed in (0, 1)}
+    first = {seed: torch.rand(1, generator=g).item() for seed, g in seeded.items()}
+    assert draws[0][0] == first[0] != first[1]  # the group's first rank (seeded 0) gave its state to the other
+
+
+@pytest.mark.parametrize("tag", list(RUNS))
+def test_training_steps_through_lightning_match_one_process(two_process_run, tiny_pixel_pipeline, tag):
+    from safetensors.torch import load_file
+
+    reports = [json.loads((two_process_run / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    # Every copy of the denoiser is context-parallel: DPO's frozen reference too.
+    assert all(r[tag]["copies"] == [True] * (2 if tag == "dpo" else 1) for r in reports)
+    assert reports[0]["mesh"]["dims"] == ["data_parallel", "ring", "ulysses"]
+    assert reports[0]["mesh"]["shape"] == [1, 1, WORLD]
+    assert all(r["mesh"]["sampler"] == {"num_replicas": 1, "rank": 0} for r in reports)  # CP peers share batches
+    single = fit_run(tiny_pixel_pipeline, tag)
+    assert len(single.losses) == STEPS and len(set(single.losses)) == STEPS
+    for r in reports:  # both ranks of the CP group computed the whole sequence's loss
+        assert r[tag]["losses"] == pytest.approx(single.losses, rel=1e-4)
+    trained = load_file(two_process_run / f"{tag}.safetensors")
+    state = {k: v for k, v in single.state_dict().items() if k.startswith("backbone.denoiser.")}
+    trainable = {f"backbone.denoiser.{n}" for n, p in single.backbone.denoiser.named_parameters() if p.requires_grad}
+    assert set(trained) == set(state)
+    moved = 0
+    L.seed_everything(0)  # the weights both runs started from (LoRA's A matrices are random)
+    before = make_model(tiny_pixel_pipeline, tag).state_dict()
+    for key, value in state.items():
+        torch.testing.assert_close(trained[key], value, rtol=1e-4, atol=1e-5, msg=key)
+        moved += key in trainable and not torch.equal(value, before[key])
+    assert moved > len(trainable) // 2  # the steps changed the weights: the comparison is not vacuous
+
+
+def test_a_checkpoint_written_under_context_parallelism_loads_into_one_process(two_process_run, tiny_pixel_pipeline,
+                                                                                tmp_path):
+    from safetensors.torch import load_file
+
+    from lit_videoalign.strategies import consolidate_sharded_checkpoint, load_sharded_checkpoint
+
+    ckpt = two_process_run / "sft.ckpt"
+    assert len(list(ckpt.glob("*.distcp"))) == WORLD
+    trained = load_file(two_process_run / "sft.safetensors")
+    model = make_model(tiny_pixel_pipeline, "sft")
+    load_sharded_checkpoint(model, ckpt)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in trained.items())
+    merged = load_file(consolidate_sharded_checkpoint(ckpt, tmp_path / "weights.safetensors"))
+    assert all(torch.equal(merged[k], v) for k, v in trained.items())
+
+
+def test_bad_inputs_at_the_first_forward_fail_on_every_rank(two_process_run):
+    for r in range(WORLD):
+        errors = json.loads((two_process_run / f"rank{r}.json").read_text())["errors"]
+        assert "9 tokens" in errors["tokens"] and "does not divide" in errors["tokens"]
+        assert "different denoiser inputs" in errors["inputs"]
+
+
+def test_degrees_that_do_not_fit_the_world_are_refused():
+    assert check_degrees(4, 2) == (2, 1, 2)
+    assert check_degrees(8, 4, ring_degree=2) == (2, 2, 2)
+    with pytest.raises(ValueError, match="context_parallel_size=3 does not divide the world size 4"):
+        check_degrees(4, 3)
+    with pytest.raises(ValueError, match="ring_degree=3 does not divide context_parallel_size=4"):
+        check_degrees(4, 4, ring_degree=3)
+    with pytest.raises(ValueError, match="data_parallel_size=3"):
+        check_degrees(4, 2, data_parallel_size=3)
+    with pytest.raises(ValueError, match="ring_degree=3"):
+        ContextParallelStrategy(context_parallel_size=2, ring_degree=3)
+    with pytest.raises(ValueError, match="uneven=True needs pure ulysses or pure ring"):
+        context_parallel_mesh(4, 4, ring_degree=2, uneven=True)
+
+
+def test_denoisers_and_sequences_context_parallelism_cannot_split_are_refused():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from lit_videoalign.testing import TINY_HUNYUAN_TRANSFORMER
+
+    wan = tiny_wan()
+    check_denoiser(wan, ring_degree=1, ulysses_degree=2)  # Ulysses on SDPA: fine
+    with pytest.raises(ValueError, match="HunyuanVideoTransformer3DModel has no _cp_plan"):
+        check_denoiser(HunyuanVideoTransformer3DModel(**TINY_HUNYUAN_TRANSFORMER), ring_degree=1, ulysses_degree=2)
+    with pytest.raises(ValueError, match="ring_degree=2 needs an attention backend that returns the log-sum-exp"):
+        check_denoiser(wan, ring_degree=2, ulysses_degree=1)
+    with pytest.raises(ValueError, match="2 attention heads, which ulysses_degree=4 does not divide"):
+        check_denoiser(wan, ring_degree=1, ulysses_degree=4)
+    latents = denoiser_inputs()["hidden_states"]  # 2x8x8 latents in 1x2x2 patches: 32 tokens
+    check_token_count(wan, latents, 4)
+    with pytest.raises(ValueError, match="the video has 32 tokens .* degree 3 does not divide"):
+        check_token_count(wan, latents, 3)
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]), sys.argv[2])
