@@ -281,6 +281,24 @@ def write_tiny_videoreward(path: str | os.PathLike, seed: int = 0, output_dim: i
     return path
 
 
+def write_tiny_vlm_judge(path: str | os.PathLike, seed: int = 0, lm_gain: float = 15.0) -> Path:
+    """Save a tiny random Qwen2-VL checkpoint with its processor (the tiny byte-level tokenizer plus "Yes" and "No" as
+    whole tokens) for ``create_reward("vlm_judge", pretrained_model_name_or_path=path, min_pixels=784,
+    max_pixels=3136)``; the LM head is scaled by ``lm_gain`` so its answer distributions are far from uniform."""
+    from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    path = Path(path)
+    processor = AutoProcessor.from_pretrained(write_tiny_qwen2vl_processor(path))
+    processor.tokenizer.add_tokens(["Yes", "No"])  # ids 263, 264 (the tiny config's vocabulary holds 266)
+    processor.save_pretrained(path)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**tiny_qwen2vl_config()))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(lm_gain)
+    model.save_pretrained(path)
+    return path
+
+
 class Brightness(RewardModel):
     """Mean pixel value of each video: a differentiable reward that any policy can move in a few steps, so objective
     tests can check that training raises the reward they are given."""

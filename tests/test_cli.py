@@ -1,8 +1,10 @@
 """The videoalign CLI: every config runs with a tiny override, generate writes files, bad input is named."""
 
+import contextlib
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from lit_videoalign.cli import main
 from lit_videoalign.data.toyworld import ToyWorld
 from lit_videoalign.testing import write_tiny_clip
 from lit_videoalign.video_io import read_video, write_mp4
+from reward_zoo import create_reward
 
 ROOT = Path(__file__).resolve().parent.parent
 # Reward-model training configs run through `reward-zoo fit` (tests/test_reward_cli.py); the rest through videoalign.
@@ -56,6 +59,8 @@ def tiny_overrides(config: str, tmp: Path, tiny_pipeline: str, video_folder: Pat
         args += ["--model.init_args.group_size=2", "--model.init_args.num_sampling_steps=2",
                  "--model.init_args.micro_batch_size=1", "--model.init_args.updates_per_epoch=2",
                  "--model.init_args.num_inference_steps=2", "--data.init_args.batch_size=1"]
+    if "win_rate_pairs: " in text and "win_rate_pairs: null" not in text:  # groups of 2: one opponent each
+        args.append("--model.init_args.win_rate_pairs=1")
     if "objectives.nft.DiffusionNFT" in text:
         args += ["--model.init_args.group_size=2", "--model.init_args.num_sampling_steps=2",
                  "--model.init_args.micro_batch_size=1", "--model.init_args.updates_per_epoch=2",
@@ -150,6 +155,26 @@ def tiny_real_rewards(text: str, tmp: Path, tiny_clip: str) -> list[str]:
     return args
 
 
+@contextlib.contextmanager
+def served_judge(text: str, tmp: Path):
+    """For a config scored by a ``remote`` reward: a tiny random ``vlm_judge`` served on loopback for the run, and the
+    override pointing the config at it; otherwise nothing."""
+    if "reward_zoo.remote.RemoteReward" not in text:
+        yield []
+        return
+    from lit_videoalign.testing import write_tiny_vlm_judge
+    from reward_zoo.server import start_server
+
+    judge = create_reward("vlm_judge", pretrained_model_name_or_path=str(write_tiny_vlm_judge(tmp / "judge")),
+                          min_pixels=28 * 28, max_pixels=56 * 56)
+    with start_server(judge) as server, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield [f"--model.init_args.reward.init_args.url={server.url}", "--model.init_args.reward.init_args.retries=0"]
+        assert server.reward_calls > 0, "the run never reached the served judge"
+        failed = [str(w.message) for w in caught if "the reward raised" in str(w.message)]
+        assert not failed, failed
+
+
 def test_there_are_configs():
     assert {"configs/toyworld/pretrain.yaml", "configs/toyworld/sft.yaml",
             "configs/wan2.1-1.3b/sft_lora.yaml"} <= set(CONFIGS)
@@ -158,7 +183,9 @@ def test_there_are_configs():
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_config_fits_with_a_tiny_override(config, tmp_path, tiny_pipeline, video_folder, tiny_clip, monkeypatch):
     monkeypatch.chdir(ROOT)
-    main(["fit", "--config", config, *tiny_overrides(config, tmp_path, tiny_pipeline, video_folder, tiny_clip)])
+    with served_judge((ROOT / config).read_text(), tmp_path) as judge_args:
+        main(["fit", "--config", config, *tiny_overrides(config, tmp_path, tiny_pipeline, video_folder, tiny_clip),
+              *judge_args])
     if "PipelineExport" in (ROOT / config).read_text():
         assert (tmp_path / "pipeline" / "model_index.json").is_file()
 
