@@ -69,10 +69,13 @@ def build_rewards(spec: Mapping[str, Any] | Sequence[str] | None, default: Seque
 
 @torch.no_grad()
 def score_videos(rewards: Mapping[str, Any], videos: Tensor, prompts: Sequence[str],
-                 batch_size: int = 16, fps: float | None = None) -> list[dict[str, float]]:
+                 batch_size: int = 16, fps: float | None = None,
+                 rationales: list[dict[str, list[str]]] | None = None) -> list[dict[str, float]]:
     """Score ``videos [B, T, C, H, W]`` in ``[0, 1]`` with every reward; one row ``{"reward/dimension": score}`` per
     video, ``overall`` first for each reward (a reward whose only dimension equals its overall gives ``overall``
-    alone). ``fps`` is the videos' frame rate, for rewards that sample frames by time."""
+    alone). ``fps`` is the videos' frame rate, for rewards that sample frames by time. Given ``rationales`` (one dict
+    per video), a judge that writes its reasoning (``last_rationales``, e.g. ``vlm_judge`` with chain of thought) adds
+    each video's rationales under the reward's name."""
     if len(prompts) != videos.shape[0]:
         raise ValueError(f"got {len(prompts)} prompts for {videos.shape[0]} videos; expected one prompt per video")
     rows: list[dict[str, float]] = [{} for _ in range(videos.shape[0])]
@@ -88,6 +91,11 @@ def score_videos(rewards: Mapping[str, Any], videos: Tensor, prompts: Sequence[s
             for dim in ("overall", *dims):
                 for i, value in enumerate(scores[dim].float().cpu().tolist()):
                     rows[start + i][f"{name}/{dim}"] = value
+            said = getattr(reward, "last_rationales", None) or []  # video-major: len(chunk) x questions per video
+            if rationales is not None and said and len(said) % len(chunk) == 0:
+                per_video = len(said) // len(chunk)
+                for i in range(len(chunk)):
+                    rationales[start + i][name] = list(said[i * per_video:(i + 1) * per_video])
     return rows
 
 

@@ -18,12 +18,13 @@ from lit_videoalign.evaluation import (
     bootstrap_interval,
     paired_win_rates,
     read_video_folder,
+    score_videos,
     wilson_interval,
     win_rate,
     write_manifest,
 )
 from lit_videoalign.video_io import write_mp4
-from reward_zoo import create_reward
+from reward_zoo import RewardModel, create_reward
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -183,3 +184,25 @@ def test_evaluate_rejects_bad_requests(clean_and_flickering, tmp_path, monkeypat
         main(["evaluate", "--config", "configs/toyworld/sft.yaml", "--prompts", "a red ball falls", "--seeds", "1",
               "2", "--output_dir", str(tmp_path)])
     assert not list(tmp_path.glob("*.json"))
+
+
+class Explaining(RewardModel):
+    """Mean brightness that also says why, one rationale per video and question (as ``vlm_judge`` with chain of
+    thought keeps them in ``last_rationales``)."""
+
+    dimensions = ("a", "b")
+
+    def forward(self, videos, prompts=None, references=None):
+        m = videos.mean((1, 2, 3, 4))  # (b,)
+        self.last_rationales = [f"{p} looks {q}" for p in prompts for q in ("a", "b")]
+        return {"a": m, "b": 1 - m, "overall": m}
+
+
+def test_score_videos_keeps_each_videos_rationales_apart():
+    videos = torch.rand(5, 2, 3, 8, 8)
+    prompts = [f"p{i}" for i in range(5)]
+    rationales = [{} for _ in prompts]
+    rows = score_videos({"judge": Explaining()}, videos, prompts, batch_size=2, rationales=rationales)
+    assert [r["judge"] for r in rationales] == [[f"p{i} looks a", f"p{i} looks b"] for i in range(5)]
+    assert all(isinstance(v, float) for row in rows for v in row.values())  # scores stay numbers
+    assert score_videos({"judge": Explaining()}, videos, prompts) == rows  # rationales only when asked for

@@ -110,10 +110,12 @@ class RewardEvaluation(L.Callback):
         the generator's frame rate, for rewards that sample frames by time."""
         metrics: dict[str, float] = {}
         rows: list[dict[str, float]] = [{} for _ in samples.prompts]
+        self.last_rationales: list[dict[str, list[str]]] = [{} for _ in samples.prompts]  # judges' reasoning
         for prefix, rewards in ((self.prefix, self.rewards), (self.gold_prefix, self.gold_rewards)):
             if not rewards:
                 continue
-            scored = score_videos(rewards, samples.videos, samples.prompts, batch_size=self.batch_size, fps=fps)
+            scored = score_videos(rewards, samples.videos, samples.prompts, batch_size=self.batch_size, fps=fps,
+                                  rationales=self.last_rationales)
             for row, scores in zip(rows, scored):
                 row.update({f"{prefix}/{k}": v for k, v in scores.items()})
         for key in rows[0]:
@@ -128,8 +130,9 @@ class RewardEvaluation(L.Callback):
         log_scalars(trainer, metrics, samples.step)
         self.history.append({"step": samples.step, **metrics})
         if trainer.is_global_zero and samples.files:
-            per_video = [{"prompt": p, "seed": s, **row}
-                         for p, s, row in zip(samples.prompts, samples.seeds, self.last_rows)]
+            per_video = [{"prompt": p, "seed": s, **row, **({"rationales": why} if why else {})}
+                         for p, s, row, why in zip(samples.prompts, samples.seeds, self.last_rows,
+                                                   self.last_rationales)]
             (samples.files[0].parent / "scores.json").write_text(json.dumps(per_video, indent=2) + "\n")
         shown = {k: round(v, 4) for k, v in metrics.items() if k.endswith("/overall")}
         rank_zero_info(f"RewardEvaluation at step {samples.step}: {shown}")
