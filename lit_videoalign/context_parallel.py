@@ -10,12 +10,17 @@ rank of the group.
 How the pieces fit in Lightning:
 
 * :class:`ContextParallelStrategy` (a ``ModelParallelStrategy``) builds one device mesh with the dimensions
-  ``("data_parallel", "ring", "ulysses")`` plus two flattened ones, ``"context_parallel"`` (ring x ulysses) and
-  ``"data_context_parallel"`` (all of them, the FSDP2 sharding group). The sampler shards data over
-  ``"data_parallel"`` only, so the ranks of a CP group see the same batches.
+  ``("data_parallel_replicate", "data_parallel_shard", "ring", "ulysses")`` plus three flattened ones:
+  ``"data_parallel"`` (replicate x shard), ``"context_parallel"`` (ring x ulysses) and ``"data_context_parallel"``
+  (shard x ring x ulysses, the FSDP2 sharding group). The sampler shards data over ``"data_parallel"`` only, so the
+  ranks of a CP group see the same batches. A replicate size above 1 is HSDP (Zhao et al., arXiv 2304.11277): FSDP2
+  shards over ``"data_context_parallel"`` and keeps whole replicas of those shards along ``"data_parallel_replicate"``
+  (``fully_shard`` on the 2-D mesh ``("data_parallel_replicate", "data_context_parallel")``), so gradients are
+  reduce-scattered inside a replica and all-reduced across replicas (e.g. shard within a node, replicate across).
 * :func:`~lit_videoalign.strategies.apply_fsdp2` (called by ``AlignmentModule.configure_model``) recognises this
-  mesh (its ``"ulysses"`` dimension) and first applies CP to every denoiser copy (:func:`enable_context_parallel`),
-  then ``fully_shard`` s it over ``"data_context_parallel"`` (the order that works: hooks before sharding).
+  mesh (its ``"ulysses"`` dimension) and, if the backbone declares ``supports_context_parallel``, first applies CP
+  to every denoiser copy (:func:`enable_context_parallel`), then ``fully_shard`` s it over ``"data_context_parallel"``
+  (the order that works: hooks before sharding), replicated along ``"data_parallel_replicate"``.
 * **Gradient scale.** diffusers does not rescale gradients: each CP rank's parameter gradient is the part that flows
   through its own tokens, and the full-sequence gradient is their *sum* over the CP group (the output gather's
   backward hands each rank its slice of the loss gradient). FSDP2 averages gradients over its group, so the divide
@@ -25,10 +30,11 @@ How the pieces fit in Lightning:
   dropout and data-loader seeds are then drawn identically, while data-parallel groups keep their own streams. The
   first forward of every CP denoiser checks it: ranks given different inputs stop with an error.
 
-Checks that fail before any work (one clear error each): a CP degree that does not divide the world size
-(:func:`check_degrees`), a denoiser class without a ``_cp_plan``, a head count the Ulysses degree does not divide, an
-attention backend without CP or, for ``ring_degree > 1``, one that cannot return the log-sum-exp ring attention
-needs (:func:`check_denoiser`), and, at the first forward, a token count the CP degree does not divide
+Checks that fail before any work (one clear error each): a CP degree that does not divide the world size, or a
+replicate size that does not divide the data-parallel size (:func:`check_degrees`), a backbone whose
+``supports_context_parallel`` is False (its denoiser class has no ``_cp_plan``), a head count the Ulysses degree does
+not divide, an attention backend without CP or, for ``ring_degree > 1``, one that cannot return the log-sum-exp ring
+attention needs (:func:`check_denoiser`), and, at the first forward, a token count the CP degree does not divide
 (:func:`check_token_count`) unless the mesh splits unevenly (``uneven=True``: diffusers' ``*_anything`` modes, which
 have no backward in diffusers 0.42, so for sampling only; gloo's missing uneven all-gather is filled in here).
 """
@@ -47,8 +53,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from typing_extensions import override
 
-MESH_DIMS = ("data_parallel", "ring", "ulysses")
-CP_DIM, SHARD_DIM = "context_parallel", "data_context_parallel"
+MESH_DIMS = ("data_parallel_replicate", "data_parallel_shard", "ring", "ulysses")
+DP_DIM, CP_DIM, SHARD_DIM, REPLICATE_DIM = "data_parallel", "context_parallel", "data_context_parallel", MESH_DIMS[0]
 # Context-parallel attention backends whose forward cannot return the log-sum-exp that ring attention merges with.
 _NO_LSE_BACKENDS = frozenset({"native", "_native_npu"})
 # Meshes built with uneven=True (token counts the degree need not divide), by identity: meshes of equal layout compare
@@ -58,12 +64,16 @@ _UNEVEN: dict[int, weakref.ref] = {}
 
 # -- checks --------------------------------------------------------------------------------------------------------
 def check_degrees(world_size: int, context_parallel_size: int, ring_degree: int = 1,
-                  data_parallel_size: int | None = None) -> tuple[int, int, int]:
-    """``(data_parallel, ring, ulysses)`` sizes for ``world_size`` ranks, or a clear error.
+                  data_parallel_size: int | None = None,
+                  data_parallel_replicate_size: int = 1) -> tuple[int, int, int, int]:
+    """``(data_parallel_replicate, data_parallel_shard, ring, ulysses)`` sizes for ``world_size`` ranks, or a clear
+    error.
 
-    ``context_parallel_size = ring_degree * ulysses_degree``; ``data_parallel_size`` defaults to the rest of the world.
+    ``context_parallel_size = ring_degree * ulysses_degree``; ``data_parallel_size`` defaults to the rest of the world
+    and is ``data_parallel_replicate_size * data_parallel_shard`` (HSDP when the replicate size is above 1).
     """
-    for name, value in (("context_parallel_size", context_parallel_size), ("ring_degree", ring_degree)):
+    for name, value in (("context_parallel_size", context_parallel_size), ("ring_degree", ring_degree),
+                        ("data_parallel_replicate_size", data_parallel_replicate_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if world_size % context_parallel_size:
@@ -76,7 +86,13 @@ def check_degrees(world_size: int, context_parallel_size: int, ring_degree: int 
     if data_parallel_size is not None and data_parallel_size != dp:
         raise ValueError(f"data_parallel_size={data_parallel_size} times context_parallel_size={context_parallel_size} "
                          f"must equal the world size {world_size}; expected data_parallel_size={dp}")
-    return dp, ring_degree, context_parallel_size // ring_degree
+    if dp % data_parallel_replicate_size:
+        raise ValueError(f"data_parallel_replicate_size={data_parallel_replicate_size} does not divide the "
+                         f"data-parallel size {dp} (world size {world_size} / context_parallel_size="
+                         f"{context_parallel_size}); expected data_parallel_replicate_size x data_parallel_shard x "
+                         "context_parallel_size = world size")
+    return (data_parallel_replicate_size, dp // data_parallel_replicate_size, ring_degree,
+            context_parallel_size // ring_degree)
 
 
 def _backend_name(denoiser: nn.Module) -> str:
@@ -92,13 +108,17 @@ def _backend_name(denoiser: nn.Module) -> str:
     return _AttentionBackendRegistry.get_active_backend()[0].value
 
 
-def check_denoiser(denoiser: nn.Module, ring_degree: int, ulysses_degree: int, uneven: bool = False) -> None:
+def check_denoiser(denoiser: nn.Module, ring_degree: int, ulysses_degree: int, uneven: bool = False,
+                   supported: bool | None = None) -> None:
     """Refuse a denoiser that diffusers' context parallelism cannot split ``ring_degree x ulysses_degree`` ways
-    (``uneven``: diffusers pads heads, so any head count goes)."""
+    (``uneven``: diffusers pads heads, so any head count goes). ``supported``: the backbone's
+    ``supports_context_parallel``; None for a bare diffusers model, whose own ``_cp_plan`` declaration decides."""
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
     name = type(denoiser).__name__
-    if getattr(type(denoiser), "_cp_plan", None) is None:
+    if supported is None:
+        supported = getattr(type(denoiser), "_cp_plan", None) is not None
+    if not supported:
         raise ValueError(f"{name} has no _cp_plan, so diffusers cannot split its tokens; context parallelism needs a "
                          "transformer that defines one (Wan, LTX-Video, LTX-2 in diffusers 0.42)")
     heads = getattr(getattr(denoiser, "config", None), "num_attention_heads", None)
@@ -142,9 +162,11 @@ def check_token_count(denoiser: nn.Module, hidden_states: Tensor, degree: int) -
 
 # -- the mesh ------------------------------------------------------------------------------------------------------
 def context_parallel_mesh(world_size: int, context_parallel_size: int, ring_degree: int = 1,
-                          device_type: str = "cpu", data_parallel_size: int | None = None, uneven: bool = False):
-    """The device mesh ``("data_parallel", "ring", "ulysses")`` with the flattened ``"context_parallel"`` and
-    ``"data_context_parallel"`` dimensions (needs an initialised process group).
+                          device_type: str = "cpu", data_parallel_size: int | None = None, uneven: bool = False,
+                          data_parallel_replicate_size: int = 1):
+    """The device mesh ``("data_parallel_replicate", "data_parallel_shard", "ring", "ulysses")`` with the flattened
+    ``"data_parallel"``, ``"context_parallel"`` and ``"data_context_parallel"`` dimensions (needs an initialised
+    process group).
 
     ``uneven=True`` lets denoisers CP'd on this mesh split token counts the degree does not divide (diffusers'
     ``ulysses_anything`` / ``ring_anything``: unequal parts, nothing padded into attention), for sampling only:
@@ -152,11 +174,13 @@ def context_parallel_mesh(world_size: int, context_parallel_size: int, ring_degr
     """
     from torch.distributed.device_mesh import init_device_mesh
 
-    shape = check_degrees(world_size, context_parallel_size, ring_degree, data_parallel_size)
-    if uneven and 1 < shape[1] < context_parallel_size:
+    shape = check_degrees(world_size, context_parallel_size, ring_degree, data_parallel_size,
+                          data_parallel_replicate_size)
+    if uneven and 1 < ring_degree < context_parallel_size:
         raise ValueError(f"uneven=True needs pure ulysses or pure ring, got ring_degree={ring_degree} of "
                          f"context_parallel_size={context_parallel_size}")
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+    mesh[MESH_DIMS[:2]]._flatten(DP_DIM)  # the sampler's data-parallel rank (Lightning reads mesh["data_parallel"])
     cp_mesh(mesh), shard_mesh(mesh)  # create their process groups now, on every rank together
     if uneven:
         _UNEVEN[id(mesh)] = weakref.ref(mesh)
@@ -174,8 +198,18 @@ def cp_mesh(mesh):
 
 
 def shard_mesh(mesh):
-    """The flattened ``"data_context_parallel"`` mesh of ``mesh``: the FSDP2 sharding group (every rank)."""
-    return mesh[MESH_DIMS]._flatten(SHARD_DIM)
+    """The flattened ``"data_context_parallel"`` (shard x ring x ulysses) mesh of ``mesh``: one FSDP2 sharding group
+    (every rank without HSDP)."""
+    return mesh[MESH_DIMS[1:]]._flatten(SHARD_DIM)
+
+
+def fsdp_mesh(mesh):
+    """The mesh ``fully_shard`` takes: the 1-D sharding mesh (:func:`shard_mesh`), or under HSDP the 2-D mesh
+    ``("data_parallel_replicate", "data_context_parallel")`` (replicate across the first, shard along the second)."""
+    shards = shard_mesh(mesh)
+    if mesh[REPLICATE_DIM].size() == 1:
+        return shards
+    return mesh[REPLICATE_DIM, SHARD_DIM]
 
 
 def context_parallel_size(mesh) -> int:
@@ -186,9 +220,10 @@ def context_parallel_size(mesh) -> int:
 
 
 # -- applying it ---------------------------------------------------------------------------------------------------
-def enable_context_parallel(denoiser: nn.Module, mesh) -> bool:
+def enable_context_parallel(denoiser: nn.Module, mesh, supported: bool | None = None) -> bool:
     """Apply diffusers' context parallelism to ``denoiser`` on ``mesh``'s ring and ulysses dimensions, after
-    :func:`check_denoiser`; also installs the first-forward checks. Returns False if it was already applied.
+    :func:`check_denoiser` (``supported``: the backbone's ``supports_context_parallel``); also installs the
+    first-forward checks. Returns False if it was already applied.
 
     ``ModelMixin.enable_parallelism`` places the model on ``torch.device(accelerator, rank % device_count)``, which
     divides by zero on a machine without an accelerator; the mesh is resolved here instead, on the mesh's device.
@@ -199,7 +234,7 @@ def enable_context_parallel(denoiser: nn.Module, mesh) -> bool:
         return False
     ring, ulysses = mesh["ring"].size(), mesh["ulysses"].size()
     uneven = _is_uneven(mesh)
-    check_denoiser(denoiser, ring, ulysses, uneven)
+    check_denoiser(denoiser, ring, ulysses, uneven, supported)
     if uneven:
         _install_uneven_gathers()
     config = ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses, mesh=mesh,
@@ -314,14 +349,19 @@ def synchronize_rng(group) -> None:
 
 # -- the Lightning strategy -----------------------------------------------------------------------------------------
 class ContextParallelStrategy(ModelParallelStrategy):
-    """``ModelParallelStrategy`` with a context-parallel axis: FSDP2 over all ranks, each video's tokens split over
-    ``context_parallel_size`` of them, data sharded over the remaining ``data_parallel`` axis.
+    """``ModelParallelStrategy`` with a context-parallel axis: FSDP2 over all ranks (or HSDP: whole replicas of
+    shards, ``data_parallel_replicate_size > 1``), each video's tokens split over ``context_parallel_size`` of them,
+    data sharded over the remaining ``data_parallel`` axis.
 
     Args:
-        context_parallel_size: ranks that share one video (``ring_degree * ulysses_degree``).
+        context_parallel_size: ranks that share one video (``ring_degree * ulysses_degree``); 1: none (FSDP2 or HSDP
+            alone).
         ring_degree: the ring-attention part of it (needs a backend that returns the log-sum-exp, not SDPA); the rest
             is Ulysses all-to-all, which runs on any CP backend, CPU SDPA with gloo included.
         data_parallel_size: defaults to ``world_size // context_parallel_size``.
+        data_parallel_replicate_size: HSDP: whole replicas of the sharded model along this many ranks of the data
+            axis (a divisor of the data-parallel size); each replica is sharded over the remaining
+            ``data_parallel_size / data_parallel_replicate_size`` x ``context_parallel_size`` ranks. 1: plain FSDP2.
         uneven: split token counts the degree does not divide into unequal parts (diffusers' ``*_anything``
             modes; sampling only, no gradients); otherwise such a sequence is refused at the first forward.
         save_distributed_checkpoint, process_group_backend, timeout: as for ``ModelParallelStrategy``.
@@ -336,15 +376,24 @@ class ContextParallelStrategy(ModelParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = None,
         uneven: bool = False,
+        data_parallel_replicate_size: int = 1,
         **kwargs: Any,
     ) -> None:
         from torch.distributed.constants import default_pg_timeout
 
-        check_degrees(context_parallel_size, context_parallel_size, ring_degree)  # types and ring | cp, before launch
+        # types and ring | cp, before launch (the world size is known at setup)
+        for name, value in (("context_parallel_size", context_parallel_size),
+                            ("data_parallel_replicate_size", data_parallel_replicate_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        dp = data_parallel_size if isinstance(data_parallel_size, int) else data_parallel_replicate_size
+        check_degrees(context_parallel_size * dp, context_parallel_size, ring_degree, dp,
+                      data_parallel_replicate_size=data_parallel_replicate_size)
         super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=1,
                          save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, timeout=timeout or default_pg_timeout, **kwargs)
         self.context_parallel_size, self.ring_degree, self.uneven = context_parallel_size, ring_degree, uneven
+        self.data_parallel_replicate_size = data_parallel_replicate_size
 
     @override
     def setup_environment(self) -> None:
@@ -352,8 +401,9 @@ class ContextParallelStrategy(ModelParallelStrategy):
         self._setup_distributed()
         dp = None if self._data_parallel_size == "auto" else self._data_parallel_size
         self._device_mesh = context_parallel_mesh(self.world_size, self.context_parallel_size, self.ring_degree,
-                                                  self.root_device.type, dp, uneven=self.uneven)
-        self._data_parallel_size = self._device_mesh["data_parallel"].size()
+                                                  self.root_device.type, dp, uneven=self.uneven,
+                                                  data_parallel_replicate_size=self.data_parallel_replicate_size)
+        self._data_parallel_size = self._device_mesh[DP_DIM].size()
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
 

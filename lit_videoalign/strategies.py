@@ -15,7 +15,8 @@ Two ways to shard a post-training run, both through Lightning's own strategies:
   Parameters become ``DTensor`` shards; the optimizer is created after sharding, as Lightning requires.
 * **FSDP2 x context parallelism** (:class:`~lit_videoalign.context_parallel.ContextParallelStrategy`, a
   ``ModelParallelStrategy``): the same, after diffusers' context parallelism is applied to every copy, sharded over
-  data parallel x context parallel; see :mod:`lit_videoalign.context_parallel`.
+  data parallel x context parallel, or HSDP (``data_parallel_replicate_size > 1``: replicas of those shards); see
+  :mod:`lit_videoalign.context_parallel`.
 
 Plus what a sharded run needs around it: :func:`compile_blocks` (per-block ``torch.compile``, after sharding) and
 :func:`load_sharded_checkpoint` / :func:`consolidate_sharded_checkpoint`, which read a checkpoint folder written by
@@ -174,10 +175,10 @@ def _data_parallel_mesh(mesh):
         size = mesh["tensor_parallel"].size()
         raise NotImplementedError(f"tensor parallelism is not supported, got tensor_parallel_size={size}; use "
                                   "ModelParallelStrategy(tensor_parallel_size=1)")
-    if "ulysses" in names:  # ContextParallelStrategy's mesh: shard over data parallel x context parallel
-        from lit_videoalign.context_parallel import shard_mesh
+    if "ulysses" in names:  # ContextParallelStrategy's mesh: shard over data parallel x context parallel (HSDP: 2-D)
+        from lit_videoalign.context_parallel import fsdp_mesh
 
-        return shard_mesh(mesh)
+        return fsdp_mesh(mesh)
     return mesh["data_parallel"] if "data_parallel" in names else mesh
 
 
@@ -198,8 +199,10 @@ def apply_fsdp2(
         module: an ``AlignmentModule`` (anything with ``backbone.denoiser`` and ``backbone.block_classes``).
         mesh: the device mesh (``LightningModule.device_mesh``); its ``"data_parallel"`` dimension is used. A mesh of
             :class:`~lit_videoalign.context_parallel.ContextParallelStrategy` first gets context parallelism applied
-            to every copy (:func:`~lit_videoalign.context_parallel.enable_context_parallel`), then is sharded over
-            ``"data_context_parallel"`` with gradients summed over the CP group and averaged over data parallel.
+            to every copy (:func:`~lit_videoalign.context_parallel.enable_context_parallel`; the backbone must declare
+            ``supports_context_parallel``), then is sharded over ``"data_context_parallel"`` (replicated along
+            ``"data_parallel_replicate"`` under HSDP) with gradients summed over the CP group and averaged over data
+            parallel.
         reshard_after_forward: free gathered parameters after each block's forward (ZeRO-3); False keeps them until
             the backward (ZeRO-2 like, more memory, less communication).
         param_dtype: compute dtype of gathered parameters (e.g. ``torch.bfloat16``); None keeps theirs.
@@ -215,22 +218,28 @@ def apply_fsdp2(
     if module.backbone.is_quantized:
         raise NotImplementedError("FSDP2 cannot shard a bitsandbytes-quantized denoiser; train QLoRA with a single "
                                   "device or DDP (strategy: ddp)")
+    cp = context_parallel_size(mesh)
+    if cp > 1 and not module.backbone.supports_context_parallel:
+        raise ValueError(f"{type(module.backbone).__name__} with a {type(module.backbone.denoiser).__name__} denoiser "
+                         f"does not support context parallelism (supports_context_parallel is False: no _cp_plan), "
+                         f"got context_parallel_size={cp}; use a Wan or LTX-Video backbone, or context_parallel_size=1")
+    ours = "ulysses" in (mesh.mesh_dim_names or ())  # ContextParallelStrategy's mesh (CP and/or HSDP)
     dp_mesh = _data_parallel_mesh(mesh)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype or param_dtype)
     block_classes = tuple(block_classes_of(module.backbone))
-    cp = context_parallel_size(mesh)
     sharded = []
     for denoiser in denoiser_copies(module):
         if isinstance(denoiser, FSDPModule):
             continue
         if cp > 1:  # hooks before sharding (NeMo Automodel's order); each CP rank's gradient is a part of the sum
-            enable_context_parallel(denoiser, mesh)
+            enable_context_parallel(denoiser, mesh, supported=True)
         units = [m for m in denoiser.modules() if isinstance(m, block_classes)] + [denoiser]
         for unit in units:
             fully_shard(unit, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
-            if cp > 1:  # sum over the CP ranks, mean over the data-parallel ones
+            if ours:  # sum over the CP ranks, mean over the data-parallel ones (replicate x shard)
                 unit.set_gradient_divide_factor(float(mesh["data_parallel"].size()))
-                # NCCL divides inside the reduction (PREMUL_SUM), which gloo lacks: there, sum and divide apart.
+                # NCCL divides inside the reduction (PREMUL_SUM), which gloo lacks, as it lacks AVG for HSDP's
+                # all-reduce: there, sum and divide apart.
                 unit.set_force_sum_reduction_for_comms(mesh.device_type == "cpu")
         sharded.append(denoiser)
     return sharded

@@ -1,8 +1,11 @@
 """Context parallelism on 2 CPU processes (gloo, Ulysses over SDPA): the tiny Wan denoiser's output and summed
-parameter gradients equal one process's (an uneven split's output too); SFT, LoRA SFT, DPO (a frozen reference copy)
-and GRPO (rollouts sampled under CP) through Lightning's ``ContextParallelStrategy`` equal the same runs in one
-process (losses and trained weights); the sharded checkpoint loads into one process; CP peers share their random
-state; and every bad input gets its one-line error before any work.
+parameter gradients equal one process's (an uneven split's output too); SFT, LoRA SFT, DPO (a frozen reference copy),
+GRPO (rollouts sampled under CP), DiffusionNFT (its EMA "old" policy as a frozen copy, and as a LoRA adapter), DMD (a
+critic and a teacher copy) and LoRA consistency distillation (an EMA adapter) through Lightning's
+``ContextParallelStrategy`` equal the same runs in one process (losses and trained weights); a run resumed from its
+step-2 distributed checkpoint ends bit-identical to the uninterrupted run; the sharded checkpoint loads into one
+process; CP peers share their random state; the backbone's ``supports_context_parallel`` decides; and every bad input
+gets its one-line error before any work.
 
 The 2-process half runs this file as a script (``python tests/test_context_parallel.py OUT PIPELINE``), started twice
 with the environment Lightning reads for externally launched processes, as ``tests/test_fsdp2.py`` does.
@@ -31,10 +34,13 @@ from lit_videoalign.context_parallel import (
     context_parallel_mesh,
 )
 from lit_videoalign.data.toyworld import ToyWorld
+from lit_videoalign.objectives.consistency import ConsistencyDistillation
+from lit_videoalign.objectives.dmd import DMD
 from lit_videoalign.objectives.dpo import DPO
 from lit_videoalign.objectives.grpo import GRPO
+from lit_videoalign.objectives.nft import DiffusionNFT
 from lit_videoalign.objectives.sft import SFT
-from lit_videoalign.strategies import denoiser_copies
+from lit_videoalign.strategies import apply_fsdp2, denoiser_copies
 from lit_videoalign.testing import Brightness
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,6 +118,18 @@ class RecordingGRPO(Recording, GRPO):
     pass
 
 
+class RecordingNFT(Recording, DiffusionNFT):
+    pass
+
+
+class RecordingDMD(Recording, DMD):
+    pass
+
+
+class RecordingConsistency(Recording, ConsistencyDistillation):
+    pass
+
+
 class Prompts(Dataset):
     def __init__(self, size: int) -> None:
         self.world, self.size = ToyWorld(), size
@@ -145,7 +163,18 @@ RUNS = {"sft": (RecordingSFT, {"prompt_dropout": 0.5}, Clips, 0.5),
         "lora": (RecordingSFT, {"prompt_dropout": 0.5, "lora_rank": 4}, Clips, 0.5),
         "dpo": (RecordingDPO, {"beta": 1000.0}, Pairs, 0.01),
         "grpo": (RecordingGRPO, {"reward": "brightness", "lora_rank": 4, "group_size": 2, "num_sampling_steps": 2,
-                                 "num_inference_steps": 2}, Prompts, 1.0)}
+                                 "num_inference_steps": 2}, Prompts, 1.0),
+        # NFT's EMA "old" policy (sampling and v_old): a frozen denoiser copy when full, an adapter role under LoRA
+        "nft": (RecordingNFT, {"reward": "brightness", "group_size": 2, "num_sampling_steps": 2,
+                               "num_inference_steps": 2, "old_decay_rate": 0.3}, Prompts, 0.05),
+        "nft_lora": (RecordingNFT, {"reward": "brightness", "lora_rank": 4, "group_size": 2, "num_sampling_steps": 2,
+                                    "num_inference_steps": 2, "old_decay_rate": 0.3}, Prompts, 1.0),
+        # DMD: the trained critic and the frozen teacher (reference) are copies; one batch is 2 optimizer steps
+        # (critic, generator), so its 2 steps are one batch
+        "dmd": (RecordingDMD, {"teacher_guidance_scale": 2.0, "num_inference_steps": 2}, Prompts, 0.05),
+        "consistency": (RecordingConsistency, {"lora_rank": 4, "teacher_guidance_scale": 2.0, "num_timesteps": 4,
+                                               "skip_steps": 2, "num_inference_steps": 2}, Prompts, 1.0)}
+RESUME_STEPS = 4  # SFT with AdamW, one shuffled epoch of 4 batches: stop after step 2, resume mid-epoch
 
 
 def make_model(pipeline: str, tag: str):
@@ -164,6 +193,32 @@ def fit_run(pipeline: str, tag: str, strategy="auto", devices: int = 1):
                         num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False)
     trainer.fit(model, DataLoader(RUNS[tag][2](STEPS * BATCH), batch_size=BATCH, shuffle=False))
     return model
+
+
+def resume_run(pipeline: str, ckpt_dir: Path, ckpt_path: Path | None = None):
+    """SFT (prompt dropout, AdamW) for RESUME_STEPS steps under CP 2, a distributed checkpoint every 2 steps; the
+    loader's place in its shuffled epoch is checkpointed too (``ResumableDataLoader``)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lit_videoalign.data.resumable import ResumableDataLoader
+
+    L.seed_everything(0)
+    model = RecordingSFT(DiffusersVideoBackbone(pipeline, max_sequence_length=16), prompt_dropout=0.5,
+                         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    strategy = ContextParallelStrategy(context_parallel_size=WORLD, process_group_backend="gloo")
+    trainer = L.Trainer(accelerator="cpu", devices=WORLD, strategy=strategy, max_steps=RESUME_STEPS, logger=False,
+                        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=2,
+                                                   save_top_k=-1)],
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, use_distributed_sampler=False)
+    data = ResumableDataLoader(Clips(RESUME_STEPS * BATCH), batch_size=BATCH, shuffle=True,
+                               generator=torch.Generator().manual_seed(0))
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return model
+
+
+class NoCPBackbone(DiffusersVideoBackbone):
+    supports_context_parallel = False  # declared, as a backbone whose denoiser has no _cp_plan would
 
 
 # -- the 2-process worker ------------------------------------------------------------------------------------------
@@ -230,6 +285,7 @@ def worker(out: Path, pipeline: str) -> None:
         sft = fit_run(pipeline, tag, strategy, devices=WORLD)
         state = get_model_state_dict(sft, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         report[tag] = {"losses": sft.losses, "copies": [c._parallel_config is not None for c in denoiser_copies(sft)]}
+        report[tag]["num_copies"] = len(denoiser_copies(sft))
         report["mesh"] = {"dims": list(strategy.device_mesh.mesh_dim_names), "shape": list(strategy.device_mesh.shape),
                           "sampler": strategy.distributed_sampler_kwargs}
         if rank == 0:
@@ -237,6 +293,20 @@ def worker(out: Path, pipeline: str) -> None:
                       str(out / f"{tag}.safetensors"))
         if tag == "sft":  # a distributed checkpoint of the dp x cp sharded weights, one file per rank
             sft.trainer.save_checkpoint(out / "sft.ckpt")
+    # 4. resume on the same mesh: 4 steps straight vs resumed from the step-2 checkpoint of the same run
+    for name, ckpt in (("straight", None), ("resumed", out / "straight" / "step=2.ckpt")):
+        model = resume_run(pipeline, out / name, ckpt)
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        report[name] = model.losses
+        if rank == 0:
+            save_file({k: v.clone().contiguous() for k, v in state.items()}, str(out / f"{name}.safetensors"))
+    # 5. a backbone that declares no context parallelism is refused before anything is sharded
+    model = RecordingSFT(NoCPBackbone(pipeline, max_sequence_length=16))
+    try:
+        apply_fsdp2(model, context_parallel_mesh(WORLD, WORLD))
+        report["no_cp_error"] = None
+    except ValueError as e:
+        report["no_cp_error"] = str(e)
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -311,13 +381,16 @@ def test_training_steps_through_lightning_match_one_process(two_process_run, tin
     from safetensors.torch import load_file
 
     reports = [json.loads((two_process_run / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    # Every copy of the denoiser is context-parallel: DPO's frozen reference too.
-    assert all(r[tag]["copies"] == [True] * (2 if tag == "dpo" else 1) for r in reports)
-    assert reports[0]["mesh"]["dims"] == ["data_parallel", "ring", "ulysses"]
-    assert reports[0]["mesh"]["shape"] == [1, 1, WORLD]
-    assert all(r["mesh"]["sampler"] == {"num_replicas": 1, "rank": 0} for r in reports)  # CP peers share batches
     single = fit_run(tiny_pixel_pipeline, tag)
-    assert len(single.losses) == STEPS and len(set(single.losses)) == STEPS
+    # Every copy of the denoiser is context-parallel: DPO's and DMD's frozen reference, NFT's old policy, DMD's critic.
+    copies = len(denoiser_copies(single))
+    assert copies == {"dpo": 2, "nft": 2, "dmd": 3}.get(tag, 1)  # LoRA roles are adapters on the one denoiser
+    assert all(r[tag]["copies"] == [True] * copies and r[tag]["num_copies"] == copies for r in reports)
+    assert reports[0]["mesh"]["dims"] == ["data_parallel_replicate", "data_parallel_shard", "ring", "ulysses"]
+    assert reports[0]["mesh"]["shape"] == [1, 1, 1, WORLD]
+    assert all(r["mesh"]["sampler"] == {"num_replicas": 1, "rank": 0} for r in reports)  # CP peers share batches
+    batches = STEPS // 2 if tag == "dmd" else STEPS
+    assert len(single.losses) == batches and len(set(single.losses)) == batches
     for r in reports:  # both ranks of the CP group computed the whole sequence's loss
         assert r[tag]["losses"] == pytest.approx(single.losses, rel=1e-4)
     trained = load_file(two_process_run / f"{tag}.safetensors")
@@ -350,6 +423,39 @@ def test_a_checkpoint_written_under_context_parallelism_loads_into_one_process(t
     assert all(torch.equal(merged[k], v) for k, v in trained.items())
 
 
+def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(two_process_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from lit_videoalign.strategies import consolidate_sharded_checkpoint
+
+    straight, resumed = (load_file(two_process_run / f"{n}.safetensors") for n in ("straight", "resumed"))
+    assert set(straight) == set(resumed)
+    assert all(torch.equal(v, resumed[k]) for k, v in straight.items())
+    for r in range(WORLD):
+        report = json.loads((two_process_run / f"rank{r}.json").read_text())
+        assert len(report["straight"]) == RESUME_STEPS and len(report["resumed"]) == RESUME_STEPS - 2
+        assert report["resumed"] == report["straight"][2:]  # the same float losses, not just close ones
+    # the resumed steps trained: the step-2 weights differ from the end's, so the comparison above can fail
+    at_stop = load_file(consolidate_sharded_checkpoint(two_process_run / "straight" / "step=2.ckpt",
+                                                       tmp_path / "step2.safetensors"))
+    assert set(at_stop) == set(straight) and any(not torch.equal(v, at_stop[k]) for k, v in straight.items())
+
+
+def test_the_backbone_capability_decides_context_parallelism(two_process_run, tiny_pixel_pipeline, tmp_path):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from lit_videoalign.testing import tiny_hunyuan_pipeline
+
+    assert DiffusersVideoBackbone(tiny_pixel_pipeline, max_sequence_length=16).supports_context_parallel  # Wan
+    hunyuan = DiffusersVideoBackbone(str(tiny_hunyuan_pipeline(tmp_path / "hunyuan")))
+    assert isinstance(hunyuan.denoiser, HunyuanVideoTransformer3DModel) and not hunyuan.supports_context_parallel
+    for r in range(WORLD):  # a declared False is what apply_fsdp2 reads (the Wan denoiser underneath has a _cp_plan)
+        error = json.loads((two_process_run / f"rank{r}.json").read_text())["no_cp_error"]
+        assert "NoCPBackbone with a WanTransformer3DModel denoiser does not support context parallelism" in error
+    with pytest.raises(ValueError, match="has no _cp_plan"):
+        check_denoiser(tiny_wan(), ring_degree=1, ulysses_degree=2, supported=False)
+
+
 def test_bad_inputs_at_the_first_forward_fail_on_every_rank(two_process_run):
     for r in range(WORLD):
         errors = json.loads((two_process_run / f"rank{r}.json").read_text())["errors"]
@@ -358,8 +464,16 @@ def test_bad_inputs_at_the_first_forward_fail_on_every_rank(two_process_run):
 
 
 def test_degrees_that_do_not_fit_the_world_are_refused():
-    assert check_degrees(4, 2) == (2, 1, 2)
-    assert check_degrees(8, 4, ring_degree=2) == (2, 2, 2)
+    assert check_degrees(4, 2) == (1, 2, 1, 2)
+    assert check_degrees(8, 4, ring_degree=2) == (1, 2, 2, 2)
+    assert check_degrees(8, 2, data_parallel_replicate_size=2) == (2, 2, 1, 2)  # HSDP: 2 replicas of 2 x CP 2
+    with pytest.raises(ValueError, match="data_parallel_replicate_size=3 does not divide the data-parallel size 4"):
+        check_degrees(8, 2, data_parallel_replicate_size=3)
+    with pytest.raises(ValueError, match="data_parallel_replicate_size must be a positive integer, got 0"):
+        ContextParallelStrategy(context_parallel_size=2, data_parallel_replicate_size=0)
+    with pytest.raises(ValueError, match="data_parallel_replicate_size=2 does not divide the data-parallel size 3"):
+        ContextParallelStrategy(context_parallel_size=2, data_parallel_size=3, data_parallel_replicate_size=2)
+    ContextParallelStrategy(context_parallel_size=1, data_parallel_size=4, data_parallel_replicate_size=2)  # HSDP
     with pytest.raises(ValueError, match="context_parallel_size=3 does not divide the world size 4"):
         check_degrees(4, 3)
     with pytest.raises(ValueError, match="ring_degree=3 does not divide context_parallel_size=4"):

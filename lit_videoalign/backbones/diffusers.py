@@ -177,6 +177,13 @@ class DiffusersVideoBackbone(VideoBackbone):
         return self.vae is None
 
     @property
+    def supports_context_parallel(self) -> bool:
+        """Whether diffusers can split a video's tokens across devices for this denoiser: its class defines a
+        ``_cp_plan`` (Wan, LTX-Video, LTX-2 in diffusers 0.42; not HunyuanVideo). A property, as the family is known
+        per instance."""
+        return getattr(type(self.denoiser), "_cp_plan", None) is not None
+
+    @property
     def is_quantized(self) -> bool:
         """Whether the denoiser's base weights are bitsandbytes-quantized (train only LoRA on it)."""
         return bool(getattr(self.denoiser, "is_quantized", False))
