@@ -126,6 +126,11 @@ def tiny_overrides(config: str, tmp: Path, tiny_pipeline: str, video_folder: Pat
                 args += ["--data.init_args.height=64", "--data.init_args.width=64"]
     if "class_path: lightning.pytorch.strategies.ModelParallelStrategy" in text:  # FSDP2 on one in-process rank
         args += ["--trainer.devices=1", "--trainer.strategy.init_args.data_parallel_size=1"]
+    if "context_parallel.ContextParallelStrategy" in text:  # one in-process rank: CP 1, no replicas
+        args += ["--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.strategy.init_args.context_parallel_size=1",
+                 "--trainer.strategy.init_args.data_parallel_size=1"]
+        if "data_parallel_replicate_size" in text:
+            args.append("--trainer.strategy.init_args.data_parallel_replicate_size=1")
     if "strategies.BlockFSDPStrategy" in text or "strategies.FSDPStrategy" in text:  # CUDA only: run it unsharded
         args += ["--trainer.strategy=auto", "--trainer.devices=1"]
         args += ["--model.init_args.lora_rank=null"] if "lora_rank: null" in text else []
