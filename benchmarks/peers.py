@@ -12,6 +12,9 @@ prompt embeddings precomputed once, so a step is the transformer's forward, back
 Variants, each in its own fresh process (peak RSS is the process's ``VmHWM``), interleaved round by round:
 
 - ``suite``: this suite's ``SFT`` through a Lightning ``Trainer`` on precomputed ``latents`` and ``cond``;
+- ``suite_compiled``: the same with the backbone's ``compile_blocks`` option (regional ``torch.compile`` of the
+  transformer blocks, inductor; ``aot_eager`` under ``--quick``) and the suite's default optimizer (fused AdamW),
+  paired with the *uncompiled* hand-written loop; its first two steps (compilation) are not timed;
 - ``hand``: a minimal hand-written PyTorch loop (diffusers transformer + peft LoRA + AdamW), the yardstick;
 - ``finetrainers``: ``finetrainers.SFTTrainer`` driven from Python (its wheel has no CLI) with its precomputation on;
 - ``diffsynth``: DiffSynth-Studio's Wan ``train.py`` (from its repository: the wheel does not ship it) in its two
@@ -86,12 +89,12 @@ def sizes(quick: bool) -> dict:
         return {"transformer": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=16,
                                     out_channels=16, text_dim=32, freq_dim=256, ffn_dim=64, num_layers=2,
                                     cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
-                "frames": 5, "height": 32, "width": 32, "text_len": 512, "rank": 4}
+                "frames": 5, "height": 32, "width": 32, "text_len": 512, "rank": 4, "compile_backend": "aot_eager"}
     # 2 heads of 128 channels: Wan's head width, and one DiffSynth's RoPE split supports (it does not support 64)
     return {"transformer": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16,
                                 out_channels=16, text_dim=32, freq_dim=256, ffn_dim=1024, num_layers=4,
                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
-            "frames": 29, "height": 128, "width": 128, "text_len": 512, "rank": 16}
+            "frames": 29, "height": 128, "width": 128, "text_len": 512, "rank": 16, "compile_backend": "inductor"}
 
 
 # -- preparation (this suite's environment) ---------------------------------------------------------------------------
@@ -177,8 +180,9 @@ def worker_hand(work: Path, steps: int, threads: int, cfg: dict, checkpointing: 
             "trainable_params": sum(p.numel() for p in params), "versions": _versions("torch", "diffusers", "peft")}
 
 
-def worker_suite(work: Path, steps: int, threads: int, cfg: dict) -> dict:
-    """This suite's SFT through Lightning on precomputed latents and conditioning."""
+def worker_suite(work: Path, steps: int, threads: int, cfg: dict, compiled: bool = False) -> dict:
+    """This suite's SFT through Lightning on precomputed latents and conditioning; ``compiled``: with its
+    ``compile_blocks`` option and default optimizer."""
     import torch
 
     torch.set_num_threads(threads)
@@ -191,10 +195,14 @@ def worker_suite(work: Path, steps: int, threads: int, cfg: dict) -> dict:
     quiet()
     rss_imports = mib_rss_now()
     L.seed_everything(0, verbose=False)
-    bb = DiffusersVideoBackbone(str(work / "pipeline"), max_sequence_length=cfg["text_len"])
+    bb = DiffusersVideoBackbone(str(work / "pipeline"), max_sequence_length=cfg["text_len"], compile_blocks=compiled)
+    optimizer = {} if compiled else {"optimizer": lambda p: torch.optim.AdamW(p, lr=LR, weight_decay=0.0)}
     model = SFT(bb, lora_rank=cfg["rank"], lora_target_modules=LORA_TARGETS, prompt_dropout=0.0,
-                num_frames=cfg["frames"], height=cfg["height"], width=cfg["width"],
-                optimizer=lambda p: torch.optim.AdamW(p, lr=LR, weight_decay=0.0))
+                num_frames=cfg["frames"], height=cfg["height"], width=cfg["width"], **optimizer)
+    if compiled and cfg["compile_backend"] != "inductor":  # else configure_model compiles them with inductor
+        from lit_videoalign.strategies import compile_blocks
+
+        compile_blocks(model, backend=cfg["compile_backend"])
     data = _load_precomputed(work)
     item = {"latents": data["latents"][0], "prompt": PROMPT,
             "cond": {"prompt_embeds": data["prompt_embeds"][0], "prompt_mask": data["prompt_mask"][0], "extra": {}}}
@@ -462,6 +470,7 @@ def _versions(*names: str) -> dict:
 
 
 WORKERS = {"hand": worker_hand, "hand_gc": lambda *a: worker_hand(*a, checkpointing=True), "suite": worker_suite,
+           "suite_compiled": lambda *a: worker_suite(*a, compiled=True),
            "finetrainers": worker_finetrainers, "diffsynth": worker_diffsynth,
            "diffsynth_prepare": lambda *a: worker_diffsynth(*a, prepare_only=True)}
 
@@ -469,6 +478,7 @@ WORKERS = {"hand": worker_hand, "hand_gc": lambda *a: worker_hand(*a, checkpoint
 # variant -> (environment, yardstick it is paired with, steps left out of the timing)
 VARIANTS = {
     "suite": ("suite", "hand", 2),
+    "suite_compiled": ("suite", "hand", 3),
     "hand": ("suite", None, 2),
     "finetrainers": ("finetrainers", "hand@finetrainers", 1),
     "hand@finetrainers": ("finetrainers", None, 2),
@@ -477,6 +487,8 @@ VARIANTS = {
 }
 WHAT = {
     "suite": "this suite: `SFT` through Lightning, precomputed latents and conditioning",
+    "suite_compiled": "the same with `compile_blocks` (regional torch.compile) and the default fused AdamW; ratio to "
+                      "the *uncompiled* hand-written loop",
     "hand": "hand-written loop (this suite's environment)",
     "finetrainers": "finetrainers 0.2.0 `SFTTrainer`, precomputation on",
     "hand@finetrainers": "hand-written loop (finetrainers' environment)",
@@ -512,6 +524,7 @@ def run_worker(variant: str, work: Path, steps: int, threads: int, quick: bool) 
     cmd = [str(python), "-m", "benchmarks.peers", "--worker", worker, "--work", str(work), "--steps", str(steps),
            "--threads", str(threads), *(["--quick"] if quick else [])]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+           "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor"),  # cold in the first round, warm in the next ones
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("PEER_RESULT ")]
@@ -545,6 +558,12 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {WHAT[name]} | {r['versions'].get('torch')} | {step['median']:.3f} "
                      f"({step['min']:.3f}-{step['max']:.3f}) | {ratio} | {peak:.0f} "
                      f"| {r['rss_after_imports_mib']['median']:.0f} |")
+    compiled = result["variants"].get("suite_compiled", {})
+    if "runs" in compiled:
+        first = [row["steps_s"][0] for row in compiled["runs"]]
+        lines += ["", f"`suite_compiled` compiles the blocks ({cfg.get('compile_backend')}) in its first step, not "
+                  f"timed: {first[0]:.1f} s in the first round (a fresh cache: a cold compile)"
+                  + (f", {statistics.median(first[1:]):.1f} s in the next ones (warm cache)." if first[1:] else ".")]
     lines += ["", "Peak RSS is the whole process (`VmHWM`): imports, every model the framework loads (this suite's "
               "backbone also holds the tiny text encoder and VAE; finetrainers loads them for its precomputation and "
               "frees them; DiffSynth's train stage loads only the DiT), optimizer state and activations.", ""]
@@ -587,6 +606,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.rounds, args.steps = 1, 4
     cfg = sizes(args.quick)
+    load_start = os.getloadavg()[0]
     runs: dict[str, list[dict]] = {v: [] for v in args.variants}
     missing = {}
     for variant in args.variants:
@@ -646,7 +666,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python -m benchmarks.peers " + shlex.join(argv),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch "
-                   f"thread(s), Python {platform.python_version()}",
+                   f"thread(s), Python {platform.python_version()}; load average (1 min) {load_start:.2f} at the "
+                   f"start, {os.getloadavg()[0]:.2f} at the end",
         "config": {"describe": f"Wan transformer {info['transformer_params']:,} parameters ({t['num_layers']} blocks, "
                                f"{t['num_attention_heads']} heads x {t['attention_head_dim']}, FFN {t['ffn_dim']}), "
                                f"{cfg['frames']}x{cfg['height']}x{cfg['width']} clip -> latents "
@@ -654,6 +675,7 @@ def main(argv: list[str] | None = None) -> dict:
                                f"{cfg['text_len']} text tokens, batch 1, LoRA rank {cfg['rank']} on attention q/k/v/o "
                                "(self and cross), AdamW lr 1e-4, float32",
                    "rounds": args.rounds, "steps": args.steps, "quick": args.quick, "note": args.note,
+                   "compile_backend": cfg["compile_backend"],
                    "peers_root": str(PEERS_ROOT)},
         "variants": variants,
         "patches": patches,
