@@ -91,6 +91,13 @@ BENCHMARKS = (
               needs="--model NAME=CONFIG[:WEIGHTS][@CPU_MINUTES] (repeatable)"),
     Benchmark("async_scoring", "the rollout phase with a slow reward server (delay = one chunk's generation): "
               "scored in turn against in the background, GRPO and DiffusionNFT", ("--quick",), "--output"),
+    Benchmark("reward_hacking", "GRPO on a deliberately hackable proxy (quality's visual head), pointwise against "
+              "win-rate advantages: held-out physics, trajectory error, diversity, and the two head to head",
+              ("--quick",), "--output"),
+    Benchmark("context_parallel", "context parallelism (Ulysses, gloo, 2 processes) against one process: step time "
+              "and saved-activation memory per rank", ("--heads", "2", "--head_dim", "16", "--frames", "2",
+                                                        "--latent_size", "16", "--warmup", "0", "--repeats", "1"),
+              "--output"),
     Benchmark("gpu_check", "Wan 2.1 1.3B architecture on one CUDA GPU: SFT / DPO / GRPO-update step time, peak "
               "memory, MFU, compile, FSDP2, checkpointing (under 8 minutes)", (), "--output",
               needs="a CUDA GPU (`--smoke` runs it tiny on CPU)"),
