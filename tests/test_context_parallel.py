@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from gloo_ranks import run_ranks
 from torch.utils.data import DataLoader, Dataset
 
 from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
@@ -43,7 +42,6 @@ from lit_videoalign.objectives.sft import SFT
 from lit_videoalign.strategies import apply_fsdp2, denoiser_copies
 from lit_videoalign.testing import Brightness
 
-ROOT = Path(__file__).resolve().parent.parent
 WORLD, STEPS, BATCH = 2, 2, 2
 # A tiny Wan denoiser: 2 heads (Ulysses 2 puts one on each rank), 2 blocks, latents 4x2x8x8 -> 2x4x4 = 32 tokens.
 WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
@@ -312,31 +310,9 @@ def worker(out: Path, pipeline: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory, tiny_pixel_pipeline) -> Path:
-    out = tmp_path_factory.mktemp("cp")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(WORLD),
-           "NODE_RANK": "0", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, __file__, str(out), tiny_pixel_pipeline], cwd=ROOT,
-                              env={**env, "LOCAL_RANK": str(r), "RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
-    return out
+    return run_ranks(__file__, tmp_path_factory.mktemp("cp"), tiny_pixel_pipeline, WORLD, timeout=240)
 
 
 # -- the tests -----------------------------------------------------------------------------------------------------

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from gloo_ranks import run_ranks
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
@@ -30,7 +29,6 @@ from lit_videoalign.strategies import (
     load_sharded_checkpoint,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 STEPS, PER_RANK_BATCH, WORLD = 3, 2, 2
 
 
@@ -151,31 +149,9 @@ def worker(out: Path, pipeline: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory, tiny_pixel_pipeline) -> Path:
-    out = tmp_path_factory.mktemp("fsdp2")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(WORLD),
-           "NODE_RANK": "0", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, __file__, str(out), tiny_pixel_pipeline], cwd=ROOT,
-                              env={**env, "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for r in range(WORLD)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
-    return out
+    return run_ranks(__file__, tmp_path_factory.mktemp("fsdp2"), tiny_pixel_pipeline, WORLD, timeout=240)
 
 
 def test_parameters_are_sharded_dtensors(two_process_run):
