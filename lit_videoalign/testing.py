@@ -91,6 +91,45 @@ def tiny_wan_pipeline(path: str | os.PathLike, *, pixel_space: bool = False, see
                               vae=None if pixel_space else TINY_VAE, seed=seed)
 
 
+TINY_IMAGE_ENCODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          image_size=32, patch_size=8)  # 17 tokens (16 patches and the class token) of width 32
+
+
+def tiny_wan_i2v_pipeline(path: str | os.PathLike, *, image_encoder: bool = True, last_frame: bool = False,
+                          seed: int = 0) -> Path:
+    """Write a tiny random Wan 2.1 image-to-video pipeline (``WanImageToVideoPipeline``) to ``path``: 9x32x32 clips,
+    a transformer with 16 + 4 mask + 16 image-latent input channels, and a ``CLIPVisionModel`` (32x32 images, 17
+    tokens of width 32) with its ``CLIPImageProcessor`` as image encoder.
+
+    Args:
+        image_encoder: without one the transformer takes no image tokens (``image_dim=None``, as Wan 2.2 A14B I2V).
+        last_frame: first-last-frame-to-video (FLF2V): the transformer takes the image tokens of the first and the
+            last frame (``pos_embed_seq_len = 2 * 17``).
+    """
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    path = Path(path)
+    transformer = dict(TINY_TRANSFORMER, in_channels=36)
+    if image_encoder:
+        width, tokens = TINY_IMAGE_ENCODER["hidden_size"], 1 + (32 // TINY_IMAGE_ENCODER["patch_size"]) ** 2
+        inner = TINY_TRANSFORMER["num_attention_heads"] * TINY_TRANSFORMER["attention_head_dim"]
+        transformer.update(image_dim=width, added_kv_proj_dim=inner,
+                           pos_embed_seq_len=2 * tokens if last_frame else None)
+    elif last_frame:
+        raise ValueError("last_frame=True (FLF2V) needs image_encoder=True: FLF2V's first-last pair is image tokens")
+    write_wan_pipeline(path, transformer=transformer, text_encoder=TINY_TEXT_ENCODER, vae=TINY_VAE, seed=seed)
+    components = json.loads((path / "model_index.json").read_text())
+    components = {k: v for k, v in components.items() if not k.startswith("_")}
+    if image_encoder:
+        torch.manual_seed(seed)
+        CLIPVisionModel(CLIPVisionConfig(**TINY_IMAGE_ENCODER)).save_pretrained(path / "image_encoder")
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+            path / "image_processor")
+        components.update(image_encoder=["transformers", "CLIPVisionModel"],
+                          image_processor=["transformers", "CLIPImageProcessor"])
+    return _write_model_index(path, "WanImageToVideoPipeline", components)
+
+
 TINY_LTX_TRANSFORMER = dict(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
                             attention_head_dim=8, cross_attention_dim=16, num_layers=2, caption_channels=32)
 # The real LTX-Video compression (1 + 8k frames, 32x32 pixels per latent) at 8 channels; timestep-conditioned decoder.

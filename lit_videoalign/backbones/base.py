@@ -16,18 +16,26 @@ from torch import Tensor, nn
 
 @dataclass
 class Conditioning:
-    """What the denoiser is conditioned on. Every tensor has the batch dimension first."""
+    """What the denoiser is conditioned on. Every tensor has the batch dimension first.
+
+    ``images`` are conditioning images (first frames or references) ``(b, c, h, w)`` in ``[0, 1]``; the backbone's
+    encodings of them (:meth:`VideoBackbone.encode_images`) live in ``extra`` under keys starting with ``image_``, so
+    they batch, repeat and concatenate with the prompt and go with the images when the prompt is swapped
+    (:meth:`with_images_from`, the unconditional branch of guidance keeps the image).
+    """
 
     prompt_embeds: Tensor  # (b, l, d)
     prompt_mask: Tensor | None = None  # (b, l), 1 for real tokens
     extra: dict[str, Tensor] = field(default_factory=dict)  # e.g. reference-image latents for I2V
+    images: Tensor | None = None  # (b, c, h, w) in [0, 1]: first frames or references
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
 
     def _map(self, fn) -> Conditioning:
         mask = fn(self.prompt_mask) if self.prompt_mask is not None else None
-        return Conditioning(fn(self.prompt_embeds), mask, {k: fn(v) for k, v in self.extra.items()})
+        images = fn(self.images) if self.images is not None else None
+        return Conditioning(fn(self.prompt_embeds), mask, {k: fn(v) for k, v in self.extra.items()}, images)
 
     def repeat_interleave(self, repeats: int) -> Conditioning:
         """Each sample ``repeats`` times in a row (for groups of rollouts per prompt)."""
@@ -44,11 +52,27 @@ class Conditioning:
         masks = [c.prompt_mask for c in conds]
         if any(m is None for m in masks) and not all(m is None for m in masks):
             raise ValueError("cannot concatenate conditionings where only some have a prompt_mask")
+        if any(c.images is None for c in conds) and not all(c.images is None for c in conds):
+            raise ValueError("cannot concatenate conditionings where only some have conditioning images; give the "
+                             "others the same images (Conditioning.with_images_from)")
+        keys = [sorted(c.extra) for c in conds]
+        if any(k != keys[0] for k in keys):
+            raise ValueError(f"cannot concatenate conditionings with different extra keys: {keys}")
         return Conditioning(
             torch.cat([c.prompt_embeds for c in conds]),
             torch.cat(masks) if masks[0] is not None else None,
             {k: torch.cat([c.extra[k] for c in conds]) for k in first.extra},
+            torch.cat([c.images for c in conds]) if first.images is not None else None,
         )
+
+    def with_images_from(self, other: Conditioning) -> Conditioning:
+        """This prompt conditioning with ``other``'s images and their encodings (``extra["image_*"]``), e.g. the
+        negative prompt's for the unconditional branch of guidance, which keeps the image as the I2V pipelines do."""
+        if len(other) != len(self):
+            raise ValueError(f"cannot take the images of a conditioning of batch {len(other)} for batch {len(self)}")
+        extra = {k: v for k, v in self.extra.items() if not k.startswith("image_")}
+        extra.update({k: v for k, v in other.extra.items() if k.startswith("image_")})
+        return Conditioning(self.prompt_embeds, self.prompt_mask, extra, other.images)
 
     def to(self, *args, **kwargs) -> Conditioning:
         return self._map(lambda t: t.to(*args, **kwargs))
@@ -102,6 +126,15 @@ class VideoBackbone(nn.Module):
 
     def predict_velocity(self, latents: Tensor, sigma: float | Tensor, cond: Conditioning) -> Tensor:
         raise NotImplementedError
+
+    def encode_images(self, images: Tensor, cond: Conditioning, *, num_frames: int,
+                      last_images: Tensor | None = None) -> Conditioning:
+        """``cond`` conditioned also on ``images`` ``(b, 3, h, w)`` in ``[0, 1]`` (the first frames of videos of
+        ``num_frames`` frames at ``h x w``, or references) and, where the model takes them, ``last_images`` (the last
+        frames): the images are encoded once here and kept in ``Conditioning.images`` and ``extra["image_*"]``, which
+        :meth:`predict_velocity` applies. Only backbones with ``supports_images`` implement it."""
+        raise ValueError(f"{type(self).__name__} is text-to-video only; it cannot be conditioned on images (load an "
+                         "image-to-video model, e.g. a WanImageToVideoPipeline folder)")
 
     def set_timesteps_kwargs(self, num_steps: int, latent_shape: tuple[int, ...]) -> dict:
         """Arguments of ``scheduler.set_timesteps`` besides ``num_steps`` that the model's pipeline passes (custom

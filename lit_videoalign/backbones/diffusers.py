@@ -2,9 +2,9 @@
 
 Loading goes through the real ``from_pretrained`` of diffusers and transformers, component by component, from a
 diffusers pipeline folder or Hub id (``model_index.json`` plus ``transformer/``, ``vae/``, ``text_encoder/``,
-``tokenizer/`` and, for HunyuanVideo, ``text_encoder_2/``, ``tokenizer_2/``). Only classes from diffusers and
-transformers are ever instantiated, weights are read from safetensors, and no remote code runs (the finding and
-loading helpers are in :mod:`lit_videoalign.backbones.loading`).
+``tokenizer/``, for HunyuanVideo ``text_encoder_2/``, ``tokenizer_2/``, and for Wan 2.1 I2V ``image_encoder/``,
+``image_processor/``). Only classes from diffusers and transformers are ever instantiated, weights are read from
+safetensors, and no remote code runs (the finding and loading helpers are in :mod:`lit_videoalign.backbones.loading`).
 
 Each family reproduces its diffusers pipeline: how prompts are encoded, how VAE latents are normalised, and how the
 transformer is called. All three pipelines sample with ``FlowMatchEulerDiscreteScheduler``, whose deterministic step is
@@ -50,6 +50,7 @@ from lit_videoalign.backbones.loading import (  # noqa: F401  (re-exported: thei
     _load_quantized,
     _scheduler_shift,
     component_classes,
+    load_image_encoder,
     load_scheduler,
     resolve_pretrained_path,
 )
@@ -62,12 +63,30 @@ if TYPE_CHECKING:
 
 
 
+def _check_images(images: Tensor, name: str, batch: int) -> None:
+    """Refuse anything but a float RGB batch ``(batch, 3, h, w)`` in ``[0, 1]``."""
+    if not isinstance(images, Tensor) or images.ndim != 4:
+        what = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"{name} must be a Tensor [B, C, H, W] in [0, 1], got {what}")
+    if images.shape[1] != 3:
+        kind = {1: "grayscale", 2: "grayscale with alpha", 4: "RGBA"}.get(images.shape[1], f"{images.shape[1]}-channel")
+        raise ValueError(f"{name} must be RGB (3 channels), got {kind} images of shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"{name} must be floating point in [0, 1], got dtype {images.dtype}")
+    if images.shape[0] != batch:
+        raise ValueError(f"{name} has {images.shape[0]} images for a conditioning batch of {batch}; expected one each")
+    low, high = images.min().item(), images.max().item()
+    if low < 0 or high > 1:
+        raise ValueError(f"{name} must be in [0, 1], got values in [{low:.3g}, {high:.3g}]")
+
+
 # Frame rate of the builtin pipelines' videos (the toy world is rendered and exported at 8 fps).
 BUILTIN_FPS = {"toyworld-base": 8.0}
 
 
 class DiffusersVideoBackbone(VideoBackbone):
-    """A diffusers text-to-video pipeline (Wan, LTX-Video, HunyuanVideo) as a :class:`VideoBackbone`.
+    """A diffusers text-to-video pipeline (Wan, LTX-Video, HunyuanVideo) or Wan 2.1 image-to-video pipeline
+    (``WanImageToVideoPipeline``: :meth:`encode_images`) as a :class:`VideoBackbone`.
 
     The family is recognised from the transformer class in ``model_index.json``. Everything but the denoiser is frozen
     and kept in eval mode.
@@ -154,6 +173,8 @@ class DiffusersVideoBackbone(VideoBackbone):
             self.vae.requires_grad_(False).eval()
         else:
             self.vae = None
+        # Image-to-video pipelines (Wan 2.1 I2V) may carry an image encoder and its processor; None otherwise.
+        self.image_encoder, self.image_processor = load_image_encoder(root, index, frozen)
         self.max_sequence_length = max_sequence_length or self.family.max_sequence_length
         if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0):
             raise ValueError(f"fps must be a positive number of frames per second or None, got {fps!r}")
@@ -164,6 +185,7 @@ class DiffusersVideoBackbone(VideoBackbone):
         self.scheduler = load_scheduler(root, index)  # the pipeline's own sampler (UniPC for Wan), or None
         patch, patch_t = self.denoiser.config.get("patch_size", (1, 1, 1)), self.denoiser.config.get("patch_size_t", 1)
         self.patch_size = tuple(patch) if isinstance(patch, (list, tuple)) else (patch_t or 1, patch, patch)
+        self.family.check_backbone(self)  # e.g. an I2V transformer without the image encoder it needs
         # from_pretrained returns modules in eval mode and Lightning keeps submodule modes as it finds them, so put
         # the denoiser in this module's mode explicitly: it trains in train mode (dropout, LoRA dropout active).
         self.train(self.training)
@@ -182,6 +204,12 @@ class DiffusersVideoBackbone(VideoBackbone):
         ``_cp_plan`` (Wan, LTX-Video, LTX-2 in diffusers 0.42; not HunyuanVideo). A property, as the family is known
         per instance."""
         return getattr(type(self.denoiser), "_cp_plan", None) is not None
+
+    @property
+    def supports_images(self) -> bool:
+        """Whether this pipeline is image-to-video (Wan 2.1 I2V / FLF2V: its transformer takes the image's latents as
+        extra channels). A property, as the family and its variant are known per instance."""
+        return self.family.supports_images(self)
 
     @property
     def is_quantized(self) -> bool:
@@ -209,6 +237,8 @@ class DiffusersVideoBackbone(VideoBackbone):
             text_encoder.eval()
         if self.vae is not None:
             self.vae.eval()
+        if self.image_encoder is not None:
+            self.image_encoder.eval()
         return self
 
     # -- prompts --------------------------------------------------------------------------------------------------
@@ -246,6 +276,32 @@ class DiffusersVideoBackbone(VideoBackbone):
         warnings.warn(f"{what} and are truncated to {self.max_sequence_length} tokens, as the pipeline does; shorten "
                       "them, raise max_sequence_length, or set strict_prompts=True to refuse them (warned once)",
                       UserWarning, stacklevel=3)
+
+    # -- images ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: Tensor, cond: Conditioning, *, num_frames: int,
+                      last_images: Tensor | None = None) -> Conditioning:
+        """``cond`` with conditioning ``images`` ``(b, 3, h, w)`` in ``[0, 1]``, the first frames of videos of
+        ``num_frames`` frames at ``h x w`` (and, for FLF2V, ``last_images``), encoded once as the family's pipeline
+        does them (:meth:`~lit_videoalign.backbones.families.WanFamily.encode_images`); :meth:`predict_velocity`
+        applies them."""
+        if not self.supports_images:
+            config = self.denoiser.config
+            raise ValueError(f"{type(self).__name__} ({self.family.name}, {type(self.denoiser).__name__} with "
+                             f"{config.get('in_channels')} input channels) is text-to-video only; it cannot be "
+                             "conditioned on images (load an image-to-video pipeline, e.g. WanImageToVideoPipeline)")
+        _check_images(images, "images", len(cond))
+        if last_images is not None:
+            _check_images(last_images, "last_images", len(cond))
+            if last_images.shape != images.shape:
+                raise ValueError(f"last_images must have the shape of images {tuple(images.shape)}, got "
+                                 f"{tuple(last_images.shape)}")
+        self.latent_shape(num_frames, images.shape[2], images.shape[3])  # the frame count and size rules
+        encoded = self.family.encode_images(self, images, num_frames, last_images)
+        device = cond.prompt_embeds.device
+        plain = Conditioning(cond.prompt_embeds, cond.prompt_mask, {k: v.to(device) for k, v in encoded.items()},
+                             images.to(device))
+        return cond.with_images_from(plain)
 
     # -- videos and latents ---------------------------------------------------------------------------------------
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, ...]:
@@ -335,6 +391,9 @@ class DiffusersVideoBackbone(VideoBackbone):
                 getattr(self, tok).save_pretrained(tmp / tok)
             if self.vae is not None:
                 self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+            if self.image_encoder is not None:
+                self.image_encoder.save_pretrained(tmp / "image_encoder", safe_serialization=True)
+                self.image_processor.save_pretrained(tmp / "image_processor")
             index = dict(self.model_index)
             index["transformer"] = ["diffusers", type(denoiser).__name__]
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

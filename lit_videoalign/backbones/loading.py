@@ -52,7 +52,7 @@ def resolve_pretrained_path(name_or_path: str, revision: str | None = None) -> P
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
     patterns = ["model_index.json", "transformer/*", "vae/*", "scheduler/*", "text_encoder/*", "tokenizer/*",
-                "text_encoder_2/*", "tokenizer_2/*"]
+                "text_encoder_2/*", "tokenizer_2/*", "image_encoder/*", "image_processor/*"]
     try:
         return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=patterns))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
@@ -85,6 +85,24 @@ def component_classes(root: Path, index: dict, family: str, components: tuple[st
                                 f"{family} pipeline needs the folders {[f'{n}/' for n in names]}, each "
                                 "with its config and weights")
     return classes
+
+
+def load_image_encoder(root: Path, index: dict, dtype: torch.dtype) -> tuple[nn.Module | None, object | None]:
+    """The pipeline's image encoder and its image processor (``image_encoder/``, ``image_processor/``, as Wan 2.1 I2V
+    ships a CLIP vision tower), frozen, or ``(None, None)`` when ``model_index.json`` lists no image encoder."""
+    if not (index.get("image_encoder") or [None])[0]:
+        return None, None
+    if not (index.get("image_processor") or [None])[0]:
+        raise ValueError(f"pipeline {root} lists an image_encoder but no image_processor in model_index.json; the "
+                         "encoder's input is made by that processor")
+    classes = {name: _component_class(*index[name]) for name in ("image_encoder", "image_processor")}
+    for name, config in (("image_encoder", "config.json"), ("image_processor", "preprocessor_config.json")):
+        if not (root / name / config).is_file():
+            raise FileNotFoundError(f"pipeline {root} has no {name}/{config}: model_index.json lists {name}")
+    encoder = classes["image_encoder"].from_pretrained(root, subfolder="image_encoder", torch_dtype=dtype)
+    encoder.requires_grad_(False).eval()
+    return encoder, classes["image_processor"].from_pretrained(root, subfolder="image_processor")
+
 
 def load_scheduler(root: Path, index: dict):
     """The pipeline's own diffusers scheduler (``scheduler/`` as ``model_index.json`` names it), or None when the

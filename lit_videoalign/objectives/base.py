@@ -305,12 +305,26 @@ class AlignmentModule(L.LightningModule):
 
     def batch_conditioning(self, batch: dict, dropout: float = 0.0) -> Conditioning:
         """The batch's conditioning: precomputed (``batch["cond"]``, from ``videoalign precompute``, no text encoder
-        run) or its ``"prompt"`` encoded; prompt dropout as in :meth:`encode_prompts` either way."""
+        run) or its ``"prompt"`` encoded; prompt dropout as in :meth:`encode_prompts` either way. A batch
+        ``"image"`` ``(b, 3, h, w)`` (image-to-video) is encoded too, for the batch's videos; dropout keeps it."""
         if "cond" in batch:
             from lit_videoalign.data.precomputed import precomputed_conditioning
 
-            return precomputed_conditioning(batch, dropout, self.hparams.negative_prompt)
-        return self.encode_prompts(batch["prompt"], dropout=dropout)
+            cond = precomputed_conditioning(batch, dropout, self.hparams.negative_prompt)
+        else:
+            cond = self.encode_prompts(batch["prompt"], dropout=dropout)
+        frames = batch["video"].shape[1] if "video" in batch else None
+        return self.with_images(cond, batch.get("image"), num_frames=frames)
+
+    def with_images(self, cond: Conditioning, images: Tensor | None, repeats: int = 1,
+                    num_frames: int | None = None) -> Conditioning:
+        """``cond`` conditioned also on ``images`` (image-to-video), one image per ``repeats`` samples in a row (a
+        rollout group), each encoded once for videos of ``num_frames`` (the module's by default); None: ``cond``."""
+        if images is None:
+            return cond
+        once = self.backbone.encode_images(images.to(self.device), cond.index(slice(None, None, repeats)),
+                                           num_frames=num_frames or self.hparams.num_frames)
+        return cond.with_images_from(once.repeat_interleave(repeats))
 
     # -- the reward (a frozen judge) -------------------------------------------------------------------------------
     def hold_reward(self, reward: nn.Module | None) -> None:
@@ -440,6 +454,8 @@ class AlignmentModule(L.LightningModule):
             return lambda x, s: self.backbone.predict_velocity(x, s, cond)
         if uncond is None:
             uncond = self.backbone.encode_prompts([self.hparams.negative_prompt] * len(cond))
+        if cond.images is not None and uncond.images is None:  # the unconditional branch keeps the image (I2V)
+            uncond = uncond.with_images_from(cond)
         both = Conditioning.cat([cond, uncond])
 
         def velocity(x: Tensor, s: Tensor) -> Tensor:

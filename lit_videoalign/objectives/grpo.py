@@ -379,18 +379,21 @@ class GRPO(AlignmentModule):
         return list(range(start, start + w))
 
     @torch.no_grad()
-    def rollout(self, prompts: list[str], generator: torch.Generator | None = None) -> Rollout:
+    def rollout(self, prompts: list[str], generator: torch.Generator | None = None,
+                images: Tensor | None = None) -> Rollout:
         """Sample ``group_size`` videos per prompt with the SDE, record the trajectory, score and standardise; chunk
-        by chunk, each scored in turn or in the background (:func:`.rollout_scoring.generate_and_score`)."""
+        by chunk, each scored in turn or in the background (:func:`.rollout_scoring.generate_and_score`). ``images``:
+        one conditioning image per prompt (image-to-video), for its whole group."""
         hp = self.hparams
         was_training = self.training
         self.eval()
         try:
             group_prompts = [p for p in prompts for _ in range(hp.group_size)]
-            cond = self.backbone.encode_prompts(group_prompts)
+            cond = self.with_images(self.backbone.encode_prompts(group_prompts), images, hp.group_size)
             sigmas = sampling_sigmas(hp.num_sampling_steps, shift=self.sampling_shift).to(self.device)
             steps = self.sde_steps()
             uncond = self._uncond(len(group_prompts))
+            uncond = uncond.with_images_from(cond) if uncond is not None and cond.images is not None else uncond
             chunks, scored = scoring.generate_and_score(self, group_prompts, lambda sl: self._sample_chunk(
                 cond.index(sl), None if uncond is None else uncond.index(sl), sigmas, steps, generator), "overall")
             advantages = self.advantages(scored.signal, scored.valid, group_prompts)
@@ -488,7 +491,7 @@ class GRPO(AlignmentModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         hp = self.hparams
         prompts = list(batch["prompt"])
-        rollout = self.rollout(prompts)
+        rollout = self.rollout(prompts, images=batch.get("image"))
         n = len(rollout.prompts)
         self._log_rollout(rollout)
         opt = self.optimizers()

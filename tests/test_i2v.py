@@ -1,0 +1,278 @@
+"""Image-to-video (Wan 2.1 I2V and FLF2V) on tiny random pipelines: sampling equals diffusers'
+``WanImageToVideoPipeline`` for the same noise and image, with and without guidance; the image is encoded once and
+carried by the conditioning; text-to-video backbones and bad images are refused with one clear line."""
+
+import json
+from pathlib import Path
+
+import lightning as L
+import PIL.Image
+import pytest
+import torch
+
+from lit_videoalign.backbones.base import Conditioning, VideoBackbone
+from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
+from lit_videoalign.data.video_folder import VideoFolderDataset
+from lit_videoalign.objectives.grpo import GRPO
+from lit_videoalign.objectives.sft import SFT
+from lit_videoalign.testing import Brightness, tiny_wan_i2v_pipeline
+from lit_videoalign.video_io import write_mp4
+
+PROMPTS = ["a red ball falls", "a blue ball moves left"]
+FRAMES, SIZE, LATENT = 9, 32, (16, 3, 4, 4)
+
+
+@pytest.fixture(scope="module")
+def i2v(tmp_path_factory) -> str:
+    return str(tiny_wan_i2v_pipeline(tmp_path_factory.mktemp("i2v") / "pipe"))
+
+
+@pytest.fixture(scope="module")
+def backbone(i2v) -> DiffusersVideoBackbone:
+    return DiffusersVideoBackbone(i2v)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ftfy_free_prompt_cleaning():
+    """diffusers 0.42.1's I2V pipeline calls ``ftfy`` unguarded when cleaning prompts (the T2V pipeline checks that it
+    is installed); without ftfy, clean prompts the T2V pipeline's way (our ASCII prompts are unchanged either way)."""
+    from diffusers.pipelines.wan import pipeline_wan, pipeline_wan_i2v
+    from diffusers.utils import is_ftfy_available
+
+    with pytest.MonkeyPatch.context() as patch:
+        if not is_ftfy_available():
+            patch.setattr(pipeline_wan_i2v, "basic_clean", pipeline_wan.basic_clean)
+        yield
+
+
+def image(seed: int):
+    """A random 8-bit RGB image as ``(1, 3, h, w)`` in [0, 1] and as the PIL image a pipeline user passes."""
+    pixels = torch.randint(0, 256, (SIZE, SIZE, 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    return pixels.permute(2, 0, 1)[None].float() / 255, PIL.Image.fromarray(pixels.numpy())
+
+
+def pipeline(path: str):
+    from diffusers import WanImageToVideoPipeline
+
+    pipe = WanImageToVideoPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
+def test_sampling_equals_the_diffusers_i2v_pipeline(i2v, backbone, guidance_scale):
+    img, pil = image(0)
+    model = SFT(backbone, num_frames=FRAMES, height=SIZE, width=SIZE, num_inference_steps=2,
+                guidance_scale=guidance_scale).eval()
+    noise = torch.randn(2, *LATENT, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cond = backbone.encode_images(img.expand(2, -1, -1, -1), backbone.encode_prompts(PROMPTS), num_frames=FRAMES)
+        ours = model.sample_latents(noise, cond, sampler="pipeline")
+    theirs = pipeline(i2v)(prompt=PROMPTS, negative_prompt="", image=pil, latents=noise, num_frames=FRAMES,
+                           height=SIZE, width=SIZE, num_inference_steps=2, guidance_scale=guidance_scale,
+                           output_type="latent").frames
+    assert ours.shape == theirs.shape == (2, *LATENT)
+    # float32 rounding only: measured max |diff| 6e-7 on latents of max |x| ~4.6 (torch 2.14.1, diffusers 0.42.1,
+    # CPU); 1e-4 of the largest is ~100x that, and a conditioning left out moves the result by O(1) (test below).
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4 * theirs.abs().max().item())
+
+
+@pytest.mark.parametrize("variant", ["flf2v", "no_image_encoder"])
+def test_one_step_equals_the_pipeline_for_flf2v_and_without_an_image_encoder(variant, tmp_path):
+    """FLF2V (first and last frame; image tokens of both) and an I2V transformer without image tokens (Wan 2.2 A14B's
+    layout): one FlowMatchEuler step from sigma 1 is ``noise - v``."""
+    path = str(tiny_wan_i2v_pipeline(tmp_path / variant, last_frame=variant == "flf2v",
+                                     image_encoder=variant == "flf2v"))
+    bb = DiffusersVideoBackbone(path)
+    (first, first_pil), (last, last_pil) = image(2), image(3)
+    extra = dict(last_image=last_pil) if variant == "flf2v" else {}
+    with torch.no_grad():
+        cond = bb.encode_images(first.expand(2, -1, -1, -1), bb.encode_prompts(PROMPTS), num_frames=FRAMES,
+                                last_images=last.expand(2, -1, -1, -1) if variant == "flf2v" else None)
+        noise = torch.randn(2, *LATENT, generator=torch.Generator().manual_seed(4))
+        ours = noise - bb.predict_velocity(noise, 1.0, cond)
+    theirs = pipeline(path)(prompt=PROMPTS, image=first_pil, latents=noise, num_frames=FRAMES, height=SIZE,
+                            width=SIZE, num_inference_steps=1, guidance_scale=1.0, output_type="latent",
+                            **extra).frames
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4 * theirs.abs().max().item())
+    assert set(cond.extra) == ({"image_latents", "image_embeds"} if variant == "flf2v" else {"image_latents"})
+    if variant == "flf2v":  # the mask marks pixel frame 0 (all 4 channels of latent frame 0) and the last frame
+        mask = cond.extra["image_latents"][0, :4, :, 0, 0]  # (ft, t')
+        assert mask.tolist() == [[1, 0, 0], [1, 0, 0], [1, 0, 0], [1, 0, 1]]
+        with pytest.raises(ValueError, match="pass last_images"):
+            bb.encode_images(first, bb.encode_prompts(PROMPTS[:1]), num_frames=FRAMES)
+
+
+def test_the_image_conditions_the_video_and_travels_with_the_batch(backbone):
+    cond = backbone.encode_prompts(PROMPTS)
+    (a, _), (b, _) = image(5), image(6)
+    with torch.no_grad():
+        cond_a = backbone.encode_images(torch.cat([a, b]), cond, num_frames=FRAMES)
+        cond_b = backbone.encode_images(torch.cat([b, a]), cond, num_frames=FRAMES)
+        x = torch.randn(2, *LATENT, generator=torch.Generator().manual_seed(7))
+        v_a, v_b = backbone.predict_velocity(x, 0.7, cond_a), backbone.predict_velocity(x, 0.7, cond_b)
+        # Another image gives another velocity, sample by sample, far beyond rounding.
+        for i in range(2):
+            assert (v_a[i] - v_b[i]).abs().max() > 1e-2 * v_a[i].abs().max()
+        # Groups, sub-batches and concatenations carry the images and their encodings with the prompt.
+        group = cond_a.repeat_interleave(2)
+        assert torch.equal(group.images, cond_a.images.repeat_interleave(2, dim=0))
+        v_group = backbone.predict_velocity(x.repeat_interleave(2, dim=0), 0.7, group)
+        torch.testing.assert_close(v_group[::2], v_a, rtol=0, atol=1e-5 * v_a.abs().max().item())
+        swapped = Conditioning.cat([cond_a.index(slice(1, 2)), cond_a.index(slice(0, 1))])
+        assert torch.equal(swapped.images, torch.cat([b, a]))
+        torch.testing.assert_close(backbone.predict_velocity(x.flip(0), 0.7, swapped), v_a.flip(0), rtol=0,
+                                   atol=1e-5 * v_a.abs().max().item())
+    with pytest.raises(ValueError, match="only some have conditioning images"):
+        Conditioning.cat([cond_a, cond])
+    uncond = backbone.encode_prompts(["", ""]).with_images_from(cond_a)  # guidance's unconditional branch
+    assert torch.equal(uncond.images, cond_a.images) and set(uncond.extra) == set(cond_a.extra)
+    with pytest.raises(ValueError, match="needs conditioning images; call backbone.encode_images"):
+        backbone.predict_velocity(x, 0.7, cond)
+
+
+def test_text_to_video_backbones_refuse_images_in_one_line(tiny_pipeline):
+    t2v = DiffusersVideoBackbone(tiny_pipeline, max_sequence_length=16)
+    assert not t2v.supports_images and not VideoBackbone.supports_images
+    img, _ = image(0)
+    for bb in (t2v, VideoBackbone()):
+        with pytest.raises(ValueError, match="is text-to-video only") as err:
+            bb.encode_images(img, t2v.encode_prompts(PROMPTS[:1]), num_frames=FRAMES)
+        assert type(bb).__name__ in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_images_are_refused_naming_the_problem(backbone, i2v, tmp_path):
+    assert backbone.supports_images
+    cond = backbone.encode_prompts(PROMPTS[:1])
+    img, _ = image(0)
+    bad = {
+        "grayscale images": img[:, :1],
+        "RGBA images": torch.cat([img, img[:, :1]], dim=1),
+        "must be in \\[0, 1\\]": img * 2,
+        "2 images for a conditioning batch of 1": torch.cat([img, img]),
+        "must be floating point": (img * 255).to(torch.uint8),
+        "height and width must be multiples of 8": img[..., :30, :30],
+    }
+    for message, images in bad.items():
+        with pytest.raises(ValueError, match=message):
+            backbone.encode_images(images, cond, num_frames=FRAMES)
+    with pytest.raises(ValueError, match="num_frames must be 1 \\+ 4k"):
+        backbone.encode_images(img, cond, num_frames=8)
+    with pytest.raises(ValueError, match="takes one image per video"):
+        backbone.encode_images(img, cond, num_frames=FRAMES, last_images=img)
+    with torch.no_grad():
+        short = backbone.encode_images(img, cond, num_frames=5)  # 2 latent frames, for latents of 3
+    with pytest.raises(ValueError, match="encode the images with the video's num_frames"):
+        backbone.predict_velocity(torch.randn(1, *LATENT), 0.5, short)
+    with pytest.raises(ValueError, match="max_sequence_length must be 512"):
+        DiffusersVideoBackbone(i2v, max_sequence_length=16)
+
+
+def test_save_pretrained_keeps_the_image_encoder(backbone, tmp_path):
+    out = backbone.save_pretrained(tmp_path / "saved")
+    again = DiffusersVideoBackbone(str(out))
+    img, _ = image(8)
+    x = torch.randn(1, *LATENT)
+    with torch.no_grad():
+        conds = [bb.encode_images(img, bb.encode_prompts(PROMPTS[:1]), num_frames=FRAMES) for bb in (backbone, again)]
+        v = [bb.predict_velocity(x, 0.5, c) for bb, c in zip((backbone, again), conds)]
+    assert torch.equal(v[0], v[1])
+    assert type(again.image_encoder).__name__ == "CLIPVisionModel"
+    assert again.image_processor.crop_size == backbone.image_processor.crop_size
+
+
+# -- training on I2V: unchanged apart from the data ---------------------------------------------------------------
+
+
+def fit(model, loader, steps: int) -> L.Trainer:
+    t = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    t.fit(model, train_dataloaders=loader)
+    return t
+
+
+@pytest.fixture(scope="module")
+def video_folder(tmp_path_factory) -> Path:
+    """Four 9x32x32 clips, each with a conditioning image (one 48x32, to be centre-cropped)."""
+    root = tmp_path_factory.mktemp("i2v_videos")
+    gen = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(4):
+        write_mp4(torch.rand(FRAMES, 3, SIZE, SIZE, generator=gen), root / f"clip{i}.mp4")
+        pixels = torch.randint(0, 256, (SIZE, 48 if i == 3 else SIZE, 3), generator=gen, dtype=torch.uint8)
+        PIL.Image.fromarray(pixels.numpy()).save(root / f"first{i}.png")
+        lines.append(json.dumps({"file_name": f"clip{i}.mp4", "prompt": PROMPTS[i % 2], "image": f"first{i}.png"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_sft_on_i2v_data_moves_only_the_lora_weights(i2v, video_folder):
+    with pytest.warns(UserWarning, match="1 of 4 conditioning images .* centre-cropped"):
+        data = VideoFolderDataset(str(video_folder), FRAMES, SIZE, SIZE)
+    item = data[3]
+    assert item["image"].shape == (3, SIZE, SIZE) and 0 <= item["image"].min() <= item["image"].max() <= 1
+    model = SFT(DiffusersVideoBackbone(i2v), lora_rank=4, num_frames=FRAMES, height=SIZE, width=SIZE,
+                prompt_dropout=0.0, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    batch = torch.utils.data.default_collate([data[0], data[1]])
+    gen = (lambda: torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the batch's image is in the loss: another image, another loss for the same noise
+        losses = [model.loss(b, generator=gen()) for b in (batch, {**batch, "image": batch["image"].flip(0)})]
+    assert (losses[0] - losses[1]).abs() > 1e-3 * losses[0]
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    fit(model, torch.utils.data.DataLoader(data, batch_size=2, shuffle=True), steps=2)
+    after = dict(model.named_parameters())
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(lora[n], after[n]) for n in lora), "LoRA weights did not move"
+    assert all(torch.equal(frozen[n], after[n]) for n in frozen), "a frozen weight moved"
+
+
+def test_first_frame_images_and_bad_manifests(video_folder, tmp_path):
+    with pytest.raises(ValueError, match="name their own 'image'; use one"):
+        VideoFolderDataset(str(video_folder), FRAMES, SIZE, SIZE, first_frame_image=True)
+    root = tmp_path / "bad"
+    root.mkdir()
+    for name in ("clip0.mp4", "clip1.mp4"):
+        (root / name).write_bytes((video_folder / name).read_bytes())
+    plain = [{"file_name": "clip0.mp4", "prompt": "a"}, {"file_name": "clip1.mp4", "prompt": "b"}]
+
+    def manifest(*images):
+        (root / "metadata.jsonl").write_text("\n".join(json.dumps({**e, **({"image": i} if i else {})})
+                                                      for e, i in zip(plain, images)) + "\n")
+
+    manifest(None, None)  # no images: each clip's first frame, by the option
+    first = VideoFolderDataset(str(root), FRAMES, SIZE, SIZE, first_frame_image=True)
+    assert torch.equal(first[1]["image"], first[1]["video"][0])
+    assert "image" not in VideoFolderDataset(str(root), FRAMES, SIZE, SIZE)[0]
+    PIL.Image.new("L", (SIZE, SIZE)).save(root / "gray.png")
+    PIL.Image.new("RGBA", (SIZE, SIZE)).save(root / "rgba.png")
+    PIL.Image.new("RGB", (SIZE, SIZE)).save(root / "rgb.png")
+    (root / "text.png").write_text("not an image")
+    bad = {("gray.png", "rgb.png"): "gray.png is grayscale; conditioning images must be RGB",
+           ("rgb.png", "rgba.png"): "rgba.png is RGBA; conditioning images must be RGB",
+           ("text.png", "rgb.png"): "text.png does not decode as an image",
+           ("rgb.png", "none.png"): "image file 'none.png' not found",
+           ("rgb.png", "../clip0.mp4"): "escapes the dataset root",
+           ("rgb.png", None): "1 of 2 entries .* name an 'image' and the others do not"}
+    for images, message in bad.items():
+        manifest(*images)
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            VideoFolderDataset(str(root), FRAMES, SIZE, SIZE)
+
+
+def test_grpo_rollouts_condition_on_the_image_and_train(i2v):
+    model = GRPO(DiffusersVideoBackbone(i2v), reward=Brightness(), lora_rank=4, group_size=2, num_sampling_steps=2,
+                 num_inference_steps=2, rollout_guidance_scale=3.0, num_frames=FRAMES, height=SIZE, width=SIZE,
+                 optimizer=lambda p: torch.optim.AdamW(p, lr=3e-2))
+    (a, _), (b, _) = image(10), image(11)
+    seeded = (lambda: torch.Generator().manual_seed(0))
+    runs = [model.rollout(PROMPTS[:1], generator=seeded(), images=x).latents for x in (a, a, b)]
+    assert torch.equal(runs[0], runs[1])  # the same image and seed: the same rollouts
+    assert (runs[0][:, -1] - runs[2][:, -1]).abs().max() > 1e-2 * runs[0][:, -1].abs().max()  # another image
+    loader = torch.utils.data.DataLoader([{"prompt": PROMPTS[0], "image": a[0]}, {"prompt": PROMPTS[1], "image": b[0]}],
+                                         batch_size=2)
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    t = fit(model, loader, steps=1)
+    assert t.callback_metrics["train/ratio_first_max_dev"] < 1e-4  # the recorded steps replay with their images
+    assert any(not torch.equal(lora[n], p) for n, p in model.named_parameters() if "lora_" in n)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
