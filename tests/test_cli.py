@@ -84,6 +84,12 @@ def tiny_overrides(config: str, tmp: Path, tiny_pipeline: str, video_folder: Pat
                  f"{bb}frozen_dtype=float32", f"{bb}max_sequence_length=16", "--model.init_args.num_frames=9",
                  "--model.init_args.height=32", "--model.init_args.width=32", "--model.init_args.lora_rank=4",
                  "--trainer.precision=32-true", "--trainer.accumulate_grad_batches=1"]
+    if "-I2V-" in text:  # an image-to-video model: the tiny random Wan I2V pipeline (its context is 512 text tokens)
+        from lit_videoalign.testing import tiny_wan_i2v_pipeline
+
+        bb = "--model.init_args.backbone.init_args."
+        args += [f"{bb}pretrained_model_name_or_path={tiny_wan_i2v_pipeline(tmp / 'wan_i2v')}",
+                 f"{bb}max_sequence_length=512"]
     if "reward_zoo.alignment.CLIPScore" in text:
         rw = "--model.init_args.reward.init_args.rewards."
         args += [f"{rw}text.init_args.model_name_or_path={tiny_clip}",
