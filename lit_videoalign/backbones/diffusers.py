@@ -146,6 +146,10 @@ class DiffusersVideoBackbone(VideoBackbone):
         self.model_index = index
         if not (index.get("transformer") or [None])[0]:
             raise ValueError(f"pipeline {root} lacks required components ['transformer'] in model_index.json")
+        if (index.get("transformer_2") or [None])[0]:
+            raise NotImplementedError(f"pipeline {root} has two experts (transformer and transformer_2, as Wan 2.2 "
+                                      "A14B switches at its boundary_ratio); two-expert pipelines are not supported "
+                                      "yet, and loading only the first would sample wrongly at low noise")
         self.family = family_for(index["transformer"][1]).with_options(family_options)
         classes = component_classes(root, index, self.family.name, self.family.components)  # before loading any
 
