@@ -32,6 +32,7 @@ from lit_videoalign.generation import (  # noqa: F401  (generate_videos and infe
     generate_set,
     generate_videos,
     inference_sampler,
+    load_images,
     resolve_prompts,
 )
 from lit_videoalign.objectives.base import AlignmentModule
@@ -41,13 +42,14 @@ from lit_videoalign.subcommands import (  # noqa: F401  (re-exported: their old 
     remove_run_folders,
 )
 
-EXTRA_SUBCOMMANDS = {"generate": {"model", "datamodule", "prompts", "seeds"},
+EXTRA_SUBCOMMANDS = {"generate": {"model", "datamodule", "prompts", "seeds", "images"},
                      "evaluate": {"model", "datamodule", "prompts", "seeds", "rewards"},
                      "precompute": {"model", "datamodule"}}
 _PROMPTS = (str, "prompts, one video each (and/or --prompts_file)")
 _SEEDS = (int, "one seed per prompt (default 0, 1, ...)")
 # Arguments that take several space-separated values (``--prompts P [P ...]``): name -> (type, help).
-MULTI_VALUE_ARGS = {"generate": {"prompts": _PROMPTS, "seeds": _SEEDS},
+MULTI_VALUE_ARGS = {"generate": {"prompts": _PROMPTS, "seeds": _SEEDS,
+                                 "images": (str, "image-to-video: one conditioning image per prompt, or one for all")},
                     "evaluate": {"prompts": _PROMPTS, "seeds": _SEEDS,
                                  "rewards": (str, "reward names, hf-hub:org/repo ids or folders (default: the "
                                                   "toy-world set)")}}
@@ -152,6 +154,7 @@ class VideoAlignCLI(MethodSubcommandsCLI):
         best_of_n: int = 1,
         noise_search_nfe: int | None = None,
         reward_guidance: float = 0.0,
+        images: list[str] | None = None,
     ) -> list[Path]:
         """Generate videos for prompts and seeds: one MP4 per video (and a GIF preview in ``previews/``) and a
         ``metadata.jsonl`` manifest that lists them all, so ``reward-zoo score --videos DIR`` and ``evaluate --videos``
@@ -181,8 +184,12 @@ class VideoAlignCLI(MethodSubcommandsCLI):
             best_of_n: candidates per prompt, the reward's best kept (1 = plain sampling).
             noise_search_nfe: denoiser-evaluation budget per video for a greedy search over initial noises.
             reward_guidance: reward-gradient guidance scale (a differentiable reward is required; 0 = off).
+            images: image-to-video models: one conditioning image file per prompt (or one for all), RGB,
+                centre-cropped and resized to the model's frame size.
         """
         prompts, seeds = resolve_prompts(prompts, prompts_file, seeds)
+        hp = model.hparams
+        conditioning = load_images(images, len(prompts), hp.height, hp.width)
         check_sampler_name(sampler)
         method, log = inference_sampler(reward, best_of_n, noise_search_nfe, reward_guidance,
                                         num_inference_steps, guidance_scale, sampling=sampler)
@@ -191,7 +198,7 @@ class VideoAlignCLI(MethodSubcommandsCLI):
         model.to(resolve_device(device))
         _, files = generate_videos(model, prompts, seeds, output_dir, num_inference_steps=num_inference_steps,
                                    guidance_scale=guidance_scale, batch_size=batch_size, fps=fps, gif=gif,
-                                   sampler=method, sampling=sampler)
+                                   sampler=method, sampling=sampler, images=conditioning)
         if log is not None:
             (Path(output_dir) / "inference.json").write_text(json.dumps(log, indent=2))
         print(f"wrote {len(files)} files and metadata.jsonl to {output_dir}")

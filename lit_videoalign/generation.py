@@ -42,17 +42,42 @@ def resolve_prompts(prompts: list[str] | None, prompts_file: str | None,
     return prompts, seeds
 
 
+def load_images(paths: list[str] | None, count: int, height: int, width: int) -> torch.Tensor | None:
+    """``--images``: one RGB image file per prompt, or one for all ``count`` prompts, centre-cropped and resized to
+    ``height x width`` as training clips are: ``[count, 3, height, width]`` in ``[0, 1]``; None without paths."""
+    from lit_videoalign.data.video_folder import probe_image, read_image, resize_video
+
+    if not paths:
+        return None
+    if len(paths) not in (1, count):
+        raise UsageError(f"got {len(paths)} --images for {count} prompts; expected one image per prompt, or one for "
+                         "all")
+    images = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise UsageError(f"--images: no image file {path!r}")
+        try:
+            probe_image(Path(path))
+        except ValueError as err:
+            raise UsageError(f"--images: {err}") from None
+        images.append(resize_video(read_image(Path(path))[None], height, width)[0])
+    stacked = torch.stack(images)  # (n, 3, h, w)
+    return stacked.expand(count, -1, -1, -1).clone() if len(paths) == 1 else stacked
+
+
 def generate_videos(model: AlignmentModule, prompts: list[str], seeds: list[int], output_dir: str | os.PathLike,
                     num_inference_steps: int | None = None, guidance_scale: float | None = None,
                     batch_size: int = 8, fps: int | None = None, gif: bool = True, description: str = "generating",
-                    sampler: Callable | None = None, sampling: str = "pipeline") -> tuple[torch.Tensor, list[Path]]:
+                    sampler: Callable | None = None, sampling: str = "pipeline",
+                    images: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Path]]:
     """Generate in batches under a Rich progress bar; write MP4s and ``metadata.jsonl`` into ``output_dir``, and
     with ``gif`` a GIF preview of each under ``output_dir/previews/`` (named by the entry's ``preview``), so the
     folder's top level holds only the videos its manifest lists and any tool reading the folder sees those.
 
-    ``sampler(model, prompts, seeds)`` replaces ``model.generate`` (an inference-time alignment method).
+    ``sampler(model, prompts, seeds, images=)`` replaces ``model.generate`` (an inference-time alignment method).
     ``sampling`` is ``model.generate``'s sampler (``--sampler``): ``"pipeline"``, the backbone's diffusers scheduler, or
-    ``"euler"``, the Euler ODE. ``fps``: the files' frame rate (default: the backbone's, so tools that read the files,
+    ``"euler"``, the Euler ODE. ``images``: image-to-video, one conditioning image per prompt ``[B, 3, H, W]``
+    (:func:`load_images`). ``fps``: the files' frame rate (default: the backbone's, so tools that read the files,
     such as rewards sampling by time, see the generator's rate).
 
     Returns:
@@ -81,11 +106,13 @@ def generate_videos(model: AlignmentModule, prompts: list[str], seeds: list[int]
             plain = not progress.console.is_terminal  # log files get one line per batch instead of a live bar
             for start in range(0, len(prompts), batch_size):
                 chunk, chunk_seeds = prompts[start:start + batch_size], seeds[start:start + batch_size]
+                chunk_images = None if images is None else images[start:start + batch_size].to(model.device)
                 if sampler is not None:
-                    videos = sampler(model, chunk, chunk_seeds).float().cpu()
+                    videos = sampler(model, chunk, chunk_seeds, images=chunk_images).float().cpu()
                 else:
                     videos = model.generate(chunk, chunk_seeds, num_inference_steps=num_inference_steps,
-                                            guidance_scale=guidance_scale, sampler=sampling).float().cpu()
+                                            guidance_scale=guidance_scale, sampler=sampling,
+                                            images=chunk_images).float().cpu()
                 chunks.append(videos)
                 for i, (prompt, seed, video) in enumerate(zip(chunk, chunk_seeds, videos)):
                     stem = f"{start + i:04d}_seed{seed}_{slug(prompt)}"
@@ -140,14 +167,18 @@ def inference_sampler(reward: str | None, best_of_n: int, noise_search_nfe: int 
     if reward_guidance:
         inference.require_differentiable(judge, "--reward_guidance")
 
-    def sample(model: AlignmentModule, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+    def sample(model: AlignmentModule, prompts: list[str], seeds: list[int],
+               images: torch.Tensor | None = None) -> torch.Tensor:
         judge.to(model.device)
         if best_of_n != 1:
-            result = inference.best_of_n(model, prompts, judge, best_of_n, seeds, sampler=sampling, **common)
+            result = inference.best_of_n(model, prompts, judge, best_of_n, seeds, sampler=sampling, images=images,
+                                         **common)
         elif noise_search_nfe:
-            result = inference.noise_search(model, prompts, judge, noise_search_nfe, seeds, sampler=sampling, **common)
+            result = inference.noise_search(model, prompts, judge, noise_search_nfe, seeds, sampler=sampling,
+                                            images=images, **common)
         else:
-            result = inference.reward_guided_sample(model, prompts, judge, seeds, scale=reward_guidance, **common)
+            result = inference.reward_guided_sample(model, prompts, judge, seeds, scale=reward_guidance,
+                                                    images=images, **common)
         log["scores"] += [float(x) for x in result.scores]
         log["nfe_per_video"] = result.nfe
         return result.videos

@@ -298,7 +298,7 @@ def test_generation_that_fails_half_way_writes_nothing(tmp_path):
     def sampler(fail_at: int):
         calls = []
 
-        def sample(model, prompts, seeds):
+        def sample(model, prompts, seeds, images=None):
             calls.append(prompts)
             if len(calls) == fail_at:
                 raise RuntimeError("out of memory")

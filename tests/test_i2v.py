@@ -289,3 +289,38 @@ def test_grpo_rollouts_condition_on_the_image_and_train(i2v):
     assert t.callback_metrics["train/ratio_first_max_dev"] < 1e-4  # the recorded steps replay with their images
     assert any(not torch.equal(lora[n], p) for n, p in model.named_parameters() if "lora_" in n)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_generate_cli_conditions_on_images_and_refuses_bad_ones(i2v, tmp_path, monkeypatch):
+    from lit_videoalign.cli import main
+    from lit_videoalign.errors import UsageError
+    from lit_videoalign.video_io import read_video
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    bb = "--model.init_args.backbone.init_args."
+    common = ["generate", "--config", "configs/wan2.1-i2v-14b/sft_lora.yaml",
+              f"{bb}pretrained_model_name_or_path={i2v}", f"{bb}torch_dtype=float32", f"{bb}frozen_dtype=float32",
+              "--model.init_args.num_frames=9", "--model.init_args.height=32", "--model.init_args.width=32", "--model.init_args.lora_rank=4",
+              "--num_inference_steps", "2", "--gif", "false", "--device", "cpu"]
+    files = []
+    for seed in (0, 1):
+        path = tmp_path / f"image{seed}.png"
+        image(seed)[1].save(path)
+        files.append(str(path))
+    outs = {}
+    for name, images in (("a", [files[0]]), ("a_again", [files[0], files[0]]), ("b", [files[1]])):
+        outs[name] = tmp_path / name
+        main([*common, "--prompts", "a red ball falls", "a red ball falls", "--seeds", "3", "3", "--images", *images,
+              "--output_dir", str(outs[name])])
+    videos = {k: [read_video(p) for p in sorted(v.glob("*.mp4"))] for k, v in outs.items()}
+    assert len(videos["a"]) == 2 and torch.equal(videos["a"][0], videos["a"][1])  # one image for both prompts
+    assert torch.equal(videos["a"][0], videos["a_again"][0])  # the same as naming it once per prompt
+    assert not torch.equal(videos["a"][0], videos["b"][0])  # another image, another video
+    grey = tmp_path / "grey.png"
+    PIL.Image.new("L", (SIZE, SIZE)).save(grey)
+    for images, message in (([files[0]] * 3, "got 3 --images for 2 prompts"), ([str(grey)], "grayscale"),
+                            ([str(tmp_path / "missing.png")], "no image file")):
+        with pytest.raises((UsageError, SystemExit)) as err:
+            main([*common, "--prompts", "a", "b", "--images", *images, "--output_dir", str(tmp_path / "bad")])
+        assert message in str(err.value) or message in str(getattr(err.value, "__context__", ""))
+    assert not (tmp_path / "bad").exists()

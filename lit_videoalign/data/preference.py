@@ -7,7 +7,12 @@ One JSON object per line of ``root/<manifest>``; paths are relative to ``root`` 
      "labels": {"physics": 1, "visual": 0},                    # optional, +1: chosen better, -1: rejected, 0: tie
      "scores": {"chosen": {"overall": 0.9}, "rejected": {"overall": 0.2}},   # optional, per video and dimension
      "weight": 1.0,                                            # optional non-negative pair weight
+     "image": "first/0.png",                                   # optional conditioning image (image-to-video)
      "chosen_latents": "w/0.safetensors", "rejected_latents": "l/0.safetensors"}   # optional precomputed latents
+
+A conditioning image (RGB; every line or none) is read as ``[3, H, W]`` in ``[0, 1]``, centre-cropped and resized to
+``height`` x ``width`` as the video folder does (at its own size, one across the set, when no size is given), and
+batched as ``"image"``: DPO conditions both videos of the pair on it.
 
 Latent files are safetensors holding one tensor ``"latents"`` of shape ``[C, T', H', W']`` (the backbone's layout).
 Every entry is checked when the dataset is built (files present and inside the root, videos decodable, chosen and
@@ -36,7 +41,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lit_videoalign.data.resumable import ResumableDataLoader
-from lit_videoalign.data.video_folder import resize_video, resolve_inside
+from lit_videoalign.data.video_folder import probe_image, read_image, resize_video, resolve_inside
 from lit_videoalign.errors import shorten
 from lit_videoalign.video_io import VideoInfo, probe_video, read_video  # noqa: F401 (VideoInfo: re-exported)
 
@@ -91,6 +96,7 @@ class PreferenceEntry:
     weight: float | None = None
     chosen_latents: Path | None = None
     rejected_latents: Path | None = None
+    image: Path | None = None  # the conditioning image (image-to-video)
 
 
 class PreferenceDataset(Dataset):
@@ -98,8 +104,9 @@ class PreferenceDataset(Dataset):
 
     Items are ``{"prompt": str, "chosen": Tensor[T, C, H, W], "rejected": Tensor[T, C, H, W], "tie": Tensor[]}``
     (or ``"chosen_latents"``/``"rejected_latents"`` ``[C, T', H', W']`` when latents are used) plus ``"labels"``
-    ``{dim: Tensor[]}``, ``"scores"`` ``{"chosen": {dim: Tensor[]}, "rejected": {...}}`` and ``"weight"`` when the
-    manifest has them; the default collate batches them for :class:`~lit_videoalign.objectives.dpo.DPO`.
+    ``{dim: Tensor[]}``, ``"scores"`` ``{"chosen": {dim: Tensor[]}, "rejected": {...}}``, ``"weight"`` and ``"image"``
+    ``Tensor[3, H, W]`` when the manifest has them; the default collate batches them for
+    :class:`~lit_videoalign.objectives.dpo.DPO`.
 
     Args:
         root: dataset folder.
@@ -193,8 +200,8 @@ class PreferenceDataset(Dataset):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"{where}: 'prompt' must be a non-empty string, got {shorten(prompt)}")
         # Resolve every path first, so a path escaping the root is refused even on an otherwise broken line.
-        for key in ("chosen", "rejected", "chosen_latents", "rejected_latents"):
-            if key in entry:
+        for key in ("chosen", "rejected", "chosen_latents", "rejected_latents", "image"):
+            if key in entry and not (key == "image" and entry[key] is None):
                 resolve_inside(self.root, entry[key], f"{where} {key}")
         if self.use_latents:
             chosen = rejected = None
@@ -224,7 +231,12 @@ class PreferenceDataset(Dataset):
         weight = entry.get("weight")
         if weight is not None and not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
             raise ValueError(f"{where}: 'weight' must be a finite non-negative number, got {shorten(weight)}")
-        return PreferenceEntry(where, prompt, chosen, rejected, tie, labels, scores, weight, chosen_l, rejected_l)
+        image = None
+        if entry.get("image") is not None:
+            image = self._file(where, entry, "image")
+            probe_image(image)  # decodes, and is RGB
+        return PreferenceEntry(where, prompt, chosen, rejected, tie, labels, scores, weight, chosen_l, rejected_l,
+                               image)
 
     def _check_consistency(self, entries: list[PreferenceEntry], decode: bool) -> tuple[list, list[str]]:
         """Check the files themselves and that every line can be batched with the others."""
@@ -247,6 +259,14 @@ class PreferenceDataset(Dataset):
                         "score dimensions"):
                 continue
             if not same("weight", e.weight is not None, e.where, "has-weight"):
+                continue
+            first = reference.setdefault("image", (e.image is not None, e.where))
+            if first[0] != (e.image is not None):
+                problems.append(f"{e.where}: {'an' if e.image else 'no'} 'image', but {first[1]} has "
+                                f"{'none' if e.image else 'one'}; give every pair a conditioning image or none")
+                continue
+            if e.image is not None and self.height is None and not same("image size", probe_image(e.image), e.where,
+                                                                          "image (width, height)"):
                 continue
             try:
                 if self.use_latents:
@@ -304,6 +324,9 @@ class PreferenceDataset(Dataset):
             item["scores"] = {side: {k: torch.tensor(float(v)) for k, v in s.items()} for side, s in e.scores.items()}
         if e.weight is not None:
             item["weight"] = torch.tensor(float(e.weight))
+        if e.image is not None:
+            image = read_image(e.image)  # (3, h, w)
+            item["image"] = image if self.height is None else resize_video(image[None], self.height, self.width)[0]
         return item
 
 

@@ -7,6 +7,10 @@ default (``sampler="pipeline"``, as ``generate`` does; ``"euler"`` for the Euler
 Euler ODE. ``NFE`` (number of function evaluations) counts forward passes of
 the denoiser per returned video, each classifier-free-guidance branch separately: an ``S``-step sample with guidance
 costs ``2 S`` (a few-step student calls its denoiser once per step, like the Euler sampler).
+
+On an image-to-video model every method takes ``images``, one conditioning image ``(3, h, w)`` in ``[0, 1]`` per
+prompt (a ``[B, 3, h, w]`` tensor), which every candidate of that prompt and both branches of guidance are conditioned
+on; the same image and seed give the same video.
 """
 
 from __future__ import annotations
@@ -59,6 +63,18 @@ def check_prompts_and_seeds(prompts: Sequence[str], seeds: Sequence[int] | None)
     return prompts, seeds
 
 
+def check_images(images: Tensor | None, num_prompts: int) -> Tensor | None:
+    """``images`` as given (None for text-to-video), or a clear error unless it is one image ``(3, h, w)`` per prompt
+    (the backbone checks the channels, range and size when it encodes them)."""
+    if images is None:
+        return None
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[0] != num_prompts:
+        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a [B, 3, H, W] tensor with one conditioning image per prompt ({num_prompts}"
+                         f"), got {got}")
+    return images
+
+
 def cfg_factor(guidance_scale: float) -> int:
     """Denoiser evaluations per step and video: 2 with classifier-free guidance, 1 without."""
     return 1 if guidance_scale == 1.0 else 2
@@ -93,16 +109,18 @@ def seeded_candidates(module: AlignmentModule, seeds: Sequence[int]) -> tuple[Te
 def sample_from_noise(module: AlignmentModule, prompts: Sequence[str], noise: Tensor,
                       num_inference_steps: int | None = None, guidance_scale: float | None = None,
                       batch_size: int | None = None, generators: Sequence[torch.Generator] | None = None,
-                      sampler: str = "pipeline") -> Tensor:
+                      sampler: str = "pipeline", images: Tensor | None = None) -> Tensor:
     """Samples from the given initial noise with the module's own sampler (:meth:`AlignmentModule.sample_latents`:
     the pipeline's scheduler or the Euler ODE as ``sampler`` says, or a student's few-step sampler), decoded to
     ``[B, T, C, H, W]``.
 
     The same computation as :meth:`AlignmentModule.generate` (which draws the noise from seeds), in chunks of
     ``batch_size`` videos. ``generators`` (one per video, e.g. from :func:`seeded_candidates`) feed a stochastic
-    sampler's draws; None leaves them to the global RNG (a deterministic sampler draws nothing).
+    sampler's draws; None leaves them to the global RNG (a deterministic sampler draws nothing). ``images``: one
+    conditioning image per video ``[B, 3, h, w]`` in ``[0, 1]`` (image-to-video), encoded with its prompt.
     """
     prompts = list(prompts)
+    images = check_images(images, len(prompts))
     if noise.shape[0] != len(prompts):
         raise ValueError(f"got {noise.shape[0]} noises for {len(prompts)} prompts; expected one per prompt")
     if generators is not None and len(generators) != len(prompts):
@@ -115,7 +133,8 @@ def sample_from_noise(module: AlignmentModule, prompts: Sequence[str], noise: Te
     try:
         out = []
         for i in range(0, len(prompts), batch_size):
-            cond = module.backbone.encode_prompts(prompts[i:i + batch_size])
+            cond = module.with_images(module.backbone.encode_prompts(prompts[i:i + batch_size]),
+                                      None if images is None else images[i:i + batch_size])
             latents = module.sample_latents(noise[i:i + batch_size].to(module.device), cond,
                                             num_inference_steps=num_inference_steps, guidance_scale=scale,
                                             generator=None if generators is None else generators[i:i + batch_size],

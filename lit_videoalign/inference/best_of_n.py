@@ -12,15 +12,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
 from lit_videoalign.inference.base import (
     InferenceResult,
     candidate_seeds,
     cfg_factor,
+    check_images,
     check_prompts_and_seeds,
     check_reward,
     resolve_sampling,
+    sample_from_noise,
     score,
+    seeded_candidates,
 )
 from lit_videoalign.objectives.base import AlignmentModule
 from reward_zoo.base import RewardModel
@@ -39,12 +43,14 @@ def best_of_n(
     batch_size: int = 16,
     return_candidates: bool = False,
     sampler: str = "pipeline",
+    images: Tensor | None = None,
 ) -> InferenceResult:
     """Sample ``n`` candidates per prompt with the module's own sampler and return the best of each.
 
     Args:
-        module: the model (any :class:`AlignmentModule`); its ``generate`` (:meth:`~AlignmentModule.sample_latents`:
-            the pipeline's scheduler, the Euler ODE, or a student's few-step sampler) draws the candidates.
+        module: the model (any :class:`AlignmentModule`); its sampler (:meth:`~AlignmentModule.sample_latents`: the
+            pipeline's scheduler, the Euler ODE, or a student's few-step sampler) draws the candidates, as
+            ``generate`` would for their seeds.
         prompts: one prompt per returned video.
         reward: any ``reward_zoo`` reward or ``CompositeReward``; ``reward_key`` of its output is maximised.
         n: candidates per prompt (``n = 1`` is plain sampling).
@@ -56,6 +62,8 @@ def best_of_n(
         return_candidates: also return every candidate as ``info["candidates"]`` ``[B, n, T, C, H, W]``.
         sampler: ``"pipeline"`` (the backbone's diffusers scheduler, as ``generate`` samples) or ``"euler"``; a
             few-step student always uses its own.
+        images: one conditioning image per prompt ``[B, 3, h, w]`` in ``[0, 1]`` (image-to-video), for all of its
+            candidates; None for text-to-video.
 
     Returns:
         :class:`InferenceResult` with the best videos, their scores, ``all_scores`` ``[B, n]``, ``nfe = n * steps *
@@ -67,16 +75,19 @@ def best_of_n(
         raise ValueError(f"n must be a positive integer, got {n!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    images = check_images(images, len(prompts))
     steps, scale = resolve_sampling(module, num_inference_steps, guidance_scale)
     all_seeds = candidate_seeds(seeds, n)
-    per_chunk = max(1, batch_size // n)  # prompts per generate call
+    per_chunk = max(1, batch_size // n)  # prompts per sampling call
     best, all_scores, candidates = [], [], []
     for start in range(0, len(prompts), per_chunk):
         chunk = prompts[start:start + per_chunk]
         flat_prompts = [p for p in chunk for _ in range(n)]
         flat_seeds = [s for ss in all_seeds[start:start + per_chunk] for s in ss]
-        videos = module.generate(flat_prompts, flat_seeds, num_inference_steps=num_inference_steps,
-                                 guidance_scale=scale, sampler=sampler)  # a student: its own few steps
+        flat_images = None if images is None else images[start:start + per_chunk].repeat_interleave(n, dim=0)
+        noise, generators = seeded_candidates(module, flat_seeds)  # as ``generate`` draws them
+        videos = sample_from_noise(module, flat_prompts, noise, num_inference_steps, scale, generators=generators,
+                                   sampler=sampler, images=flat_images)  # a student: its own few steps
         videos = videos.view(len(chunk), n, *videos.shape[1:])  # (p, n, t, c, h, w)
         for i, prompt in enumerate(chunk):
             s = score(reward, videos[i], [prompt] * n, reward_key, fps=module.backbone.fps)  # (n,) per prompt

@@ -26,6 +26,7 @@ from lit_videoalign.inference.base import (
     SEED_STRIDE,
     InferenceResult,
     cfg_factor,
+    check_images,
     check_prompts_and_seeds,
     check_reward,
     resolve_sampling,
@@ -64,6 +65,7 @@ def noise_search(
     reward_key: str = "overall",
     batch_size: int = 16,
     sampler: str = "pipeline",
+    images: Tensor | None = None,
 ) -> InferenceResult:
     """Refine the initial noise of each prompt by reward within ``budget_nfe`` denoiser evaluations per prompt.
 
@@ -86,6 +88,8 @@ def noise_search(
         batch_size: videos sampled at once.
         sampler: ``"pipeline"`` (the backbone's diffusers scheduler, as ``generate`` samples) or ``"euler"``; a
             few-step student always uses its own.
+        images: one conditioning image per prompt ``[B, 3, h, w]`` in ``[0, 1]`` (image-to-video), for all of its
+            candidates; None for text-to-video.
 
     Returns:
         :class:`InferenceResult` with the best videos, their ``scores``, ``nfe`` (spent per prompt, at most
@@ -103,6 +107,7 @@ def noise_search(
         raise ValueError(f"population must be a positive integer, got {population!r}")
     if not 0.0 < perturbation <= 1.0:
         raise ValueError(f"perturbation must be in (0, 1], got {perturbation}")
+    images = check_images(images, len(prompts))
     steps, scale = resolve_sampling(module, num_inference_steps, guidance_scale)
     check_sampler(sampler)
     cost = steps * cfg_factor(scale)
@@ -122,7 +127,7 @@ def noise_search(
         k = noises.shape[1]
         flat = sample_from_noise(module, [p for p in prompts for _ in range(k)], noises.flatten(0, 1),
                                  num_inference_steps, scale, batch_size=batch_size, generators=generators,
-                                 sampler=sampler)
+                                 sampler=sampler, images=None if images is None else images.repeat_interleave(k, 0))
         return flat.view(b, k, *flat.shape[1:]).cpu()
 
     used, rounds = 0, 0

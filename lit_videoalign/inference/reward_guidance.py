@@ -31,6 +31,7 @@ from torch import Tensor
 from lit_videoalign.inference.base import (
     InferenceResult,
     cfg_factor,
+    check_images,
     check_prompts_and_seeds,
     require_differentiable,
     resolve_sampling,
@@ -92,6 +93,7 @@ def reward_guided_sample(
     reward_key: str = "overall",
     noise: Tensor | None = None,
     batch_size: int | None = None,
+    images: Tensor | None = None,
 ) -> InferenceResult:
     """Sample with the Euler ODE sampler (always: guidance differentiates through its steps, which a pipeline's
     diffusers scheduler does not expose), nudging the latent up the reward's gradient at the guided steps.
@@ -114,6 +116,8 @@ def reward_guided_sample(
         reward_key: which score to maximise.
         noise: start from this latent noise ``[B, C, T', H', W']`` instead of the seeds' noise.
         batch_size: videos sampled at once (default: all).
+        images: one conditioning image per prompt ``[B, 3, h, w]`` in ``[0, 1]`` (image-to-video; both branches of
+            classifier-free guidance keep it); None for text-to-video.
 
     Returns:
         :class:`InferenceResult` with the videos, their final reward ``scores``, ``nfe`` (forward evaluations per
@@ -123,6 +127,7 @@ def reward_guided_sample(
     prompts, seeds = check_prompts_and_seeds(prompts, seeds)
     require_euler_sampler(module, "reward guidance")
     require_differentiable(reward, "reward guidance")
+    images = check_images(images, len(prompts))
     if not isinstance(scale, (int, float)) or not scale >= 0:
         raise ValueError(f"scale must be a non-negative number, got {scale!r}")
     steps, cfg = resolve_sampling(module, num_inference_steps, guidance_scale)
@@ -140,7 +145,7 @@ def reward_guided_sample(
         for i in range(0, len(prompts), batch_size):
             v, t = _guided_sample(module, prompts[i:i + batch_size], reward, noise[i:i + batch_size].to(module.device),
                                   steps, cfg, set(guided), float(scale), normalize_gradient, backprop_denoiser,
-                                  reward_key)
+                                  reward_key, None if images is None else images[i:i + batch_size])
             videos.append(v)
             traces.append(t)
     finally:
@@ -155,9 +160,9 @@ def reward_guided_sample(
 @torch.no_grad()
 def _guided_sample(module: AlignmentModule, prompts: list[str], reward: RewardModel, noise: Tensor, steps: int,
                    guidance_scale: float, guided: set[int], scale: float, normalize_gradient: bool,
-                   backprop_denoiser: bool, reward_key: str) -> tuple[Tensor, Tensor]:
+                   backprop_denoiser: bool, reward_key: str, images: Tensor | None) -> tuple[Tensor, Tensor]:
     """One batch; the plain steps are exactly ``euler_sample``'s, so ``scale = 0`` reproduces ``generate``."""
-    cond = module.backbone.encode_prompts(prompts)
+    cond = module.with_images(module.backbone.encode_prompts(prompts), images)
     velocity_fn = module.guided_velocity_fn(cond, guidance_scale)
     sigmas = sampling_sigmas(steps, shift=module.sampling_shift)
     x = noise

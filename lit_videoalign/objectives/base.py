@@ -363,7 +363,7 @@ class AlignmentModule(L.LightningModule):
         if self.reward is None:
             return
         prompts = list(batch["prompt"])
-        videos = self.generate(prompts, [batch_idx * 1000 + i for i in range(len(prompts))])
+        videos = self.generate(prompts, [batch_idx * 1000 + i for i in range(len(prompts))], images=batch.get("image"))
         with torch.no_grad():
             scores = self.reward(videos, prompts, fps=self.backbone.fps)
         for dim, values in scores.items():
@@ -510,6 +510,7 @@ class AlignmentModule(L.LightningModule):
         guidance_scale: float | None = None,
         return_latents: bool = False,
         sampler: str | None = "pipeline",
+        images: Tensor | None = None,
     ) -> Tensor:
         """Sample videos with this model's sampler (:meth:`sample_latents`).
 
@@ -522,6 +523,7 @@ class AlignmentModule(L.LightningModule):
             sampler: ``"pipeline"`` (default: the backbone's diffusers scheduler, as a user deploys the model),
                 ``"euler"`` (the Euler ODE of training rollouts) or None (the module's default); a few-step student
                 always uses its own sampler.
+            images: image-to-video: one conditioning image per prompt ``[B, 3, H, W]`` in ``[0, 1]``.
 
         Returns:
             Pixel videos ``[B, T, C, H, W]`` in ``[0, 1]`` (or latents ``[B, C, T', H', W']``).
@@ -533,7 +535,7 @@ class AlignmentModule(L.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            cond = self.backbone.encode_prompts(prompts)
+            cond = self.with_images(self.backbone.encode_prompts(prompts), images)
             hp = self.hparams
             shape = self.backbone.latent_shape(hp.num_frames, hp.height, hp.width)
             noise, generators = seeded_noise(shape, seeds, self.device)  # a sampler's draws follow each seed

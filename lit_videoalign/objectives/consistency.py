@@ -74,6 +74,7 @@ from lit_videoalign.objectives.consistency_parts import (
     TrajectoryPoints,
 )
 from lit_videoalign.objectives.gan import GANHead, LastBlockFeatures, feature_width
+from lit_videoalign.objectives.losses import guidance_conditionings, negative_conditioning
 from lit_videoalign.schedules.flow import add_noise, euler_sample, euler_step, sampling_sigmas
 from lit_videoalign.schedules.samplers import (  # noqa: F401
     SAMPLER_MODES,
@@ -182,7 +183,9 @@ class ConsistencyDistillation(TeacherTrajectories, AdversarialTerm, ScoreRegular
     are saved in and restored from checkpoints.
 
     Batches are ``{"prompt": list[str]}``, optionally with ``"video"`` (``[B, T, C, H, W]`` in ``[0, 1]``) or
-    ``"latents"``; with videos the training points are noised data, without them the EMA student's samples.
+    ``"latents"``; with videos the training points are noised data, without them the EMA student's samples. With an
+    ``"image"`` ``(B, 3, H, W)`` in ``[0, 1]`` (image-to-video) the student, the teacher (both branches of its
+    guidance), the EMA target, the critic and the cached teacher trajectories are all conditioned on it.
 
     Args:
         num_timesteps: points ``N`` of the discretised schedule (the teacher's sampling grid, with the sampling shift).
@@ -409,15 +412,15 @@ class ConsistencyDistillation(TeacherTrajectories, AdversarialTerm, ScoreRegular
         prompts = list(batch["prompt"])
         grid = self.schedule().to(self.device)
         end_index = self._end_index.to(self.device)
+        images = batch.get("image")  # (b, 3, h, w) for image-to-video
         if hp.teacher_trajectories:  # the teacher's k-step solution comes from the cache
-            pts = self.trajectory_batch(prompts)
-            cond = self.backbone.encode_prompts(pts.prompts)
+            pts = self.trajectory_batch(prompts, images)
+            cond = self.with_images(self.backbone.encode_prompts(pts.prompts), pts.images)
             x_t, x_next = pts.x.to(self.device), pts.x_next.to(self.device)
             n, n_next = pts.n.to(self.device), pts.n_next.to(self.device)
         else:
-            cond = self.backbone.encode_prompts(prompts)
-            uncond = (self.backbone.encode_prompts([hp.negative_prompt] * len(prompts))
-                      if hp.teacher_guidance_scale != 1.0 else None)
+            frames = batch["video"].shape[1] if "video" in batch else None
+            cond, uncond = guidance_conditionings(self, prompts, images, hp.teacher_guidance_scale != 1.0, frames)
             with torch.no_grad():
                 x0 = self.clean_latents(batch, cond)  # (b, c, t, h, w)
             if x0.shape[0] != len(prompts):
@@ -448,9 +451,7 @@ class ConsistencyDistillation(TeacherTrajectories, AdversarialTerm, ScoreRegular
             stats.update(gan_classifier=d_loss.detach(), gan_student=g_loss.detach())
         if hp.dmd_weight > 0:  # on the batch's prompts; the critic's loss reaches only the critic
             if hp.teacher_trajectories:  # cond above is the cached pairs' prompts; otherwise it is the batch's
-                cond = self.backbone.encode_prompts(prompts)
-                uncond = (self.backbone.encode_prompts([hp.negative_prompt] * len(prompts))
-                          if hp.teacher_guidance_scale != 1.0 else None)
+                cond, uncond = guidance_conditionings(self, prompts, images, hp.teacher_guidance_scale != 1.0)
             dm, critic, dm_stats = self.score_regularizer(cond, uncond)
             loss = loss + hp.dmd_weight * dm + critic
             stats.update(dm_stats)
@@ -526,7 +527,7 @@ class ConsistencyDistillation(TeacherTrajectories, AdversarialTerm, ScoreRegular
 
         Args:
             noise: initial latents at sigma 1.
-            cond: prompt conditioning.
+            cond: prompt conditioning (with its conditioning images for image-to-video).
             num_inference_steps: student steps; None takes the module's.
             guidance_scale: classifier-free guidance; None takes the module's.
             generator: the re-noising draws' source: one generator per sample (seeded sampling), one for the batch,
@@ -540,7 +541,9 @@ class ConsistencyDistillation(TeacherTrajectories, AdversarialTerm, ScoreRegular
                                           guidance_scale=guidance_scale, generator=generator, uncond=uncond)
         scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
         if scale != 1 and uncond is None:
-            uncond = self.backbone.encode_prompts([self.hparams.negative_prompt] * len(cond))
+            uncond = negative_conditioning(self.backbone, self.hparams.negative_prompt, cond)
+        elif uncond is not None and cond.images is not None and uncond.images is None:  # it keeps the image (I2V)
+            uncond = uncond.with_images_from(cond)
 
         def x0_fn(x: Tensor, s: Tensor) -> Tensor:
             return self._x0(guided_velocity(self.backbone, x, s, cond, uncond, scale), x, s)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from lit_videoalign.backbones.adapters import checkpointing_off, guided_velocity
 from lit_videoalign.backbones.base import Conditioning
 from lit_videoalign.objectives.gan import gan_discriminator_loss, gan_generator_loss
-from lit_videoalign.objectives.losses import dmd_generator_loss
+from lit_videoalign.objectives.losses import dmd_generator_loss, guidance_conditionings
 from lit_videoalign.objectives.sft import flow_matching_loss
 from lit_videoalign.schedules.flow import (
     add_noise,
@@ -35,13 +35,15 @@ from lit_videoalign.schedules.samplers import predicted_x0
 @dataclass
 class TrajectoryPoints:
     """Training pairs cut from teacher ODE trajectories, kept on CPU: ``x`` at grid index ``n`` and the teacher's own
-    solution ``x_next`` at ``n_next`` (``k`` grid steps on, or the phase end when nearer)."""
+    solution ``x_next`` at ``n_next`` (``k`` grid steps on, or the phase end when nearer), with the prompt and, for
+    image-to-video, the conditioning image each trajectory was sampled with."""
 
     x: Tensor  # (m, c, t, h, w)
     x_next: Tensor  # (m, c, t, h, w)
     n: Tensor  # (m,) grid index of x
     n_next: Tensor  # (m,) grid index of x_next
     prompts: list[str]  # one per pair
+    images: Tensor | None = None  # (m, 3, h, w) in [0, 1], one per pair (image-to-video)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -49,12 +51,17 @@ class TrajectoryPoints:
     def subset(self, idx: Tensor | slice) -> TrajectoryPoints:
         """The pairs at ``idx`` (an index tensor or a slice)."""
         prompts = self.prompts[idx] if isinstance(idx, slice) else [self.prompts[i] for i in idx.tolist()]
-        return TrajectoryPoints(self.x[idx], self.x_next[idx], self.n[idx], self.n_next[idx], prompts)
+        images = None if self.images is None else self.images[idx]
+        return TrajectoryPoints(self.x[idx], self.x_next[idx], self.n[idx], self.n_next[idx], prompts, images)
 
     def cat(self, other: TrajectoryPoints) -> TrajectoryPoints:
+        if (self.images is None) != (other.images is None):
+            raise ValueError("cannot mix teacher trajectories with and without conditioning images; train on batches "
+                             "that all have an 'image' (image-to-video) or none (text-to-video)")
+        images = None if self.images is None else torch.cat([self.images, other.images])
         return TrajectoryPoints(torch.cat([self.x, other.x]), torch.cat([self.x_next, other.x_next]),
                                 torch.cat([self.n, other.n]), torch.cat([self.n_next, other.n_next]),
-                                self.prompts + other.prompts)
+                                self.prompts + other.prompts, images)
 
 
 class TeacherTrajectories:
@@ -65,15 +72,15 @@ class TeacherTrajectories:
     _trajectories: TrajectoryPoints | None
 
     @torch.no_grad()
-    def teacher_trajectory_points(self, prompts: list[str]) -> TrajectoryPoints:
+    def teacher_trajectory_points(self, prompts: list[str], images: Tensor | None = None) -> TrajectoryPoints:
         """Teacher ODE trajectories from fresh noise on the schedule (with the teacher's guidance), cut into
         ``points_per_trajectory`` pairs each: the state at a random grid index ``n`` and the teacher's own solution
         ``k`` grid steps on (or at the phase end when nearer). With ``on_policy`` each phase starts from the student's
-        own step instead (the teacher's state at the phase end is still the pair's target)."""
+        own step instead (the teacher's state at the phase end is still the pair's target). ``images``: one
+        conditioning image per prompt (image-to-video), kept with each of its pairs."""
         hp = self.hparams
-        cond = self.backbone.encode_prompts(prompts)
-        uncond = (self.backbone.encode_prompts([hp.negative_prompt] * len(prompts))
-                  if hp.teacher_guidance_scale != 1.0 or hp.guidance_scale != 1.0 else None)
+        guided = hp.teacher_guidance_scale != 1.0 or hp.guidance_scale != 1.0
+        cond, uncond = guidance_conditionings(self, prompts, images, guided)
         grid = self.schedule().tolist()
         b, p, big_n = len(prompts), hp.points_per_trajectory, hp.num_timesteps
         n = torch.randint(0, big_n, (b, p))  # (b, p)
@@ -99,19 +106,21 @@ class TeacherTrajectories:
             s = torch.full((b,), grid[i], device=self.device)
             x = euler_step(x, self.teacher_velocity(x, s, cond, uncond), grid[i], grid[i + 1])
         return TrajectoryPoints(xs.flatten(0, 1), xs_next.flatten(0, 1), n.flatten(), n_next.flatten(),
-                                [q for q in prompts for _ in range(p)])
+                                [q for q in prompts for _ in range(p)],
+                                None if images is None else images.cpu().repeat_interleave(p, dim=0))
 
-    def trajectory_batch(self, prompts: list[str]) -> TrajectoryPoints:
-        """``len(prompts)`` random cached pairs, after growing the cache with this batch's prompts until it holds
-        ``teacher_trajectories`` trajectories (and, every ``trajectory_every`` steps after that, replacing the oldest
-        with new ones)."""
+    def trajectory_batch(self, prompts: list[str], images: Tensor | None = None) -> TrajectoryPoints:
+        """``len(prompts)`` random cached pairs, after growing the cache with this batch's prompts (and conditioning
+        ``images``) until it holds ``teacher_trajectories`` trajectories (and, every ``trajectory_every`` steps after
+        that, replacing the oldest with new ones)."""
         hp = self.hparams
         p = hp.points_per_trajectory
         have = 0 if self._trajectories is None else len(self._trajectories) // p
         full = have >= hp.teacher_trajectories
         refresh = full and hp.trajectory_every > 0 and self.global_step % hp.trajectory_every == 0
         if not full or refresh:
-            new = self.teacher_trajectory_points(prompts if refresh else prompts[:hp.teacher_trajectories - have])
+            take = slice(None) if refresh else slice(hp.teacher_trajectories - have)
+            new = self.teacher_trajectory_points(prompts[take], None if images is None else images[take])
             cache = new if self._trajectories is None else self._trajectories.cat(new)
             self._trajectories = cache.subset(slice(max(len(cache) - hp.teacher_trajectories * p, 0), None))  # newest
         return self._trajectories.subset(torch.randperm(len(self._trajectories))[:len(prompts)])

@@ -46,7 +46,11 @@ from lit_videoalign.objectives.gan import (
     gan_discriminator_loss,
     gan_generator_loss,
 )
-from lit_videoalign.objectives.losses import dmd_generator_loss  # its old home was here: still importable
+from lit_videoalign.objectives.losses import (  # dmd_generator_loss's old home was here: still importable
+    dmd_generator_loss,
+    guidance_conditionings,
+    negative_conditioning,
+)
 from lit_videoalign.objectives.sft import flow_matching_loss
 from lit_videoalign.schedules.flow import (
     SIGMA_MODES,
@@ -75,6 +79,15 @@ class ODEPairs:
     states: Tensor  # (n, k, c, t, h, w) the teacher's x at each student sigma
     x0: Tensor  # (n, c, t, h, w) the teacher's sample
     prompts: list[str]
+    images: Tensor | None = None  # (n, 3, h, w) in [0, 1]: each trajectory's conditioning image (image-to-video)
+
+    def cat(self, other: ODEPairs) -> ODEPairs:
+        if (self.images is None) != (other.images is None):
+            raise ValueError("cannot mix teacher ODE pairs with and without conditioning images; train on batches "
+                             "that all have an 'image' (image-to-video) or none (text-to-video)")
+        images = None if self.images is None else torch.cat([self.images, other.images])
+        return ODEPairs(torch.cat([self.states, other.states]), torch.cat([self.x0, other.x0]),
+                        self.prompts + other.prompts, images)
 
 
 class DMD(AlignmentModule):
@@ -89,6 +102,8 @@ class DMD(AlignmentModule):
     Each training batch (``{"prompt": list[str]}``, plus ``"video"`` or ``"latents"`` when the GAN term is on) makes
     ``critic_updates`` critic steps, each on fresh student samples, then one generator step. Lightning's
     ``trainer.global_step`` counts both optimizers' steps, so ``max_steps`` is ``(critic_updates + 1)`` per batch.
+    With an ``"image"`` ``(b, 3, h, w)`` in ``[0, 1]`` (image-to-video) the student, the critic, both branches of the
+    teacher's guidance and the warm-up's teacher ODE pairs are all conditioned on it.
 
     Args:
         num_inference_steps: steps ``K`` of the student.
@@ -352,12 +367,10 @@ class DMD(AlignmentModule):
         return loss, stats
 
     @torch.no_grad()
-    def teacher_ode(self, prompts: list[str]) -> ODEPairs:
+    def teacher_ode(self, prompts: list[str], images: Tensor | None = None) -> ODEPairs:
         """Teacher ODE trajectories from fresh noise: states at the student's sigmas and the final sample."""
         hp = self.hparams
-        cond = self.backbone.encode_prompts(prompts)
-        uncond = (self.backbone.encode_prompts([hp.negative_prompt] * len(prompts))
-                  if hp.teacher_guidance_scale != 1.0 else None)
+        cond, uncond = guidance_conditionings(self, prompts, images, hp.teacher_guidance_scale != 1.0)
         student = self.student_grid()[:-1]
         grid = torch.cat([sampling_sigmas(hp.teacher_steps, shift=self.sampling_shift), student])
         grid = torch.unique(grid).flip(0).tolist()  # decreasing, with every student sigma on it
@@ -370,24 +383,23 @@ class DMD(AlignmentModule):
             s = torch.full((len(x),), sigma, device=x.device)
             v = self.velocity("teacher", x, s, cond, uncond, hp.teacher_guidance_scale)
             x = euler_step(x, v, sigma, sigma_next)
-        return ODEPairs(torch.stack(states, 1), x.cpu(), list(prompts))
+        return ODEPairs(torch.stack(states, 1), x.cpu(), list(prompts), None if images is None else images.cpu())
 
-    def regression_loss(self, prompts: list[str]) -> Tensor:
+    def regression_loss(self, prompts: list[str], images: Tensor | None = None) -> Tensor:
         """CausVid's warm-up: from teacher ODE states at a random student step, regress the student onto the
-        teacher's sample. Pairs are made from the first training prompts until ``regression_pairs`` exist."""
+        teacher's sample. Pairs are made from the first training prompts (and images) until ``regression_pairs``
+        exist."""
         hp = self.hparams
         if self._pairs is None or len(self._pairs.prompts) < hp.regression_pairs:
-            new = self.teacher_ode(prompts)
-            if self._pairs is not None:
-                new = ODEPairs(torch.cat([self._pairs.states, new.states]), torch.cat([self._pairs.x0, new.x0]),
-                               self._pairs.prompts + new.prompts)
-            self._pairs = new
+            new = self.teacher_ode(prompts, images)
+            self._pairs = new if self._pairs is None else self._pairs.cat(new)
         pairs = self._pairs
         idx = torch.randperm(len(pairs.prompts))[:len(prompts)]
         j = torch.randint(0, pairs.states.shape[1], (len(idx),))
         x = pairs.states[idx, j].to(self.device)
         sigma = self.student_grid()[j].to(self.device)
-        cond = self.backbone.encode_prompts([pairs.prompts[i] for i in idx.tolist()])
+        cond = self.with_images(self.backbone.encode_prompts([pairs.prompts[i] for i in idx.tolist()]),
+                                None if pairs.images is None else pairs.images[idx])
         return F.mse_loss(self.student_x0(x, sigma, cond).float(), pairs.x0[idx].to(self.device).float())
 
     # -- optimisation -----------------------------------------------------------------------------------------------
@@ -416,9 +428,8 @@ class DMD(AlignmentModule):
         opt_g, opt_c = self.optimizers()
         prompts = list(batch["prompt"])
         n = len(prompts)
-        cond = self.backbone.encode_prompts(prompts)
-        uncond = (self.backbone.encode_prompts([hp.negative_prompt] * n) if hp.teacher_guidance_scale != 1.0
-                  else None)
+        images = batch.get("image")  # (b, 3, h, w) for image-to-video: every role sees it
+        cond, uncond = guidance_conditionings(self, prompts, images, hp.teacher_guidance_scale != 1.0)
         real = self.real_latents(batch) if self.gan_head is not None else None
 
         for _ in range(hp.critic_updates):  # two time-scale: the critic keeps up with the student
@@ -429,7 +440,7 @@ class DMD(AlignmentModule):
                 self._step(opt_c, critic_loss)
 
         if self.generator_updates < hp.regression_steps:
-            loss = self.regression_loss(prompts)
+            loss = self.regression_loss(prompts, images)
             stats = {"regression_loss": loss.detach()}
         else:
             loss, stats = self.generator_loss(cond, uncond)
@@ -449,7 +460,8 @@ class DMD(AlignmentModule):
         super().on_save_checkpoint(checkpoint)
         pairs = self._pairs
         checkpoint["dmd_state"] = {"generator_updates": self.generator_updates, "ode_pairs": None if pairs is None else
-                                   {"states": pairs.states, "x0": pairs.x0, "prompts": list(pairs.prompts)}}
+                                   {"states": pairs.states, "x0": pairs.x0, "prompts": list(pairs.prompts),
+                                    "images": pairs.images}}
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -457,7 +469,8 @@ class DMD(AlignmentModule):
         state = checkpoint.get("dmd_state", {})
         self.generator_updates = state.get("generator_updates", 0)
         pairs = state.get("ode_pairs")
-        self._pairs = None if pairs is None else ODEPairs(pairs["states"], pairs["x0"], list(pairs["prompts"]))
+        self._pairs = None if pairs is None else ODEPairs(pairs["states"], pairs["x0"], list(pairs["prompts"]),
+                                                        pairs.get("images"))
 
     # -- sampling and evaluation ------------------------------------------------------------------------------------
     @override
@@ -470,7 +483,7 @@ class DMD(AlignmentModule):
 
         Args:
             noise: initial latents at sigma 1.
-            cond: prompt conditioning.
+            cond: prompt conditioning (with its conditioning images for image-to-video).
             num_inference_steps: overrides the student's own steps.
             guidance_scale: classifier-free guidance of the student's velocity; None takes the module's.
             generator: the re-noising draws' source: one generator per sample (seeded sampling), one for the batch,
@@ -482,7 +495,9 @@ class DMD(AlignmentModule):
         hp = self.hparams
         scale = hp.guidance_scale if guidance_scale is None else guidance_scale
         if scale != 1.0 and uncond is None:
-            uncond = self.backbone.encode_prompts([hp.negative_prompt] * len(cond))
+            uncond = negative_conditioning(self.backbone, hp.negative_prompt, cond)
+        elif uncond is not None and cond.images is not None and uncond.images is None:  # it keeps the image (I2V)
+            uncond = uncond.with_images_from(cond)
         return multistep_sample(lambda x, s: self.student_x0(x, s, cond, uncond, scale), noise,
                                 self.student_grid(num_inference_steps), generator, hp.student_sampler)
 

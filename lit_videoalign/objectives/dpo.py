@@ -107,7 +107,8 @@ def gap_weights(gaps: Tensor, power: float = 1.0) -> Tensor:
 
 # -- the online pair pool ----------------------------------------------------------------------------------------------
 class PairPool:
-    """A first-in first-out pool of self-generated pairs: latents on CPU, prompts, score gaps and weights.
+    """A first-in first-out pool of self-generated pairs: latents on CPU, prompts, score gaps and weights (and each
+    pair's conditioning image, image-to-video).
 
     Args:
         capacity: most pairs kept; adding more drops the oldest.
@@ -122,19 +123,26 @@ class PairPool:
         self.prompts: list[str] = []
         self.gaps = torch.zeros(0)
         self.weights = torch.zeros(0)
+        self.images: Tensor | None = None  # (n, 3, h, w), image-to-video
 
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def add(self, winners: Tensor, losers: Tensor, prompts: list[str], gaps: Tensor, weights: Tensor) -> None:
-        """Append pairs (moved to CPU); keep the newest ``capacity``."""
+    def add(self, winners: Tensor, losers: Tensor, prompts: list[str], gaps: Tensor, weights: Tensor,
+            images: Tensor | None = None) -> None:
+        """Append pairs (moved to CPU), with their conditioning ``images`` if any; keep the newest ``capacity``."""
         n = len(prompts)
         if not (winners.shape == losers.shape and winners.shape[0] == n == gaps.numel() == weights.numel()):
             raise ValueError(f"pool.add needs winners and losers of one shape and one prompt, gap and weight per "
                              f"pair; got {tuple(winners.shape)}, {tuple(losers.shape)}, {n} prompts, "
                              f"{gaps.numel()} gaps, {weights.numel()} weights")
+        if (images is not None and len(images) != n) or (len(self) and (images is None) != (self.images is None)):
+            raise ValueError(f"pool.add needs one image per pair, or none, as the pool holds; got "
+                             f"{None if images is None else len(images)} images for {n} pairs")
         if n == 0:
             return
+        if images is not None:
+            images = images.detach().cpu() if self.images is None else torch.cat([self.images, images.cpu()])
         winners, losers = winners.detach().cpu(), losers.detach().cpu()
         if self.winners is not None:
             if self.winners.shape[1:] != winners.shape[1:]:
@@ -147,17 +155,24 @@ class PairPool:
         keep = slice(max(0, len(prompts) - self.capacity), None)
         self.winners, self.losers, self.prompts = winners[keep], losers[keep], prompts[keep]
         self.gaps, self.weights = gaps[keep], weights[keep]
+        self.images = images[keep] if images is not None else None
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor, list[str], Tensor]:
         """``min(n, len(pool))`` distinct pairs drawn at random: ``(winners, losers, prompts, weights)``."""
+        return self.sample_with_images(n, generator)[:4]
+
+    def sample_with_images(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor, list[str], Tensor,
+                                                                                Tensor | None]:
+        """:meth:`sample` and the pairs' conditioning images (None when the pool holds none)."""
         if len(self) == 0:
             raise RuntimeError("the pair pool is empty")
         idx = torch.randperm(len(self), generator=generator)[:n]
-        return self.winners[idx], self.losers[idx], [self.prompts[i] for i in idx.tolist()], self.weights[idx]
+        images = self.images[idx] if self.images is not None else None
+        return self.winners[idx], self.losers[idx], [self.prompts[i] for i in idx.tolist()], self.weights[idx], images
 
     def state_dict(self) -> dict:
         return {"capacity": self.capacity, "winners": self.winners, "losers": self.losers,
-                "prompts": list(self.prompts), "gaps": self.gaps, "weights": self.weights}
+                "prompts": list(self.prompts), "gaps": self.gaps, "weights": self.weights, "images": self.images}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore saved pairs; a smaller ``capacity`` than the saved pool's keeps only the newest pairs."""
@@ -166,6 +181,7 @@ class PairPool:
         self.losers = state["losers"][keep] if state["losers"] is not None else None
         self.prompts = list(state["prompts"])[keep]
         self.gaps, self.weights = state["gaps"][keep], state["weights"][keep]
+        self.images = state["images"][keep] if state.get("images") is not None else None
 
 
 # -- the module --------------------------------------------------------------------------------------------------------
@@ -182,6 +198,9 @@ class DPO(AlignmentModule):
     - ``{"prompt", "video_a", "video_b", "labels"}`` with an optional ``"tie"``, as served by
       :class:`~lit_videoalign.data.toyworld_pairs.ToyWorldPairsDataModule`; ``preference_label`` names the label
       (``+1``: ``video_a`` better, ``-1``: ``video_b`` better).
+
+    Either layout may carry ``"image"`` ``[B, 3, H, W]``, each pair's conditioning image (image-to-video), and so may
+    prompt batches, whose candidates are then generated from it.
 
     Ties (a true ``"tie"`` flag, or label 0 in ``preference_label``) carry no preference: they are dropped from the
     batch before any forward pass and counted in ``train/masked_pairs``; a batch of ties only skips its step.
@@ -357,20 +376,31 @@ class DPO(AlignmentModule):
         x_w, x_l = torch.where(mask, a, b), torch.where(mask, b, a)
         return [prompts[i] for i in keep.tolist()], x_w, x_l, weights, masked
 
+    def pair_images(self, batch: dict) -> tuple[Tensor | None, int | None]:
+        """The conditioning images of :meth:`batch_pairs`' untied pairs (None without a batch ``"image"``) and the
+        frame count of the batch's pixel videos (None for latents: the module's ``num_frames``)."""
+        if batch.get("image") is None:
+            return None, None
+        label = self._label(batch, len(batch["prompt"]), self.device)
+        video = next((batch[k] for k in ("chosen", "video_a") if batch.get(k) is not None), None)
+        return batch["image"][(label != 0).to(batch["image"].device)], None if video is None else video.shape[1]
+
     # -- loss -----------------------------------------------------------------------------------------------------
     def pair_loss(self, prompts: list[str], x_w: Tensor, x_l: Tensor, weights: Tensor | None = None,
-                  generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                  generator: torch.Generator | None = None, images: Tensor | None = None,
+                  num_frames: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """DPO (plus optional SFT) loss of pairs ``x_w`` over ``x_l`` and the statistics to log.
 
-        Winner and loser share one noise tensor and one sigma per pair; the policy sees both in one concatenated
-        batch, and so does the reference (under ``no_grad``).
+        Winner and loser share one noise tensor and one sigma per pair, and the pair's conditioning image ``images``
+        ``[N, 3, H, W]`` (image-to-video; videos of ``num_frames``, the module's by default); the policy sees both in
+        one concatenated batch, and so does the reference (under ``no_grad``).
         """
         hp = self.hparams
         n = x_w.shape[0]
         if len(prompts) != n or x_l.shape != x_w.shape:
             raise ValueError(f"got {len(prompts)} prompts, winners {tuple(x_w.shape)} and losers {tuple(x_l.shape)}; "
                              "expected one prompt per pair and equal shapes")
-        cond = self.backbone.encode_prompts(prompts)
+        cond = self.with_images(self.backbone.encode_prompts(prompts), images, num_frames=num_frames)
         shift = self.backbone.default_sampling_shift if hp.sigma_shift is None else hp.sigma_shift
         sigma = sample_training_sigmas(n, mode=hp.sigma_sampling, shift=shift, generator=generator,
                                        logit_mean=hp.logit_mean, logit_std=hp.logit_std).to(x_w.device)
@@ -401,6 +431,8 @@ class DPO(AlignmentModule):
     # -- online pairs ---------------------------------------------------------------------------------------------
     def _reference_velocity_fn(self, cond: Conditioning, guidance: float) -> Callable[[Tensor, Tensor], Tensor]:
         uncond = None if guidance == 1.0 else self.backbone.encode_prompts([self.hparams.negative_prompt] * len(cond))
+        if uncond is not None and cond.images is not None:  # the unconditional branch keeps the image (I2V)
+            uncond = uncond.with_images_from(cond)
 
         def reference(x: Tensor, s: Tensor) -> Tensor:
             if uncond is None:
@@ -416,8 +448,9 @@ class DPO(AlignmentModule):
         return guarded_scores(self.reward, videos, prompts, "DPO", "no pairs from this batch", fps=self.backbone.fps)
 
     @torch.no_grad()
-    def build_pairs(self, prompts: list[str]) -> dict[str, float]:
-        """Generate ``num_candidates`` videos per prompt, score them, and add best-vs-worst pairs to the pool.
+    def build_pairs(self, prompts: list[str], images: Tensor | None = None) -> dict[str, float]:
+        """Generate ``num_candidates`` videos per prompt (conditioned on its image of ``images`` ``[N, 3, H, W]``, if
+        given), score them, and add best-vs-worst pairs, with their image, to the pool.
 
         Returns statistics of the refresh (candidates' mean reward, pairs added, their mean gap).
         """
@@ -427,7 +460,7 @@ class DPO(AlignmentModule):
         self.eval()
         try:
             group = [p for p in prompts for _ in range(k)]
-            cond = self.backbone.encode_prompts(group)
+            cond = self.with_images(self.backbone.encode_prompts(group), images, k)
             shape = self.backbone.latent_shape(hp.num_frames, hp.height, hp.width)
             noise = torch.randn((len(group), *shape), generator=self.pool_generator).to(self.device)
             steps = hp.candidate_steps or hp.num_inference_steps
@@ -453,7 +486,8 @@ class DPO(AlignmentModule):
         idx = keep.nonzero().flatten()
         gaps = gap[idx]
         weights = gap_weights(gaps, hp.gap_power) if hp.gap_weighting else torch.ones_like(gaps)
-        self.pool.add(lat[idx, best[idx]], lat[idx, worst[idx]], [prompts[i] for i in idx.tolist()], gaps, weights)
+        self.pool.add(lat[idx, best[idx]], lat[idx, worst[idx]], [prompts[i] for i in idx.tolist()], gaps, weights,
+                      None if images is None else images[idx.to(images.device)])
         stats = {f"candidate_reward/{dim}": float(v[torch.isfinite(v)].mean()) for dim, v in scores.items()
                  if torch.isfinite(v).any()}
         stats.update({"new_pairs": float(len(idx)), "masked_candidates": float((~valid).sum())})
@@ -462,37 +496,43 @@ class DPO(AlignmentModule):
         return stats
 
     # -- Lightning hooks ------------------------------------------------------------------------------------------
-    def _online_pairs(self, batch: dict) -> tuple[list[str], Tensor, Tensor, Tensor | None, int] | None:
+    def _online_pairs(self, batch: dict) -> tuple[tuple[list[str], Tensor, Tensor, Tensor | None, int],
+                                                   Tensor | None] | None:
+        """Pairs from the pool (refreshed from the batch's prompts and images as scheduled) and their images."""
         hp = self.hparams
         if self.reward is None:
             raise ValueError(f"the batch holds no preference pairs (keys {sorted(batch)}) and DPO has no reward to "
                              "build pairs online; serve chosen/rejected pairs or pass reward=")
         prompts = list(batch["prompt"])
         if self.online_batches % hp.refresh_every == 0 or len(self.pool) == 0:
-            stats = self.build_pairs(prompts)
+            stats = self.build_pairs(prompts, batch.get("image"))
             self.log_dict({f"train/pool/{k}": v for k, v in stats.items()}, batch_size=len(prompts))
         self.online_batches += 1
         self.log("train/pool/size", float(len(self.pool)), batch_size=len(prompts))
         if len(self.pool) == 0:
             return None
-        x_w, x_l, pool_prompts, weights = self.pool.sample(hp.pairs_per_step or len(prompts), self.pool_generator)
+        x_w, x_l, pool_prompts, weights, images = self.pool.sample_with_images(hp.pairs_per_step or len(prompts),
+                                                                               self.pool_generator)
         weights = weights if hp.gap_weighting else None
-        return pool_prompts, x_w.to(self.device), x_l.to(self.device), weights, 0
+        return (pool_prompts, x_w.to(self.device), x_l.to(self.device), weights, 0), images
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         pairs = self.batch_pairs(batch)
-        if pairs is None:
-            pairs = self._online_pairs(batch)
-            if pairs is None:
+        if pairs is not None:
+            images, frames = self.pair_images(batch)
+        else:
+            online = self._online_pairs(batch)
+            if online is None:
                 rank_zero_warn("DPO: no candidate pair cleared min_gap yet; this step is skipped")
                 return None
+            (pairs, images), frames = online, None
         prompts, x_w, x_l, weights, masked = pairs
         n = max(len(prompts), 1)
         self.log("train/masked_pairs", float(masked), batch_size=n)
         if not prompts:
             return None  # a batch of ties: nothing to prefer
-        loss, stats = self.pair_loss(prompts, x_w, x_l, weights)
+        loss, stats = self.pair_loss(prompts, x_w, x_l, weights, images=images, num_frames=frames)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=n)
         return loss
@@ -504,8 +544,9 @@ class DPO(AlignmentModule):
         if pairs is not None:
             prompts, x_w, x_l, weights, _ = pairs
             if prompts:
-                loss, stats = self.pair_loss(prompts, x_w, x_l, weights,
-                                             generator=torch.Generator().manual_seed(batch_idx))
+                images, frames = self.pair_images(batch)
+                loss, stats = self.pair_loss(prompts, x_w, x_l, weights, torch.Generator().manual_seed(batch_idx),
+                                             images, frames)
                 n = len(prompts)
                 self.log("val/loss", loss, prog_bar=True, batch_size=n)
                 self.log_dict({f"val/{k}": v for k, v in stats.items()}, batch_size=n)
@@ -513,7 +554,8 @@ class DPO(AlignmentModule):
         if self.reward is None:
             return
         prompts = list(batch["prompt"])
-        videos = self.generate(prompts, seeds=[batch_idx * 1000 + i for i in range(len(prompts))])
+        videos = self.generate(prompts, seeds=[batch_idx * 1000 + i for i in range(len(prompts))],
+                               images=batch.get("image"))
         scores = self.score(videos, prompts)
         for dim, values in (scores or {}).items():
             finite = values[torch.isfinite(values)]

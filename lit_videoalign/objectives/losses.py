@@ -4,7 +4,9 @@
   its student with and rCM's score regulariser (arXiv 2510.08431) adds to consistency distillation: tensors in, a
   scalar out;
 - the checks a reward passes before a method uses it: :func:`check_reward` (a ``reward_zoo`` reward that scores
-  text-to-video samples) and :func:`require_differentiable` (a gradient that reaches the videos and is of use).
+  text-to-video samples) and :func:`require_differentiable` (a gradient that reaches the videos and is of use);
+- :func:`guidance_conditionings` and :func:`negative_conditioning`: prompts, their conditioning images
+  (image-to-video) and the unconditional branch of a teacher's or student's guidance, which keeps the image.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_videoalign.backbones.base import Conditioning
 from reward_zoo.base import RewardModel
 from reward_zoo.composite import CompositeReward
 
@@ -40,6 +43,23 @@ def dmd_generator_loss(x0_student: Tensor, x0_real: Tensor, x0_fake: Tensor, eps
     grad = (fake - real) / norm.view(-1, *([1] * (x.ndim - 1)))
     grad = torch.nan_to_num(grad)
     return 0.5 * F.mse_loss(x, (x - grad).detach())
+
+
+def negative_conditioning(backbone, negative_prompt: str, cond: Conditioning) -> Conditioning:
+    """The negative prompt's conditioning for each sample of ``cond``, with ``cond``'s conditioning images and their
+    encodings when it has them: the unconditional branch of guidance keeps the image (image-to-video), as the I2V
+    pipelines do, so teacher, student and critic see the same image on both branches."""
+    uncond = backbone.encode_prompts([negative_prompt] * len(cond))
+    return uncond.with_images_from(cond) if cond.images is not None else uncond
+
+
+def guidance_conditionings(module, prompts: list[str], images: Tensor | None = None, guided: bool = False,
+                           num_frames: int | None = None) -> tuple[Conditioning, Conditioning | None]:
+    """``(cond, uncond)`` of ``prompts`` for ``module`` (an ``AlignmentModule``): ``cond`` conditioned also on
+    ``images`` (one per prompt, image-to-video, encoded for videos of ``num_frames``, the module's by default; None for
+    text-to-video), and ``uncond`` the negative prompt with the same images when ``guided``, else None."""
+    cond = module.with_images(module.backbone.encode_prompts(prompts), images, num_frames=num_frames)
+    return cond, negative_conditioning(module.backbone, module.hparams.negative_prompt, cond) if guided else None
 
 
 def check_reward(reward: RewardModel, who: str) -> None:

@@ -194,7 +194,8 @@ class DiffusionNFT(AlignmentModule):
     """DiffusionNFT / AWM with manual optimisation: sample groups with the sampling policy, score them, then update by
     flow matching on the clean samples.
 
-    Each training batch is ``{"prompt": list[str]}``; every prompt gets ``group_size`` samples.
+    Each training batch is ``{"prompt": list[str]}``, with ``"image"`` ``[B, 3, H, W]`` for an image-to-video model;
+    every prompt gets ``group_size`` samples.
 
     Args:
         reward: a ``reward_zoo`` reward (or ``CompositeReward``).
@@ -371,15 +372,17 @@ class DiffusionNFT(AlignmentModule):
 
     # -- rollouts -----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, prompts: list[str], generator: torch.Generator | None = None) -> NFTRollout:
+    def rollout(self, prompts: list[str], generator: torch.Generator | None = None,
+                images: Tensor | None = None) -> NFTRollout:
         """``group_size`` clean samples per prompt from the sampling policy, scored, with ``r`` and advantages; chunk by
-        chunk, each scored in turn or in the background (:func:`.rollout_scoring.generate_and_score`)."""
+        chunk, each scored in turn or in the background (:func:`.rollout_scoring.generate_and_score`). ``images``:
+        one conditioning image per prompt (image-to-video), for its whole group; the update keeps it."""
         hp = self.hparams
         group_prompts = [p for p in prompts for _ in range(hp.group_size)]
         was_training = self.training
         self.eval()
         try:
-            cond = self.backbone.encode_prompts(group_prompts)
+            cond = self.with_images(self.backbone.encode_prompts(group_prompts), images, hp.group_size)
             uncond = None
             if hp.rollout_guidance_scale != 1.0:
                 uncond = self.backbone.encode_prompts([hp.negative_prompt] * len(group_prompts))
@@ -467,7 +470,7 @@ class DiffusionNFT(AlignmentModule):
     @override
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         hp = self.hparams
-        rollout = self.rollout(list(batch["prompt"]))
+        rollout = self.rollout(list(batch["prompt"]), images=batch.get("image"))
         n = len(rollout.prompts)
         self._log_rollout(rollout)
         last = torch.zeros((), device=self.device)

@@ -23,6 +23,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lit_videoalign.objectives.sft import SFT
+from lit_videoalign.schedules.samplers import seeded_noise
 from reward_zoo.base import RewardModel
 
 FEATURE_GRID = 8  # videos are pooled to (t, c, 8, 8) for the duplicate check and the diversity log
@@ -68,8 +69,10 @@ def feature_distance(a: Tensor, b: Tensor) -> Tensor:
 class RejectionSFT(SFT):
     """Generate, keep what the reward accepts, fine-tune on it with flow matching, repeat.
 
-    Each training batch is ``{"prompt": list[str]}`` (e.g. ``ToyWorldDataModule(prompts_only=True)``). The replay
-    buffer (latents, prompts, scores, features) is saved in checkpoints and restored on resume.
+    Each training batch is ``{"prompt": list[str]}`` (e.g. ``ToyWorldDataModule(prompts_only=True)``), with
+    ``"image"`` ``[B, 3, H, W]`` for an image-to-video model: candidates are generated from it, and each buffer entry
+    keeps its image for the fine-tuning. The replay buffer (latents, prompts, scores, features, images) is saved in
+    checkpoints and restored on resume.
 
     Args:
         reward: any ``reward_zoo`` reward or ``CompositeReward`` (the verifier); ``reward_key`` is the score used.
@@ -132,25 +135,32 @@ class RejectionSFT(SFT):
         self.buffer_prompts: list[str] = []
         self.buffer_scores = torch.zeros(0)
         self.buffer_features = torch.zeros(0, 0)
+        self.buffer_images: Tensor | None = None  # (n, 3, h, w) on CPU, image-to-video
 
     @property
     def buffer_len(self) -> int:
         return len(self.buffer_prompts)
 
-    def _append(self, latents: Tensor, prompt: str, score: float, feature: Tensor) -> None:
-        """Add one entry, evicting the prompt's oldest entry beyond ``max_per_prompt`` and the oldest overall beyond
-        ``buffer_size``."""
+    def _append(self, latents: Tensor, prompt: str, score: float, feature: Tensor, image: Tensor | None = None) -> None:
+        """Add one entry (with its conditioning ``image`` ``(3, h, w)``, image-to-video), evicting the prompt's oldest
+        entry beyond ``max_per_prompt`` and the oldest overall beyond ``buffer_size``."""
         hp = self.hparams
         same = [i for i, p in enumerate(self.buffer_prompts) if p == prompt]
         drop = same[:max(0, len(same) - hp.max_per_prompt + 1)]
         keep = [i for i in range(len(self.buffer_prompts)) if i not in set(drop)]
         keep = keep[max(0, len(keep) - hp.buffer_size + 1):]
         lat = latents.detach().cpu()[None]
+        if (image is None) != (self.buffer_images is None) and self.buffer_latents is not None:
+            raise ValueError("the replay buffer holds entries with and without conditioning images; train on image "
+                             "batches throughout (image-to-video) or on none")
         if self.buffer_latents is None:
             self.buffer_latents, self.buffer_features = lat, feature.cpu()[None]
+            self.buffer_images = None if image is None else image.detach().cpu()[None]
         else:
             self.buffer_latents = torch.cat([self.buffer_latents[keep], lat])
             self.buffer_features = torch.cat([self.buffer_features[keep], feature.cpu()[None]])
+            if image is not None:
+                self.buffer_images = torch.cat([self.buffer_images[keep], image.detach().cpu()[None]])
         self.buffer_prompts = [self.buffer_prompts[i] for i in keep] + [prompt]
         self.buffer_scores = torch.cat([self.buffer_scores[keep], torch.tensor([float(score)])])
 
@@ -166,15 +176,15 @@ class RejectionSFT(SFT):
 
     # -- generation rounds ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def refresh(self, prompts: list[str]) -> dict[str, Tensor]:
-        """Generate ``num_candidates`` per prompt, filter them and add the accepted ones to the buffer."""
+    def refresh(self, prompts: list[str], images: Tensor | None = None) -> dict[str, Tensor]:
+        """Generate ``num_candidates`` per prompt (from its image of ``images`` ``[N, 3, H, W]``, image-to-video),
+        filter them and add the accepted ones to the buffer."""
         hp = self.hparams
         k = hp.num_candidates
         group_prompts = [p for p in prompts for _ in range(k)]
         seeds = torch.randint(0, 2**31 - 1, (len(group_prompts),)).tolist()
-        latents = self.generate(group_prompts, seeds, num_inference_steps=hp.candidate_steps,
-                                guidance_scale=hp.candidate_guidance_scale, return_latents=True,
-                                sampler="euler")  # the policy's training-time sampler, as before pipeline sampling
+        latents = self._candidates(group_prompts, seeds, images)
+        group_images = None if images is None else images.repeat_interleave(k, dim=0)
         videos = self.backbone.decode_latents(latents)
         groups = [self._score(videos[i:i + k], group_prompts[i:i + k])  # one batch per prompt
                   for i in range(0, len(group_prompts), k)]
@@ -190,7 +200,8 @@ class RejectionSFT(SFT):
                 if nearest < hp.min_feature_distance:
                     duplicates += 1
                     continue
-            self._append(latents[i], group_prompts[i], float(scores[i]), features[i])
+            self._append(latents[i], group_prompts[i], float(scores[i]), features[i],
+                         None if group_images is None else group_images[i])
             accepted.append(i)
         logs = {"train/candidate_reward": scores.mean(),
                 "train/accept_rate": torch.tensor(len(accepted) / len(scores)),
@@ -205,6 +216,26 @@ class RejectionSFT(SFT):
             logs["train/accepted_reward"] = scores[accepted].mean()
         return logs
 
+    def _candidates(self, prompts: list[str], seeds: list[int], images: Tensor | None) -> Tensor:
+        """Candidate latents from :meth:`generate` with the policy's training-time sampler (the Euler ODE, as before
+        pipeline sampling); with ``images`` (one per ``num_candidates`` prompts) sampled as it samples, conditioned on
+        them."""
+        hp = self.hparams
+        if images is None:
+            return self.generate(prompts, seeds, num_inference_steps=hp.candidate_steps,
+                                 guidance_scale=hp.candidate_guidance_scale, return_latents=True, sampler="euler")
+        was_training = self.training
+        self.eval()
+        try:
+            cond = self.with_images(self.backbone.encode_prompts(prompts), images, hp.num_candidates)
+            shape = self.backbone.latent_shape(hp.num_frames, hp.height, hp.width)
+            noise, generators = seeded_noise(shape, seeds, self.device)
+            return self.sample_latents(noise, cond, num_inference_steps=hp.candidate_steps,
+                                       guidance_scale=hp.candidate_guidance_scale, generator=generators,
+                                       sampler="euler")
+        finally:
+            self.train(was_training)
+
     def _score(self, videos: Tensor, prompts: list[str]) -> dict[str, Tensor]:
         """The reward's scores; a NaN or infinite score is kept (and never accepted) instead of raising."""
         try:
@@ -218,7 +249,7 @@ class RejectionSFT(SFT):
         hp = self.hparams
         prompts = list(batch["prompt"])
         if self.steps_seen % hp.generate_every == 0 or self.buffer_len == 0:
-            logs = self.refresh(prompts)
+            logs = self.refresh(prompts, batch.get("image"))
             self.log_dict({k: v for k, v in logs.items() if torch.isfinite(v)}, batch_size=len(prompts))
         self.steps_seen += 1
         if self.buffer_len == 0:
@@ -226,6 +257,8 @@ class RejectionSFT(SFT):
         n = hp.train_batch_size or len(prompts)
         idx = torch.randint(self.buffer_len, (n,))
         batch = {"latents": self.buffer_latents[idx].to(self.device), "prompt": [self.buffer_prompts[i] for i in idx]}
+        if self.buffer_images is not None:
+            batch["image"] = self.buffer_images[idx]
         loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         return loss
@@ -243,7 +276,7 @@ class RejectionSFT(SFT):
         super().on_save_checkpoint(checkpoint)
         checkpoint["rejection_sft_state"] = {
             "steps_seen": self.steps_seen, "prompts": list(self.buffer_prompts), "scores": self.buffer_scores,
-            "features": self.buffer_features, "latents": self.buffer_latents}
+            "features": self.buffer_features, "latents": self.buffer_latents, "images": self.buffer_images}
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -255,4 +288,4 @@ class RejectionSFT(SFT):
         self.steps_seen = int(state["steps_seen"])
         self.buffer_prompts = list(state["prompts"])
         self.buffer_scores, self.buffer_features = state["scores"], state["features"]
-        self.buffer_latents = state["latents"]
+        self.buffer_latents, self.buffer_images = state["latents"], state.get("images")

@@ -23,7 +23,7 @@ from typing_extensions import override
 
 from lit_videoalign.backbones.base import Conditioning
 from lit_videoalign.objectives.base import AlignmentModule
-from lit_videoalign.objectives.losses import require_differentiable
+from lit_videoalign.objectives.losses import guidance_conditionings, require_differentiable
 from lit_videoalign.schedules.flow import euler_step, sampling_sigmas
 from lit_videoalign.schedules.samplers import cfg_velocity
 from reward_zoo.base import RewardModel
@@ -67,7 +67,8 @@ class RewardGradient(AlignmentModule):
     """DRaFT-K / VADER: maximise a differentiable reward by backpropagating through the last ``K`` sampling steps.
 
     Each training batch is ``{"prompt": list[str]}`` (e.g. ``ToyWorldDataModule(prompts_only=True)``); each prompt
-    gets one sample from fresh noise per step.
+    gets one sample from fresh noise per step. With an ``"image"`` ``(B, 3, H, W)`` in ``[0, 1]`` (image-to-video) the
+    samples, both branches of the guidance and the reference policy of the regulariser are conditioned on it.
 
     Args:
         reward: a differentiable ``reward_zoo`` reward; ``reward_key`` of its output is maximised. Refused at
@@ -131,11 +132,6 @@ class RewardGradient(AlignmentModule):
         return self.hparams.guidance_scale if g is None else g
 
     # -- pieces ---------------------------------------------------------------------------------------------------
-    def _uncond(self, n: int) -> Conditioning | None:
-        if self.rollout_guidance == 1.0:
-            return None
-        return self.backbone.encode_prompts([self.hparams.negative_prompt] * n)
-
     def reference_guided_velocity(self, x: Tensor, s: Tensor, cond: Conditioning,
                                   uncond: Conditioning | None) -> Tensor:
         """The reference policy's (guided) velocity at ``x``, without gradients."""
@@ -158,16 +154,17 @@ class RewardGradient(AlignmentModule):
         ref = dict(self._reference_denoiser.named_parameters())
         return [p - ref[n] for n, p in self.backbone.denoiser.named_parameters() if p.requires_grad]
 
-    def sample_with_grad(self, prompts: list[str], noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Sample latents; gradients flow through the last ``K`` steps only.
+    def sample_with_grad(self, prompts: list[str], noise: Tensor | None = None,
+                         images: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Sample latents, conditioned also on ``images`` (one per prompt, image-to-video) when given; gradients flow
+        through the last ``K`` steps only.
 
         Returns:
             ``(latents, regulariser)``: final latents ``[B, C, T', H', W']`` and the mean velocity KL over the ``K``
             steps (``Tensor[B]``; zeros when the velocity regulariser is off).
         """
         hp = self.hparams
-        cond = self.backbone.encode_prompts(prompts)
-        uncond = self._uncond(len(prompts))
+        cond, uncond = guidance_conditionings(self, prompts, images, self.rollout_guidance != 1.0)
         velocity = self.guided_velocity_fn(cond, self.rollout_guidance, uncond)
         shape = self.backbone.latent_shape(hp.num_frames, hp.height, hp.width)
         if noise is None:
@@ -197,10 +194,11 @@ class RewardGradient(AlignmentModule):
             latents = latents[:, :, start:start + f]
         return self.backbone.decode_latents(latents)
 
-    def loss(self, prompts: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
-        """The DRaFT-K loss of one batch of prompts and what to log."""
+    def loss(self, prompts: list[str], images: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The DRaFT-K loss of one batch of prompts (and their conditioning ``images``, image-to-video) and what to
+        log."""
         hp = self.hparams
-        latents, kl = self.sample_with_grad(prompts)
+        latents, kl = self.sample_with_grad(prompts, images=images)
         videos = self.decode_for_reward(latents)
         try:
             scores = self.reward(videos, prompts, fps=self.backbone.fps)
@@ -219,7 +217,7 @@ class RewardGradient(AlignmentModule):
     @override
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         prompts = list(batch["prompt"])
-        loss, logs = self.loss(prompts)
+        loss, logs = self.loss(prompts, batch.get("image"))
         n = len(prompts)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log_dict(logs, batch_size=n)
