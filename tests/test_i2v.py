@@ -300,8 +300,8 @@ def test_generate_cli_conditions_on_images_and_refuses_bad_ones(i2v, tmp_path, m
     bb = "--model.init_args.backbone.init_args."
     common = ["generate", "--config", "configs/wan2.1-i2v-14b/sft_lora.yaml",
               f"{bb}pretrained_model_name_or_path={i2v}", f"{bb}torch_dtype=float32", f"{bb}frozen_dtype=float32",
-              "--model.init_args.num_frames=9", "--model.init_args.height=32", "--model.init_args.width=32", "--model.init_args.lora_rank=4",
-              "--num_inference_steps", "2", "--gif", "false", "--device", "cpu"]
+              "--model.init_args.num_frames=9", "--model.init_args.height=32", "--model.init_args.width=32",
+              "--model.init_args.lora_rank=4", "--num_inference_steps", "2", "--gif", "false", "--device", "cpu"]
     files = []
     for seed in (0, 1):
         path = tmp_path / f"image{seed}.png"
