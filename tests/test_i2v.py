@@ -324,3 +324,19 @@ def test_generate_cli_conditions_on_images_and_refuses_bad_ones(i2v, tmp_path, m
             main([*common, "--prompts", "a", "b", "--images", *images, "--output_dir", str(tmp_path / "bad")])
         assert message in str(err.value) or message in str(getattr(err.value, "__context__", ""))
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_sample_logger_samples_from_its_images(i2v, tmp_path):
+    from lit_videoalign.callbacks.video_sample_logger import VideoSampleLogger
+
+    model = SFT(DiffusersVideoBackbone(i2v), num_frames=FRAMES, height=SIZE, width=SIZE, num_inference_steps=2)
+    files = []
+    for seed in (0, 1):
+        files.append(tmp_path / f"image{seed}.png")
+        image(seed)[1].save(files[-1])
+    videos = [VideoSampleLogger(prompts=PROMPTS, seeds=[0, 0], images=[str(f)]).generate(model) for f in files]
+    assert not torch.equal(videos[0], videos[1])  # another image, other samples
+    with pytest.raises(ValueError, match="got 3 images for 2 prompts"):
+        VideoSampleLogger(prompts=PROMPTS, images=[str(files[0])] * 3)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        VideoSampleLogger(prompts=PROMPTS, images=[str(tmp_path / "missing.png")])

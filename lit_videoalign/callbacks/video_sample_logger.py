@@ -134,6 +134,8 @@ class VideoSampleLogger(L.Callback):
         log_to_tensorboard: log the grid to every ``TensorBoardLogger``.
         sample_at_start: also sample before the first step (step 0), a baseline for later rounds.
         sample_at_end: also sample when training ends, unless the last step was just sampled.
+        images: image-to-video models: conditioning image files, one per prompt or one for all (RGB; centre-cropped
+            and resized to the model's frame size when sampled).
     """
 
     def __init__(
@@ -152,6 +154,7 @@ class VideoSampleLogger(L.Callback):
         log_to_tensorboard: bool = True,
         sample_at_start: bool = True,
         sample_at_end: bool = True,
+        images: list[str] | None = None,
     ) -> None:
         prompts = [p for p in DEFAULT_PROMPTS for _ in range(2)] if prompts is None else list(prompts)
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
@@ -169,7 +172,14 @@ class VideoSampleLogger(L.Callback):
             raise ValueError(f"fps must be at least 1, got {fps}")
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
-        self.prompts, self.seeds, self.sampler = prompts, seeds, sampler
+        if images is not None:
+            if len(images) not in (1, len(prompts)):
+                raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; expected one image per prompt, "
+                                 "or one for all")
+            missing = [str(i) for i in images if not Path(i).is_file()]
+            if missing:
+                raise FileNotFoundError(f"no image file {missing[0]!r} ({len(missing)} of {len(images)} missing)")
+        self.prompts, self.seeds, self.sampler, self.images = prompts, seeds, sampler, images
         self.every_n_steps, self.batch_size = every_n_steps, batch_size
         self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
         self._dirpath = None if dirpath is None else Path(dirpath)
@@ -199,14 +209,19 @@ class VideoSampleLogger(L.Callback):
     # -- sampling -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, pl_module: L.LightningModule) -> Tensor:
-        """All prompts and seeds, in batches; ``[B, T, C, H, W]`` on CPU."""
+        """All prompts and seeds (and images), in batches; ``[B, T, C, H, W]`` on CPU."""
+        from lit_videoalign.generation import load_images
+
+        hp = pl_module.hparams
+        images = load_images(self.images, len(self.prompts), hp.height, hp.width)
         chunks = []
         for start in range(0, len(self.prompts), self.batch_size):
             end = start + self.batch_size
             chunks.append(pl_module.generate(self.prompts[start:end], self.seeds[start:end],
                                              num_inference_steps=self.num_inference_steps,
-                                             guidance_scale=self.guidance_scale,
-                                             sampler=self.sampler).float().cpu())
+                                             guidance_scale=self.guidance_scale, sampler=self.sampler,
+                                             images=None if images is None else images[start:end].to(pl_module.device)
+                                             ).float().cpu())
         return torch.cat(chunks)
 
     def write_files(self, samples: VideoSamples, folder: Path, grid: bool) -> None:
