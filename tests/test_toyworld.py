@@ -141,3 +141,18 @@ def test_datamodule_batches_and_disjoint_splits():
     train_all = torch.stack([dm.train_dataloader().dataset[i]["video"] for i in range(8)])
     for v in val["video"]:
         assert not any(torch.equal(v, t) for t in train_all)
+
+
+def test_first_frame_images_fix_the_start_for_image_to_video():
+    """With first_frame_image every item carries its clip's first frame, also when only prompts are served (online
+    image-to-video methods generate the motion from it)."""
+
+    batches = {}
+    for prompts_only in (False, True):
+        data = ToyWorldDataModule(num_frames=8, batch_size=2, train_size=4, val_size=2, prompts_only=prompts_only,
+                                  first_frame_image=True)
+        batches[prompts_only] = next(iter(data.val_dataloader()))
+    clips, prompts = batches[False], batches[True]
+    assert clips["image"].shape == (2, 3, 32, 32) and torch.equal(clips["image"], clips["video"][:, 0])
+    assert torch.equal(prompts["image"], clips["image"]) and prompts["prompt"] == clips["prompt"]
+    assert "image" not in next(iter(ToyWorldDataModule(num_frames=8, batch_size=2, val_size=2).val_dataloader()))

@@ -321,13 +321,17 @@ class ToyWorldDataset(Dataset):
 
     Items are ``{"video": Tensor[T, C, H, W], "prompt": str}``, which the default collate batches into
     ``[B, T, C, H, W]`` and a list of prompts; with ``prompts_only`` they are ``{"prompt": str}`` (for online
-    methods such as GRPO that generate their own videos).
+    methods such as GRPO that generate their own videos). With ``first_frame_image`` every item also carries its
+    clip's first frame as ``"image"`` ``[C, H, W]`` (image-to-video: the frame fixes each ball's colour, size and
+    position; the model must produce the motion the prompt names), also with ``prompts_only``.
     """
 
-    def __init__(self, world: ToyWorld, size: int, seed: int, prompts_only: bool = False) -> None:
+    def __init__(self, world: ToyWorld, size: int, seed: int, prompts_only: bool = False,
+                 first_frame_image: bool = False) -> None:
         if size < 1:
             raise ValueError(f"dataset size must be positive, got {size}")
         self.world, self.size, self.seed, self.prompts_only = world, size, seed, prompts_only
+        self.first_frame_image = first_frame_image
 
     def __len__(self) -> int:
         return self.size
@@ -336,9 +340,10 @@ class ToyWorldDataset(Dataset):
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for a dataset of {self.size}")
         example = self.world.example(self.seed + index)
-        if self.prompts_only:
-            return {"prompt": example.prompt}
-        return {"video": example.video, "prompt": example.prompt}
+        item = {"prompt": example.prompt} if self.prompts_only else {"video": example.video, "prompt": example.prompt}
+        if self.first_frame_image:
+            item["image"] = example.video[0].clone()  # (c, h, w)
+        return item
 
 
 # Seeds of the splits are far apart so they never overlap for any reasonable size.
@@ -359,6 +364,7 @@ class ToyWorldDataModule(L.LightningDataModule):
         seed: base seed; train, validation and test splits use disjoint seed ranges.
         num_workers: data-loader worker processes.
         prompts_only: serve only prompts (online objectives generate their own videos).
+        first_frame_image: also serve each clip's first frame as ``"image"`` (image-to-video).
     """
 
     def __init__(
@@ -373,6 +379,7 @@ class ToyWorldDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         prompts_only: bool = False,
+        first_frame_image: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -380,16 +387,19 @@ class ToyWorldDataModule(L.LightningDataModule):
         self.world = ToyWorld(num_frames, height, width, max_balls=max_balls)
         self.train_size, self.val_size, self.batch_size = train_size, val_size, batch_size
         self.seed, self.num_workers, self.prompts_only = seed, num_workers, prompts_only
+        self.first_frame_image = first_frame_image
 
     def train_dataloader(self) -> DataLoader:
-        dataset = ToyWorldDataset(self.world, self.train_size, self.seed + TRAIN_SEED_OFFSET, self.prompts_only)
+        dataset = ToyWorldDataset(self.world, self.train_size, self.seed + TRAIN_SEED_OFFSET, self.prompts_only,
+                                  self.first_frame_image)
         generator = torch.Generator().manual_seed(self.seed)
         return ResumableDataLoader(dataset, batch_size=self.batch_size, shuffle=True, generator=generator,
                                    num_workers=self.num_workers, drop_last=True,
                                    persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        dataset = ToyWorldDataset(self.world, self.val_size, self.seed + VAL_SEED_OFFSET, self.prompts_only)
+        dataset = ToyWorldDataset(self.world, self.val_size, self.seed + VAL_SEED_OFFSET, self.prompts_only,
+                                  self.first_frame_image)
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
 
 
