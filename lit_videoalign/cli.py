@@ -26,13 +26,13 @@ from typing_extensions import override
 from lit_videoalign import errors
 from lit_videoalign.backbones.loading import resolve_device  # noqa: F401  (re-exported: its old home)
 from lit_videoalign.checkpoint_io import load_weights
+from lit_videoalign.data.video_folder import load_images
 from lit_videoalign.errors import UsageError
 from lit_videoalign.generation import (  # noqa: F401  (generate_videos and inference_sampler lived here before)
     check_sampler_name,
     generate_set,
     generate_videos,
     inference_sampler,
-    load_images,
     resolve_prompts,
 )
 from lit_videoalign.objectives.base import AlignmentModule

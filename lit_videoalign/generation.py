@@ -42,29 +42,6 @@ def resolve_prompts(prompts: list[str] | None, prompts_file: str | None,
     return prompts, seeds
 
 
-def load_images(paths: list[str] | None, count: int, height: int, width: int) -> torch.Tensor | None:
-    """``--images``: one RGB image file per prompt, or one for all ``count`` prompts, centre-cropped and resized to
-    ``height x width`` as training clips are: ``[count, 3, height, width]`` in ``[0, 1]``; None without paths."""
-    from lit_videoalign.data.video_folder import probe_image, read_image, resize_video
-
-    if not paths:
-        return None
-    if len(paths) not in (1, count):
-        raise UsageError(f"got {len(paths)} --images for {count} prompts; expected one image per prompt, or one for "
-                         "all")
-    images = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise UsageError(f"--images: no image file {path!r}")
-        try:
-            probe_image(Path(path))
-        except ValueError as err:
-            raise UsageError(f"--images: {err}") from None
-        images.append(resize_video(read_image(Path(path))[None], height, width)[0])
-    stacked = torch.stack(images)  # (n, 3, h, w)
-    return stacked.expand(count, -1, -1, -1).clone() if len(paths) == 1 else stacked
-
-
 def generate_videos(model: AlignmentModule, prompts: list[str], seeds: list[int], output_dir: str | os.PathLike,
                     num_inference_steps: int | None = None, guidance_scale: float | None = None,
                     batch_size: int = 8, fps: int | None = None, gif: bool = True, description: str = "generating",
@@ -77,8 +54,8 @@ def generate_videos(model: AlignmentModule, prompts: list[str], seeds: list[int]
     ``sampler(model, prompts, seeds, images=)`` replaces ``model.generate`` (an inference-time alignment method).
     ``sampling`` is ``model.generate``'s sampler (``--sampler``): ``"pipeline"``, the backbone's diffusers scheduler, or
     ``"euler"``, the Euler ODE. ``images``: image-to-video, one conditioning image per prompt ``[B, 3, H, W]``
-    (:func:`load_images`). ``fps``: the files' frame rate (default: the backbone's, so tools that read the files,
-    such as rewards sampling by time, see the generator's rate).
+    (:func:`~lit_videoalign.data.video_folder.load_images`). ``fps``: the files' frame rate (default: the
+    backbone's, so tools that read the files, such as rewards sampling by time, see the generator's rate).
 
     Returns:
         The videos ``[B, T, C, H, W]`` in ``[0, 1]`` on CPU, and the written files (MP4, then its GIF preview, per

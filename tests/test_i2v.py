@@ -340,3 +340,72 @@ def test_the_sample_logger_samples_from_its_images(i2v, tmp_path):
         VideoSampleLogger(prompts=PROMPTS, images=[str(files[0])] * 3)
     with pytest.raises(FileNotFoundError, match="missing.png"):
         VideoSampleLogger(prompts=PROMPTS, images=[str(tmp_path / "missing.png")])
+
+
+class SeesReferences(Brightness):
+    """Brightness that records the references each call was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list = []
+
+    def forward(self, videos, prompts=None, references=None):
+        self.seen.append(None if references is None else references.clone())
+        return super().forward(videos, prompts, references)
+
+
+@pytest.mark.parametrize("objective", ["grpo", "nft"])
+def test_rollout_rewards_score_against_the_conditioning_images(i2v, objective):
+    """A reward that compares against a reference (identity) gets each rollout's conditioning image, in both scoring
+    modes (in turn and in the background, chunk by chunk)."""
+    from lit_videoalign.objectives.nft import DiffusionNFT
+
+    (a, _), (b, _) = image(10), image(11)
+    images = torch.cat([a, b])
+    for chunked in ({}, {"async_scoring": True, "rollout_chunk_size": 1}):
+        reward = SeesReferences()
+        cls = GRPO if objective == "grpo" else DiffusionNFT
+        model = cls(DiffusersVideoBackbone(i2v), reward=reward, lora_rank=4, group_size=2, num_sampling_steps=2,
+                    num_frames=FRAMES, height=SIZE, width=SIZE, **chunked)
+        model.rollout(PROMPTS, generator=torch.Generator().manual_seed(0), images=images)
+        seen = torch.cat(reward.seen)
+        assert torch.equal(seen, images.repeat_interleave(2, dim=0))  # each sample of a group: its prompt's image
+        assert len(reward.seen) == (2 if chunked else 1)
+
+
+def test_inference_and_candidate_rewards_score_against_the_conditioning_images(i2v):
+    """Best-of-N, noise search, reward guidance, online DPO pairs and rejection-SFT candidates give the reward each
+    sample's conditioning image as its reference; a reward that requires references is then accepted."""
+    from lit_videoalign import inference
+    from lit_videoalign.objectives.dpo import DPO
+    from lit_videoalign.objectives.rejection_sft import RejectionSFT
+
+    (a, _), (b, _) = image(10), image(11)
+    images = torch.cat([a, b])
+    video = dict(num_frames=FRAMES, height=SIZE, width=SIZE, num_inference_steps=2)
+    model = SFT(DiffusersVideoBackbone(i2v), **video)
+
+    class NeedsReferences(SeesReferences):
+        requires_references = True
+
+    runs = {"best_of_n": lambda r: inference.best_of_n(model, PROMPTS, r, 2, [0, 1], images=images),
+            "noise_search": lambda r: inference.noise_search(model, PROMPTS, r, 8, [0, 1], population=2,
+                                                             images=images),
+            "reward_guidance": lambda r: inference.reward_guided_sample(model, PROMPTS, r, [0, 1], scale=0.5,
+                                                                        images=images)}
+    for name, run in runs.items():
+        reward = NeedsReferences()
+        run(reward)
+        assert reward.seen and all(s is not None for s in reward.seen), name
+        for seen in reward.seen:  # every call's references are images of the prompts scored, in their order
+            assert all(any(torch.equal(row, img) for img in images) for row in seen), name
+    with pytest.raises(ValueError, match="requires references"):
+        inference.best_of_n(model, PROMPTS, NeedsReferences(), 2, [0, 1])
+    dpo = DPO(DiffusersVideoBackbone(i2v), reward=SeesReferences(), lora_rank=4, num_candidates=2, candidate_steps=2,
+              **video)
+    dpo.build_pairs(PROMPTS, images=images)
+    rejection = RejectionSFT(DiffusersVideoBackbone(i2v), reward=SeesReferences(), lora_rank=4, num_candidates=2,
+                             candidate_steps=2, **video)
+    rejection.refresh(PROMPTS, images=images)
+    for module in (dpo, rejection):
+        assert torch.equal(torch.cat(module.reward.seen), images.repeat_interleave(2, dim=0)), type(module).__name__

@@ -84,7 +84,7 @@ class FakeObjective:
         self.hparams = SimpleNamespace(**{**dict(group_size=4, rollout_chunk_size=None, async_scoring=False,
                                                  advantage="win_rate", win_rate_pairs=None), **hp})
 
-    def score(self, videos, prompts):
+    def score(self, videos, prompts, references=None):
         return AlignmentModule.reward_scores(self, videos, prompts, "test", "skipped")
 
     def run(self, videos: torch.Tensor):

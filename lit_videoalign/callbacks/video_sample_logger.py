@@ -210,7 +210,7 @@ class VideoSampleLogger(L.Callback):
     @torch.no_grad()
     def generate(self, pl_module: L.LightningModule) -> Tensor:
         """All prompts and seeds (and images), in batches; ``[B, T, C, H, W]`` on CPU."""
-        from lit_videoalign.generation import load_images
+        from lit_videoalign.data.video_folder import load_images
 
         hp = pl_module.hparams
         images = load_images(self.images, len(self.prompts), hp.height, hp.width)

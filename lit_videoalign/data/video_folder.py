@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lit_videoalign.data.resumable import ResumableDataLoader
-from lit_videoalign.errors import shorten
+from lit_videoalign.errors import UsageError, shorten
 from lit_videoalign.video_io import MAX_LISTED, probe_video, read_video
 
 
@@ -65,6 +65,27 @@ def read_image(path: Path) -> Tensor:
 
     with PIL.Image.open(path) as image:
         return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def load_images(paths: list[str] | None, count: int, height: int, width: int) -> torch.Tensor | None:
+    """``--images``: one RGB image file per prompt, or one for all ``count`` prompts, centre-cropped and resized to
+    ``height x width`` as training clips are: ``[count, 3, height, width]`` in ``[0, 1]``; None without paths."""
+    if not paths:
+        return None
+    if len(paths) not in (1, count):
+        raise UsageError(f"got {len(paths)} --images for {count} prompts; expected one image per prompt, or one for "
+                         "all")
+    images = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise UsageError(f"--images: no image file {path!r}")
+        try:
+            probe_image(Path(path))
+        except ValueError as err:
+            raise UsageError(f"--images: {err}") from None
+        images.append(resize_video(read_image(Path(path))[None], height, width)[0])
+    stacked = torch.stack(images)  # (n, 3, h, w)
+    return stacked.expand(count, -1, -1, -1).clone() if len(paths) == 1 else stacked
 
 
 def resize_video(video: Tensor, height: int, width: int) -> Tensor:

@@ -147,9 +147,11 @@ def sample_from_noise(module: AlignmentModule, prompts: Sequence[str], noise: Te
 
 @torch.no_grad()
 def score(reward: RewardModel, videos: Tensor, prompts: Sequence[str], reward_key: str = "overall",
-          fps: float | None = None) -> Tensor:
-    """``reward(videos, prompts, fps=fps)[reward_key]`` as a detached float ``Tensor[B]`` (``fps``: the generator's)."""
-    scores = reward(videos, list(prompts), fps=fps)
+          fps: float | None = None, references: Tensor | None = None) -> Tensor:
+    """``reward(videos, prompts, references, fps=fps)[reward_key]`` as a detached float ``Tensor[B]`` (``fps``: the
+    generator's; ``references``: the videos' conditioning images, image-to-video)."""
+    references = None if references is None else references.to(videos.device)
+    scores = reward(videos, list(prompts), references=references, fps=fps)
     if reward_key not in scores:
         raise KeyError(f"reward {type(reward).__name__} has no score {reward_key!r}; it returns {sorted(scores)}")
     return scores[reward_key].detach().float()

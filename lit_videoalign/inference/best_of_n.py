@@ -70,7 +70,7 @@ def best_of_n(
         (2 if guided else 1)`` and ``info["best_index"]``, ``info["seeds"]`` (the chosen seeds).
     """
     prompts, seeds = check_prompts_and_seeds(prompts, seeds)
-    check_reward(reward, "best_of_n")
+    check_reward(reward, "best_of_n", has_images=images is not None)
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     if batch_size < 1:
@@ -90,7 +90,8 @@ def best_of_n(
                                    sampler=sampler, images=flat_images)  # a student: its own few steps
         videos = videos.view(len(chunk), n, *videos.shape[1:])  # (p, n, t, c, h, w)
         for i, prompt in enumerate(chunk):
-            s = score(reward, videos[i], [prompt] * n, reward_key, fps=module.backbone.fps)  # (n,) per prompt
+            refs = None if flat_images is None else flat_images[i * n:(i + 1) * n]  # its image, n times
+            s = score(reward, videos[i], [prompt] * n, reward_key, fps=module.backbone.fps, references=refs)  # (n,)
             all_scores.append(s)
             best.append(videos[i, int(s.argmax())])
         if return_candidates:

@@ -100,7 +100,7 @@ def noise_search(
         samples the winners again, with a stochastic few-step sampler too.
     """
     prompts, seeds = check_prompts_and_seeds(prompts, seeds)
-    check_reward(reward, "noise_search")
+    check_reward(reward, "noise_search", has_images=images is not None)
     if mode not in SEARCH_MODES:
         raise ValueError(f"mode must be one of {SEARCH_MODES}, got {mode!r}")
     if not isinstance(population, int) or population < 1:
@@ -145,7 +145,9 @@ def noise_search(
         round_scores = []
         for i, prompt in enumerate(prompts):
             batch = videos[i] if best_video is None else torch.cat([best_video[i:i + 1], videos[i]])
-            s = score(reward, batch.to(module.device), [prompt] * len(batch), reward_key, fps=module.backbone.fps).cpu()
+            refs = None if images is None else images[i:i + 1].expand(len(batch), -1, -1, -1).to(module.device)
+            s = score(reward, batch.to(module.device), [prompt] * len(batch), reward_key, fps=module.backbone.fps,
+                      references=refs).cpu()
             round_scores.append(s)
         round_scores = torch.stack(round_scores)  # (b, k) or (b, 1 + k) with the incumbent first
         challengers = round_scores if best_video is None else round_scores[:, 1:]

@@ -126,7 +126,7 @@ def reward_guided_sample(
     """
     prompts, seeds = check_prompts_and_seeds(prompts, seeds)
     require_euler_sampler(module, "reward guidance")
-    require_differentiable(reward, "reward guidance")
+    require_differentiable(reward, "reward guidance", has_images=images is not None)
     images = check_images(images, len(prompts))
     if not isinstance(scale, (int, float)) or not scale >= 0:
         raise ValueError(f"scale must be a non-negative number, got {scale!r}")
@@ -153,7 +153,8 @@ def reward_guided_sample(
     videos_t = torch.cat(videos)
     info = {"guided_steps": guided, "guided_reward": torch.cat(traces),
             "denoiser_backward": len(guided) * cfg_factor(cfg) if backprop_denoiser and scale > 0 else 0}
-    return InferenceResult(videos_t, score(reward, videos_t, prompts, reward_key, fps=module.backbone.fps),
+    return InferenceResult(videos_t, score(reward, videos_t, prompts, reward_key, fps=module.backbone.fps,
+                                           references=images),
                            nfe=steps * cfg_factor(cfg), info=info)
 
 
@@ -180,7 +181,9 @@ def _guided_sample(module: AlignmentModule, prompts: list[str], reward: RewardMo
                 with torch.no_grad():
                     v = velocity_fn(x_in, s)
             x0 = predicted_x0(x_in, v, sigma)  # (b, c, t, h, w)
-            r = reward(module.backbone.decode_latents(x0), prompts, fps=module.backbone.fps)[reward_key]  # (b,)
+            refs = None if images is None else images.to(x.device)
+            r = reward(module.backbone.decode_latents(x0), prompts, references=refs,
+                       fps=module.backbone.fps)[reward_key]  # (b,)
             (grad,) = torch.autograd.grad(r.sum(), x_in)
         trace.append(r.detach().float())
         nudge = normalize_per_sample(grad) if normalize_gradient else grad

@@ -343,11 +343,13 @@ class AlignmentModule(L.LightningModule):
         return self
 
     def reward_scores(self, videos: Tensor, prompts: list[str], who: str, consequence: str,
-                      key: str = "overall") -> tuple[dict[str, Tensor], Tensor]:
+                      key: str = "overall", references: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
         """The held reward's scores of ``videos`` and the mask ``Tensor[B]`` of samples whose ``key`` score is finite.
         If the reward raises, every score is NaN and every sample masked (:func:`guarded_scores` warns, naming
-        ``who`` and the ``consequence``), and :attr:`reward_failures` counts the call."""
-        scores = guarded_scores(self.reward, videos, prompts, who, consequence, fps=self.backbone.fps)
+        ``who`` and the ``consequence``), and :attr:`reward_failures` counts the call. ``references``: the videos'
+        conditioning images (image-to-video), which rewards that compare against a reference (``identity``) use."""
+        scores = guarded_scores(self.reward, videos, prompts, who, consequence, fps=self.backbone.fps,
+                                references=references)
         if scores is None:
             self.reward_failures += 1
             n = videos.shape[0]
@@ -365,7 +367,7 @@ class AlignmentModule(L.LightningModule):
         prompts = list(batch["prompt"])
         videos = self.generate(prompts, [batch_idx * 1000 + i for i in range(len(prompts))], images=batch.get("image"))
         with torch.no_grad():
-            scores = self.reward(videos, prompts, fps=self.backbone.fps)
+            scores = self.reward(videos, prompts, references=batch.get("image"), fps=self.backbone.fps)
         for dim, values in scores.items():
             self.log(f"val/reward/{dim}", values.float().mean(), batch_size=len(prompts),
                      prog_bar=prog_bar and dim == "overall")
@@ -547,16 +549,19 @@ class AlignmentModule(L.LightningModule):
 
 
 def guarded_scores(reward: nn.Module, videos: Tensor, prompts: list[str], who: str,
-                   consequence: str, fps: float | None = None) -> dict[str, Tensor] | None:
+                   consequence: str, fps: float | None = None,
+                   references: Tensor | None = None) -> dict[str, Tensor] | None:
     """``reward``'s scores of ``videos``, detached, in float32, with NaN for the samples it cannot score; None, and a
     warning ``"{who}: the reward raised ...; {consequence}"``, if the reward raises: a failing judge must never crash a
     run or reach the weights. The objectives that score their own samples (GRPO, DiffusionNFT, online DPO) share it.
-    ``fps`` is the videos' frame rate (the generator's), for rewards that sample frames by time."""
+    ``fps`` is the videos' frame rate (the generator's), for rewards that sample frames by time; ``references`` their
+    conditioning images (image-to-video), for rewards that compare against one."""
     try:
         try:
-            scores = reward(videos, prompts, fps=fps)
+            references = None if references is None else references.to(videos.device)
+            scores = reward(videos, prompts, references=references, fps=fps)
         except FloatingPointError:  # some samples scored NaN (the checked call refuses them): keep the finite ones
-            scores = reward.forward(videos, prompts, **reward.fps_kwargs(fps))
+            scores = reward.forward(videos, prompts, references, **reward.fps_kwargs(fps))
     except Exception as err:
         rank_zero_warn(f"{who}: the reward raised {type(err).__name__}: {err}; {consequence}")
         return None

@@ -443,9 +443,11 @@ class DPO(AlignmentModule):
 
         return reference
 
-    def score(self, videos: Tensor, prompts: list[str]) -> dict[str, Tensor] | None:
-        """The reward's scores (NaN for samples it cannot score), or None if the reward raised."""
-        return guarded_scores(self.reward, videos, prompts, "DPO", "no pairs from this batch", fps=self.backbone.fps)
+    def score(self, videos: Tensor, prompts: list[str], references: Tensor | None = None) -> dict[str, Tensor] | None:
+        """The reward's scores (NaN for samples it cannot score; against the conditioning images ``references``, if
+        any), or None if the reward raised."""
+        return guarded_scores(self.reward, videos, prompts, "DPO", "no pairs from this batch", fps=self.backbone.fps,
+                              references=references)
 
     @torch.no_grad()
     def build_pairs(self, prompts: list[str], images: Tensor | None = None) -> dict[str, float]:
@@ -470,7 +472,7 @@ class DPO(AlignmentModule):
             else:  # the reference's Euler ODE
                 sigmas = sampling_sigmas(steps, shift=self.sampling_shift)
                 latents = euler_sample(self._reference_velocity_fn(cond, guidance), noise, sigmas)
-            scores = self.score(self.backbone.decode_latents(latents), group)
+            scores = self.score(self.backbone.decode_latents(latents), group, references=cond.images)
         finally:
             self.train(was_training)
         if scores is None:

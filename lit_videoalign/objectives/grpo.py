@@ -395,7 +395,8 @@ class GRPO(AlignmentModule):
             uncond = self._uncond(len(group_prompts))
             uncond = uncond.with_images_from(cond) if uncond is not None and cond.images is not None else uncond
             chunks, scored = scoring.generate_and_score(self, group_prompts, lambda sl: self._sample_chunk(
-                cond.index(sl), None if uncond is None else uncond.index(sl), sigmas, steps, generator), "overall")
+                cond.index(sl), None if uncond is None else uncond.index(sl), sigmas, steps, generator), "overall",
+                references=cond.images)
             advantages = self.advantages(scored.signal, scored.valid, group_prompts)
         finally:
             self.train(was_training)
@@ -429,9 +430,9 @@ class GRPO(AlignmentModule):
             latents.append(x)
         return (torch.stack(latents, dim=1), log_probs, means), self.backbone.decode_latents(x)
 
-    def score(self, videos: Tensor, prompts: list[str]) -> tuple[dict[str, Tensor], Tensor]:
-        """Reward every video; samples whose reward is NaN, or all samples if the reward raises, are masked out."""
-        return self.reward_scores(videos, prompts, "GRPO", "this rollout batch is skipped")
+    def score(self, videos: Tensor, prompts: list[str], references: Tensor | None = None) -> tuple[dict, Tensor]:
+        """Reward every video (against its conditioning image, if any); NaN or raising rewards are masked out."""
+        return self.reward_scores(videos, prompts, "GRPO", "this rollout batch is skipped", references=references)
 
     def advantages(self, rewards: Tensor, valid: Tensor, prompts: list[str]) -> Tensor:
         hp = self.hparams

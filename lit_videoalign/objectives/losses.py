@@ -62,24 +62,25 @@ def guidance_conditionings(module, prompts: list[str], images: Tensor | None = N
     return cond, negative_conditioning(module.backbone, module.hparams.negative_prompt, cond) if guided else None
 
 
-def check_reward(reward: RewardModel, who: str) -> None:
-    """Refuse anything but a ``reward_zoo`` reward, and a reward that needs reference images (``who`` samples
-    text-to-video without them)."""
+def check_reward(reward: RewardModel, who: str, has_images: bool = False) -> None:
+    """Refuse anything but a ``reward_zoo`` reward, and a reward that needs reference images when ``who`` samples
+    text-to-video without them (``has_images``: conditioning images are given, and are the references)."""
     if not isinstance(reward, RewardModel):
         raise TypeError(f"{who} needs a reward_zoo RewardModel (or CompositeReward), got {type(reward).__name__}")
-    if reward.requires_references:
+    if reward.requires_references and not has_images:
         raise ValueError(f"{who} scores text-to-video samples and has no reference images, but reward "
-                         f"{type(reward).__name__} requires references")
+                         f"{type(reward).__name__} requires references; give conditioning images (image-to-video)")
 
 
-def require_differentiable(reward: RewardModel, who: str) -> None:
+def require_differentiable(reward: RewardModel, who: str, has_images: bool = False) -> None:
     """Refuse a reward whose gradient with respect to the videos is missing or useless, naming it and why.
 
     A reward with ``differentiable=False`` has no gradient; a ``CompositeReward`` normalised within the batch
     (``"zscore"``, ``"rank"``) has scores that sum to a constant over the batch, so the gradient of the batch's
-    total reward is zero (or absent) and a gradient method would learn nothing.
+    total reward is zero (or absent) and a gradient method would learn nothing. ``has_images``: as for
+    :func:`check_reward`.
     """
-    check_reward(reward, who)
+    check_reward(reward, who, has_images)
     name = type(reward).__name__
     if isinstance(reward, CompositeReward):
         if reward.normalize != "none":
@@ -87,7 +88,7 @@ def require_differentiable(reward: RewardModel, who: str) -> None:
                              f"{reward.normalize!r} normalises scores within the batch, so their sum has no useful "
                              f"gradient; use normalize='none' and set the weights to balance the scales")
         for sub_name, sub in reward.rewards.items():
-            require_differentiable(sub, f"{who} (sub-reward {sub_name!r})")
+            require_differentiable(sub, f"{who} (sub-reward {sub_name!r})", has_images)
     if not reward.differentiable:
         raise ValueError(f"{who} needs a differentiable reward, but {name} has differentiable=False (no gradient "
                          f"reaches the videos); use a gradient-free method such as best-of-N or noise search")

@@ -387,7 +387,8 @@ class DiffusionNFT(AlignmentModule):
             if hp.rollout_guidance_scale != 1.0:
                 uncond = self.backbone.encode_prompts([hp.negative_prompt] * len(group_prompts))
             chunks, scored = scoring.generate_and_score(self, group_prompts, lambda sl: self._sample_chunk(
-                cond.index(sl), None if uncond is None else uncond.index(sl), generator), hp.reward_key)
+                cond.index(sl), None if uncond is None else uncond.index(sl), generator), hp.reward_key,
+                references=cond.images)
         finally:
             self.train(was_training)
         r, adv = optimality_probability(scored.signal, hp.group_size, hp.adv_clip_max, scored.valid, hp.global_std)
@@ -423,10 +424,11 @@ class DiffusionNFT(AlignmentModule):
                                                    generator=generator)
         return x
 
-    def score(self, videos: Tensor, prompts: list[str]) -> tuple[dict[str, Tensor], Tensor]:
-        """Reward every video; NaN scores, or every score if the reward raises, are masked out."""
+    def score(self, videos: Tensor, prompts: list[str],
+              references: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
+        """Reward every video (against its conditioning image, if any); NaN or raising rewards are masked out."""
         return self.reward_scores(videos, prompts, "DiffusionNFT", "this rollout batch is skipped",
-                                  key=self.hparams.reward_key)
+                                  key=self.hparams.reward_key, references=references)
 
     # -- update -------------------------------------------------------------------------------------------------
     def training_sigmas(self, n: int) -> Tensor:

@@ -186,7 +186,8 @@ class RejectionSFT(SFT):
         latents = self._candidates(group_prompts, seeds, images)
         group_images = None if images is None else images.repeat_interleave(k, dim=0)
         videos = self.backbone.decode_latents(latents)
-        groups = [self._score(videos[i:i + k], group_prompts[i:i + k])  # one batch per prompt
+        groups = [self._score(videos[i:i + k], group_prompts[i:i + k],  # one batch per prompt
+                              None if group_images is None else group_images[i:i + k].to(videos.device))
                   for i in range(0, len(group_prompts), k)]
         all_scores = {dim: torch.cat([g[dim] for g in groups]).float().cpu() for dim in groups[0]}
         scores = all_scores[hp.reward_key]
@@ -236,12 +237,13 @@ class RejectionSFT(SFT):
         finally:
             self.train(was_training)
 
-    def _score(self, videos: Tensor, prompts: list[str]) -> dict[str, Tensor]:
-        """The reward's scores; a NaN or infinite score is kept (and never accepted) instead of raising."""
+    def _score(self, videos: Tensor, prompts: list[str], references: Tensor | None = None) -> dict[str, Tensor]:
+        """The reward's scores (against the conditioning images ``references``, if any); a NaN or infinite score is
+        kept (and never accepted) instead of raising."""
         try:
-            return self.reward(videos, prompts, fps=self.backbone.fps)
+            return self.reward(videos, prompts, references=references, fps=self.backbone.fps)
         except FloatingPointError:
-            return self.reward.forward(videos, prompts, **self.reward.fps_kwargs(self.backbone.fps))
+            return self.reward.forward(videos, prompts, references, **self.reward.fps_kwargs(self.backbone.fps))
 
     # -- Lightning hooks ------------------------------------------------------------------------------------------
     @override

@@ -201,7 +201,7 @@ class RewardGradient(AlignmentModule):
         latents, kl = self.sample_with_grad(prompts, images=images)
         videos = self.decode_for_reward(latents)
         try:
-            scores = self.reward(videos, prompts, fps=self.backbone.fps)
+            scores = self.reward(videos, prompts, references=images, fps=self.backbone.fps)
         except FloatingPointError:  # NaN or infinite scores: the non-finite guard skips this step
             self.report_nonfinite("reward")
             scores = self.reward.forward(videos, prompts)

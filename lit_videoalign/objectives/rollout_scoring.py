@@ -92,19 +92,21 @@ class Scored:
     stats: dict[str, float] = field(default_factory=dict)  # logged as train/<name>
 
 
-def score_chunk(module, videos: Tensor, prompts: list[str], pairs: Tensor | None, key: str) -> Scored:
-    """Score one chunk: ``module.score`` (pointwise, masked on failure), then, given comparison ``pairs`` ``[P, 2]``,
-    the win rates. Runs in the scoring thread under ``async_scoring``, so it logs nothing."""
+def score_chunk(module, videos: Tensor, prompts: list[str], pairs: Tensor | None, key: str,
+                references: Tensor | None = None) -> Scored:
+    """Score one chunk: ``module.score`` (pointwise, masked on failure; against the samples' conditioning images
+    ``references``, if any), then, given comparison ``pairs`` ``[P, 2]``, the win rates. Runs in the scoring thread
+    under ``async_scoring``, so it logs nothing."""
     with torch.no_grad():  # grad mode is per thread
         if pairs is None:
-            rewards, valid = module.score(videos, prompts)
+            rewards, valid = module.score(videos, prompts, references=references)
             return Scored(rewards, valid, rewards[key])
         start, n = time.perf_counter(), videos.shape[0]
         if asks_pairs(module.reward):
             probs = guarded_compare(module, videos, prompts, pairs, key)
             rewards = {dim: win_rates(p, pairs, n) for dim, p in probs.items()}
         else:
-            rewards, _ = module.score(videos, prompts)
+            rewards, _ = module.score(videos, prompts, references=references)
             r = rewards[key]
             probs = {key: torch.sigmoid(r[pairs[:, 0]] - r[pairs[:, 1]])}  # Bradley-Terry; NaN if a reward is
         wins = win_rates(probs[key], pairs, n)
@@ -139,7 +141,7 @@ def guarded_compare(module, videos: Tensor, prompts: list[str], pairs: Tensor, k
 
 
 def generate_and_score(module, group_prompts: list[str], generate: Callable[[slice], tuple[Any, Tensor]],
-                       key: str) -> tuple[list[Any], Scored]:
+                       key: str, references: Tensor | None = None) -> tuple[list[Any], Scored]:
     """Generate a rollout batch chunk by chunk and score every chunk, in the background under ``async_scoring``.
 
     Args:
@@ -149,6 +151,7 @@ def generate_and_score(module, group_prompts: list[str], generate: Callable[[sli
         generate: ``samples -> (anything, videos [b, T, C, H, W])`` for the samples of a slice; called in chunk order
             in this thread.
         key: the reward's score that trains.
+        references: one conditioning image per sample (image-to-video), given to the reward with its chunk.
 
     Returns:
         What ``generate`` returned for each chunk, in order, and the scores of the whole batch.
@@ -168,7 +171,7 @@ def generate_and_score(module, group_prompts: list[str], generate: Callable[[sli
             out, videos = generate(sl)
             outputs.append(out)
             pairs = comparison_pairs(sl.stop - sl.start, k, hp.win_rate_pairs, pairs_from) if win_rate else None
-            args = (module, videos, group_prompts[sl], pairs, key)
+            args = (module, videos, group_prompts[sl], pairs, key, None if references is None else references[sl])
             pending.append(pool.submit(score_chunk, *args) if pool is not None else score_chunk(*args))
         waited = time.perf_counter()
         results = [p.result() for p in pending] if pool is not None else pending
