@@ -348,3 +348,185 @@ class Brightness(RewardModel):
     def forward(self, videos, prompts=None, references=None):
         b = videos.mean((1, 2, 3, 4))  # (b,)
         return {"brightness": b, "overall": b}
+
+
+# Wan 2.2's VAE layout (Wan-AI/Wan2.2-TI2V-5B-Diffusers, vae/config.json): residual blocks, 2x2 pixel patches into 12
+# channels, 48 latent channels, 1 + 4k frames and 16x16 pixels per latent; here with 4-channel blocks.
+TINY_WAN22_VAE = dict(base_dim=4, decoder_base_dim=4, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                      temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+                      patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16,
+                      latents_mean=[round(-0.3 + 0.6 * i / 47, 4) for i in range(48)],
+                      latents_std=[round(0.5 + i / 47, 4) for i in range(48)])
+
+
+def tiny_wan22_ti2v_pipeline(path: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write a tiny random Wan 2.2 TI2V pipeline to ``path``: one model for text- and image-to-video, laid out as
+    ``Wan-AI/Wan2.2-TI2V-5B-Diffusers`` (``WanPipeline`` with ``"expand_timesteps": true`` and no second expert), with
+    a 48-channel transformer and :data:`TINY_WAN22_VAE` (9x64x64 clips -> latents 48x3x4x4, 2x2 tokens a frame).
+    Its scheduler is FlowMatchEuler (the real one's is UniPC with ``flow_shift`` 5)."""
+    path = Path(path)
+    transformer = dict(TINY_TRANSFORMER, in_channels=48, out_channels=48)
+    write_wan_pipeline(path, transformer=transformer, text_encoder=TINY_TEXT_ENCODER, vae=TINY_WAN22_VAE, seed=seed)
+    components = json.loads((path / "model_index.json").read_text())
+    components = {k: v for k, v in components.items() if not k.startswith("_")}
+    components.update(transformer_2=[None, None], boundary_ratio=None, expand_timesteps=True)
+    return _write_model_index(path, "WanPipeline", components)
+
+
+TINY_HUNYUAN15_TRANSFORMER = dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                  num_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1,
+                                  text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(2, 2, 4),
+                                  target_size=32, task_type="t2v")  # in: latents 4 + condition latents 4 + mask 1
+# The real HunyuanVideo 1.5 compression (1 + 4k frames, 16x16 pixels per latent) at 4 channels.
+TINY_HUNYUAN15_VAE = dict(latent_channels=4, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1,
+                          spatial_compression_ratio=16, temporal_compression_ratio=4)
+# A chat template in the layout of Qwen2.5-VL-Instruct's for text-only chats (system, user, generation prompt).
+TINY_QWEN25_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# The pipeline's crop_start (108) counts Qwen2.5 tokens of its system turn; the tiny byte-level tokenizer spends one
+# token per byte on it. Pass ``family_options={"crop_start": TINY_HUNYUAN15_CROP_START}`` to the backbone and set
+# ``pipe.prompt_template_encode_start_idx`` to it on ``HunyuanVideo15Pipeline``.
+TINY_HUNYUAN15_CROP_START = 493
+
+
+def tiny_hunyuan15_pipeline(path: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write a complete tiny random HunyuanVideo 1.5 T2V pipeline (``HunyuanVideo15Pipeline``) to ``path``: 9x32x32
+    clips -> latents 4x3x2x2.
+
+    Components: ``HunyuanVideo15Transformer3DModel``, ``AutoencoderKLHunyuanVideo15``, ``Qwen2_5_VLTextModel`` with a
+    byte-level ``Qwen2Tokenizer`` (256 byte tokens, no merges, a Qwen2.5-style chat template), the ByT5 glyph encoder
+    (``T5EncoderModel``, ``ByT5Tokenizer``), the scheduler (shift 5, as the 480p model) and the guider; use it with
+    :data:`TINY_HUNYUAN15_CROP_START`.
+    """
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        ClassifierFreeGuidance,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from transformers import (
+        ByT5Tokenizer,
+        Qwen2_5_VLTextConfig,
+        Qwen2_5_VLTextModel,
+        Qwen2Tokenizer,
+        T5Config,
+        T5EncoderModel,
+    )
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    HunyuanVideo15Transformer3DModel(**TINY_HUNYUAN15_TRANSFORMER).save_pretrained(path / "transformer")
+    tokenizer = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(bytes_to_unicode().values())}, merges=[],
+                               pad_token="<|endoftext|>", padding_side="right")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = TINY_QWEN25_CHAT_TEMPLATE
+    tokenizer.save_pretrained(path / "tokenizer")
+    torch.manual_seed(seed)
+    ids = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    config = Qwen2_5_VLTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                   "mrope_section": [1, 1, 2]},
+                                  pad_token_id=ids[0], bos_token_id=ids[0], eos_token_id=ids[1])
+    Qwen2_5_VLTextModel(config).save_pretrained(path / "text_encoder")
+    tokenizer_2 = ByT5Tokenizer()
+    tokenizer_2.save_pretrained(path / "tokenizer_2")
+    torch.manual_seed(seed)
+    T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
+                            feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+                            decoder_start_token_id=0)).save_pretrained(path / "text_encoder_2")
+    torch.manual_seed(seed)
+    AutoencoderKLHunyuanVideo15(**TINY_HUNYUAN15_VAE).save_pretrained(path / "vae")
+    FlowMatchEulerDiscreteScheduler(shift=5.0).save_pretrained(path / "scheduler")
+    ClassifierFreeGuidance(guidance_scale=6.0).save_pretrained(path / "guider")
+    return _write_model_index(path, "HunyuanVideo15Pipeline", {
+        "transformer": ["diffusers", "HunyuanVideo15Transformer3DModel"],
+        "text_encoder": ["transformers", "Qwen2_5_VLTextModel"],
+        "tokenizer": ["transformers", "Qwen2Tokenizer"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer_2": ["transformers", "ByT5Tokenizer"],
+        "vae": ["diffusers", "AutoencoderKLHunyuanVideo15"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "guider": ["diffusers", "ClassifierFreeGuidance"],
+    })
+
+
+# LTX-2 at toy size: the real VAE compression (1 + 8k frames, 32x32 pixels per latent), 8 latent channels; Gemma 3
+# with 2 layers of width 16 (3 hidden states: the connectors' text_proj_in_factor) and a tiny vision tower it never
+# runs; connectors with 8 learnable registers (prompt lengths multiples of 8); an audio VAE of 2 x 4 mel latents (the
+# transformer's 8 audio channels) and a vocoder, which only diffusers' pipeline runs.
+TINY_LTX2_TRANSFORMER = dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8,
+                             cross_attention_dim=16, audio_in_channels=8, audio_out_channels=8,
+                             audio_num_attention_heads=2, audio_attention_head_dim=8, audio_cross_attention_dim=16,
+                             num_layers=2, caption_channels=16)
+TINY_LTX2_VAE = dict(latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 16, 32),
+                     layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1), scaling_factor=0.8,
+                     spatial_compression_ratio=32, temporal_compression_ratio=8)
+TINY_GEMMA3_TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=8, max_position_embeddings=128, sliding_window=64)
+TINY_LTX2_CONNECTORS = dict(caption_channels=16, text_proj_in_factor=3, video_connector_num_attention_heads=2,
+                            video_connector_attention_head_dim=8, video_connector_num_layers=1,
+                            video_connector_num_learnable_registers=8, audio_connector_num_attention_heads=2,
+                            audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+                            audio_connector_num_learnable_registers=8, connector_rope_base_seq_len=64)
+
+
+def tiny_ltx2_pipeline(path: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write a complete tiny random LTX-2 pipeline to ``path`` (9x64x64 clips -> latents 8x2x2x2), loadable here
+    (video only) and by ``LTX2Pipeline.from_pretrained``.
+
+    Components: ``LTX2VideoTransformer3DModel``, ``AutoencoderKLLTX2Video`` (non-trivial ``latents_mean``/
+    ``latents_std`` and ``scaling_factor``), ``Gemma3ForConditionalGeneration`` with a word-level tokenizer,
+    ``LTX2TextConnectors``, ``AutoencoderKLLTX2Audio``, ``LTX2Vocoder`` and LTX-2's dynamically shifted scheduler.
+    """
+    from diffusers import (
+        AutoencoderKLLTX2Audio,
+        AutoencoderKLLTX2Video,
+        FlowMatchEulerDiscreteScheduler,
+        LTX2VideoTransformer3DModel,
+    )
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    LTX2VideoTransformer3DModel(**TINY_LTX2_TRANSFORMER).save_pretrained(path / "transformer")
+    torch.manual_seed(seed)
+    tokenizer = build_word_tokenizer(model_max_length=128)
+    text = dict(TINY_GEMMA3_TEXT, vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    Gemma3ForConditionalGeneration(config).save_pretrained(path / "text_encoder")
+    tokenizer.save_pretrained(path / "tokenizer")
+    torch.manual_seed(seed)
+    LTX2TextConnectors(**TINY_LTX2_CONNECTORS).save_pretrained(path / "connectors")
+    torch.manual_seed(seed)
+    vae = AutoencoderKLLTX2Video(**TINY_LTX2_VAE)
+    channels = TINY_LTX2_VAE["latent_channels"]
+    vae.latents_mean.copy_(torch.linspace(-0.2, 0.2, channels))
+    vae.latents_std.copy_(torch.linspace(0.5, 1.5, channels))
+    vae.save_pretrained(path / "vae")
+    torch.manual_seed(seed)
+    AutoencoderKLLTX2Audio(base_channels=8, ch_mult=(1, 2, 4), num_res_blocks=1, latent_channels=2,
+                           mel_bins=16).save_pretrained(path / "audio_vae")
+    LTX2Vocoder(in_channels=8, hidden_channels=8, upsample_kernel_sizes=[4, 4], upsample_factors=[2, 2],
+                resnet_kernel_sizes=[3], resnet_dilations=[[1]]).save_pretrained(path / "vocoder")
+    FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+                                    base_image_seq_len=1024, max_image_seq_len=4096,
+                                    shift_terminal=0.1).save_pretrained(path / "scheduler")
+    return _write_model_index(path, "LTX2Pipeline", {
+        "transformer": ["diffusers", "LTX2VideoTransformer3DModel"],
+        "text_encoder": ["transformers", "Gemma3ForConditionalGeneration"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "connectors": ["ltx2", "LTX2TextConnectors"],
+        "vae": ["diffusers", "AutoencoderKLLTX2Video"],
+        "audio_vae": ["diffusers", "AutoencoderKLLTX2Audio"],
+        "vocoder": ["ltx2", "LTX2Vocoder"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    })

@@ -90,6 +90,11 @@ def tiny_overrides(config: str, tmp: Path, tiny_pipeline: str, video_folder: Pat
         bb = "--model.init_args.backbone.init_args."
         args += [f"{bb}pretrained_model_name_or_path={tiny_wan_i2v_pipeline(tmp / 'wan_i2v')}",
                  f"{bb}max_sequence_length=512"]
+    if "Wan2.2-TI2V" in text:  # Wan 2.2 TI2V: its tiny random pipeline (16x16 pixels a latent, 32x32 a token)
+        from lit_videoalign.testing import tiny_wan22_ti2v_pipeline
+
+        args.append("--model.init_args.backbone.init_args.pretrained_model_name_or_path="
+                    f"{tiny_wan22_ti2v_pipeline(tmp / 'wan22_ti2v')}")
     if "reward_zoo.alignment.CLIPScore" in text:
         rw = "--model.init_args.reward.init_args.rewards."
         args += [f"{rw}text.init_args.model_name_or_path={tiny_clip}",
@@ -118,11 +123,11 @@ def tiny_overrides(config: str, tmp: Path, tiny_pipeline: str, video_folder: Pat
             args += [f"--data.init_args.root={video_folder}", "--data.init_args.manifest=pairs.jsonl",
                      "--data.init_args.num_frames=9", "--data.init_args.height=32", "--data.init_args.width=32",
                      "--data.init_args.batch_size=1"]
-    if "hunyuanvideo-community/" in text or "Lightricks/LTX-Video" in text:  # the tiny pipeline of the config's family
+    if "hunyuanvideo-community/HunyuanVideo\n" in text or "Lightricks/LTX-Video" in text:  # the family's tiny pipeline
         from lit_videoalign.testing import TINY_HUNYUAN_PROMPT_TEMPLATE, tiny_hunyuan_pipeline, tiny_ltx_pipeline
 
         bb = "--model.init_args.backbone.init_args."
-        if "hunyuanvideo-community/" in text:
+        if "hunyuanvideo-community/HunyuanVideo\n" in text:
             args += [f"{bb}pretrained_model_name_or_path={tiny_hunyuan_pipeline(tmp / 'hunyuan')}",
                      f"{bb}family_options={json.dumps({'prompt_template': TINY_HUNYUAN_PROMPT_TEMPLATE})}"]
         else:  # the tiny LTX VAE compresses 32x32 pixels to one latent: 64x64 frames
@@ -130,6 +135,20 @@ def tiny_overrides(config: str, tmp: Path, tiny_pipeline: str, video_folder: Pat
                      "--model.init_args.height=64", "--model.init_args.width=64"]
             if "VideoFolderDataModule" in text or "PreferenceDataModule" in text:
                 args += ["--data.init_args.height=64", "--data.init_args.width=64"]
+    if "Lightricks/LTX-2\n" in text:  # LTX-2, video only: its tiny random pipeline (64x64 frames, as LTX-Video's)
+        from lit_videoalign.testing import tiny_ltx2_pipeline
+
+        bb = "--model.init_args.backbone.init_args."
+        args += [f"{bb}pretrained_model_name_or_path={tiny_ltx2_pipeline(tmp / 'ltx2')}",
+                 "--model.init_args.height=64", "--model.init_args.width=64"]
+        if "VideoFolderDataModule" in text or "PreferenceDataModule" in text:
+            args += ["--data.init_args.height=64", "--data.init_args.width=64"]
+    if "hunyuanvideo-community/HunyuanVideo-1.5-" in text:  # HunyuanVideo 1.5: its tiny pipeline and tokenizer's crop
+        from lit_videoalign.testing import TINY_HUNYUAN15_CROP_START, tiny_hunyuan15_pipeline
+
+        bb = "--model.init_args.backbone.init_args."
+        args += [f"{bb}pretrained_model_name_or_path={tiny_hunyuan15_pipeline(tmp / 'hunyuan15')}",
+                 f"{bb}family_options={json.dumps({'crop_start': TINY_HUNYUAN15_CROP_START})}"]
     if "class_path: lightning.pytorch.strategies.ModelParallelStrategy" in text:  # FSDP2 on one in-process rank
         args += ["--trainer.devices=1", "--trainer.strategy.init_args.data_parallel_size=1"]
     if "context_parallel.ContextParallelStrategy" in text:  # one in-process rank: CP 1, no replicas

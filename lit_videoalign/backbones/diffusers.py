@@ -177,6 +177,8 @@ class DiffusersVideoBackbone(VideoBackbone):
             self.vae.requires_grad_(False).eval()
         else:
             self.vae = None
+        for name in self.family.frozen_components:  # loaded by the family itself (LTX-2's text connectors)
+            setattr(self, name, self.family.load_component(root, index, name, frozen).requires_grad_(False).eval())
         # Image-to-video pipelines (Wan 2.1 I2V) may carry an image encoder and its processor; None otherwise.
         self.image_encoder, self.image_processor = load_image_encoder(root, index, frozen)
         self.max_sequence_length = max_sequence_length or self.family.max_sequence_length
@@ -222,7 +224,8 @@ class DiffusersVideoBackbone(VideoBackbone):
 
     @property
     def text_encoders(self) -> list[nn.Module]:
-        return [getattr(self, te) for te in self.family.text_encoders]
+        """The frozen modules that encode prompts: text encoders and the family's own (LTX-2's connectors)."""
+        return [getattr(self, te) for te in (*self.family.text_encoders, *self.family.frozen_components)]
 
     @property
     def block_classes(self) -> tuple[type[nn.Module], ...]:
@@ -393,6 +396,8 @@ class DiffusersVideoBackbone(VideoBackbone):
             for te, tok in self.family.text_pairs:
                 getattr(self, te).save_pretrained(tmp / te, safe_serialization=True)
                 getattr(self, tok).save_pretrained(tmp / tok)
+            for name in self.family.frozen_components:
+                getattr(self, name).save_pretrained(tmp / name, safe_serialization=True)
             if self.vae is not None:
                 self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
             if self.image_encoder is not None:
@@ -401,7 +406,7 @@ class DiffusersVideoBackbone(VideoBackbone):
             index = dict(self.model_index)
             index["transformer"] = ["diffusers", type(denoiser).__name__]
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-            for extra in ("scheduler",):
+            for extra in ("scheduler", *self.family.copied_components):
                 src = self._root / extra
                 if src.is_dir():
                     shutil.copytree(src, tmp / extra)

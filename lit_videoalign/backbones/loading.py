@@ -52,7 +52,8 @@ def resolve_pretrained_path(name_or_path: str, revision: str | None = None) -> P
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
     patterns = ["model_index.json", "transformer/*", "vae/*", "scheduler/*", "text_encoder/*", "tokenizer/*",
-                "text_encoder_2/*", "tokenizer_2/*", "image_encoder/*", "image_processor/*"]
+                "text_encoder_2/*", "tokenizer_2/*", "image_encoder/*", "image_processor/*", "connectors/*",
+                "audio_vae/*", "vocoder/*", "guider/*"]
     try:
         return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=patterns))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:

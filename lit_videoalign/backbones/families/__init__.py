@@ -7,13 +7,16 @@ from __future__ import annotations
 
 from lit_videoalign.backbones.families.base import ModelFamily
 from lit_videoalign.backbones.families.hunyuan import HunyuanVideoFamily
+from lit_videoalign.backbones.families.hunyuan15 import HunyuanVideo15Family
 from lit_videoalign.backbones.families.ltx import LTXFamily, pack_latents, unpack_latents
+from lit_videoalign.backbones.families.ltx2 import LTX2Family
 from lit_videoalign.backbones.families.wan import WanFamily
 
 __all__ = ["FAMILIES", "HunyuanVideoFamily", "LTXFamily", "ModelFamily", "WanFamily", "family_for", "pack_latents",
            "unpack_latents"]
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (WanFamily(), LTXFamily(), HunyuanVideoFamily())}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (WanFamily(), LTXFamily(), HunyuanVideoFamily(),
+                                                       HunyuanVideo15Family(), LTX2Family())}
 
 
 def family_for(transformer_class: str) -> ModelFamily:

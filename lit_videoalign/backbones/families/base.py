@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -76,6 +77,11 @@ class ModelFamily:
 
     _FIXED = ("name", "transformer_class", "max_sequence_length", "lora_targets", "text_encoders")
     default_fps = 16.0  # frame rate the family's videos are exported at (not a field: the backbone's ``fps`` wins)
+    # Not fields either: ``model_index.json`` components besides the text encoders and the VAE that the family loads
+    # itself (:meth:`load_component`; the backbone freezes them, counts them with its text encoders and saves them),
+    # and components it leaves unloaded but copies unchanged into saved pipelines (LTX-2: connectors; audio VAE).
+    frozen_components = ()
+    copied_components = ()
 
     @property
     def text_pairs(self) -> list[tuple[str, str]]:
@@ -96,6 +102,10 @@ class ModelFamily:
         if unknown:
             raise ValueError(f"unknown family_options {unknown} for model family {self.name!r}; allowed: {allowed}")
         return dataclasses.replace(self, **options)
+
+    def load_component(self, root: Path, index: dict, name: str, dtype: torch.dtype) -> nn.Module:
+        """One of :attr:`frozen_components` from the pipeline folder ``root`` (``index``: its ``model_index.json``)."""
+        raise NotImplementedError(f"model family {self.name!r} loads no component {name!r}")
 
     # prompts
     def encode_prompts(self, bb: VideoBackbone, prompts: list[str]) -> Conditioning:

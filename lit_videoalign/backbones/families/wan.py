@@ -1,4 +1,7 @@
-"""Wan 2.1/2.2 (``WanPipeline``, ``WanImageToVideoPipeline``) as a model family of the diffusers backbone."""
+"""Wan 2.1/2.2 (``WanPipeline``, ``WanImageToVideoPipeline``) as a model family of the diffusers backbone:
+text-to-video, Wan 2.1 image-to-video and first-last-frame (image latents as extra input channels), and Wan 2.2
+TI2V-5B (one model for both; ``expand_timesteps`` in ``model_index.json``: per-token timesteps and first-frame latent
+replacement)."""
 
 from __future__ import annotations
 
@@ -50,6 +53,8 @@ class WanFamily(ModelFamily):
         return latents * std + mean
 
     def call_transformer(self, bb, transformer, latents, timestep, cond):
+        if _expands_timesteps(bb):
+            return self._call_ti2v(bb, transformer, latents, timestep, cond)
         hidden, image_embeds = latents, None
         if _condition_channels(transformer):  # image-to-video: the image's latents and mask ride along as channels
             if "image_latents" not in cond.extra:
@@ -68,15 +73,66 @@ class WanFamily(ModelFamily):
         return transformer(hidden_states=hidden, timestep=timestep, encoder_hidden_states=cond.prompt_embeds,
                            encoder_hidden_states_image=image_embeds, return_dict=False)[0]
 
-    # images: Wan 2.1 I2V / FLF2V (``WanImageToVideoPipeline`` without ``expand_timesteps``)
+    def _call_ti2v(self, bb, transformer, latents, timestep, cond):
+        """Wan 2.2 TI2V (``expand_timesteps``), as ``WanPipeline`` and ``WanImageToVideoPipeline`` call it: one
+        timestep per token ``(b, t' * h'/ph * w'/pw)``, and with an image (``extra["image_latents_first"]``, the
+        normalised latents ``c`` of the image alone) latent frame 0 of the input replaced by ``c`` and its tokens at
+        timestep 0.
+
+        The pipeline steps frame 0 with an output it never feeds back and overwrites it with ``c`` at the end. Here
+        frame 0's velocity is ``(x_t[frame 0] - c) / sigma`` (``sigma = timestep / 1000``), not the transformer's:
+        the velocity of the straight path from ``c`` through ``x_t``, so every flow sampler keeps frame 0 on it (an
+        Euler step to sigma 0 lands on ``c``, the pipeline's final frame 0) and sampling needs no hook. In training,
+        with the clip's own first frame as the image (the causal VAE encodes it to the clip's latent frame 0, ``x0 =
+        c`` there), ``x_t = (1 - sigma) c + sigma * noise`` makes this velocity ``noise - c``: exactly the
+        flow-matching target, so frame 0 carries no loss and no gradient, with every objective unchanged. (With
+        another image than the first frame, frame 0 adds ``|x0 - c|^2 / sigma^2`` to the loss, still without
+        gradient. A scheduler whose model timesteps are rounded, as UniPC's integers are, sees ``sigma`` up to 1e-3
+        off its own, which leaves frame 0 within about ``1e-3 * |noise - c|`` of ``c``.)"""
+        b, _, t, h, w = latents.shape
+        _, ph, pw = bb.patch_size
+        first = cond.extra.get("image_latents_first")  # (b, z, 1, h', w') or None (text-to-video)
+        given = torch.ones(t, h // ph, w // pw, device=latents.device)  # one per token; 0 on the image's tokens
+        hidden = latents
+        if first is not None:
+            if first.shape[0] != b or first.shape[1:] != (latents.shape[1], 1, h, w):
+                raise ValueError(f"the conditioning image encodes to latents {tuple(first.shape)} but the latents are "
+                                 f"{tuple(latents.shape)}; encode the images at the video's height and width")
+            first = first.to(latents.dtype)
+            hidden = torch.cat([first, latents[:, :, 1:]], dim=2)
+            given[0] = 0
+        tokens = given.flatten()[None] * timestep.float()[:, None]  # (b, seq_len), as the pipeline's mask * t
+        out = transformer(hidden_states=hidden, timestep=tokens, encoder_hidden_states=cond.prompt_embeds,
+                          return_dict=False)[0]
+        if first is None:
+            return out
+        sigma = (timestep.float() / 1000).view(b, 1, 1, 1, 1)
+        positive = sigma > 0
+        straight = torch.where(positive, (latents[:, :, :1].float() - first.float()) / torch.where(positive, sigma, 1),
+                               0.0)  # sigma 0: frame 0 is c already; nothing left to move
+        return torch.cat([straight.to(out.dtype), out[:, :, 1:]], dim=2)
+
+    # images: Wan 2.1 I2V / FLF2V (``WanImageToVideoPipeline`` without ``expand_timesteps``), Wan 2.2 TI2V (with it)
     def supports_images(self, bb: VideoBackbone) -> bool:
-        return _condition_channels(bb.denoiser) > 0
+        return _condition_channels(bb.denoiser) > 0 or _expands_timesteps(bb)
 
     def check_backbone(self, bb: VideoBackbone) -> None:
         extra = _condition_channels(bb.denoiser)
+        config = bb.denoiser.config
+        if _expands_timesteps(bb):
+            if extra:
+                raise ValueError(f"model_index.json sets expand_timesteps (Wan 2.2 TI2V) but the transformer takes "
+                                 f"{config.in_channels} input channels for {config.out_channels} output channels; "
+                                 "TI2V replaces the first latent frame and takes no image channels")
+            if bb.vae is None:
+                raise ValueError("model_index.json sets expand_timesteps (Wan 2.2 TI2V), which needs the pipeline's "
+                                 "VAE to encode images; model_index.json has none")
+            if bb.patch_size[0] != 1:
+                raise ValueError(f"expand_timesteps (Wan 2.2 TI2V) gives one timestep per latent frame's tokens; the "
+                                 f"transformer's patch size {bb.patch_size} groups {bb.patch_size[0]} frames")
+            return
         if not extra:
             return
-        config = bb.denoiser.config
         if bb.vae is None:
             raise ValueError(f"a Wan transformer with {config.in_channels} input channels for {config.out_channels} "
                              "output channels is image-to-video and needs the pipeline's VAE; model_index.json has "
@@ -102,6 +158,8 @@ class WanFamily(ModelFamily):
         penultimate hidden states of the image (FLF2V: of the first and last, in a row) ``(b, n or 2n, d)`` are
         ``extra["image_embeds"]``. The image encoder sees 8-bit pixels, as the pipeline sees a PIL image."""
         config, vae = bb.denoiser.config, bb.vae
+        if _expands_timesteps(bb):
+            return self._encode_first_frame(bb, images, last_images)
         pairs = config.image_dim is not None and config.pos_embed_seq_len is not None
         if pairs and last_images is None:
             raise ValueError("this Wan model is first-last-frame-to-video (FLF2V: pos_embed_seq_len="
@@ -139,3 +197,18 @@ class WanFamily(ModelFamily):
             out["image_embeds"] = hidden.reshape(b, -1, hidden.shape[-1])
         return out
 
+    def _encode_first_frame(self, bb: VideoBackbone, images: Tensor, last_images: Tensor | None) -> dict[str, Tensor]:
+        """Wan 2.2 TI2V: the VAE encodes the image alone (one frame, ``[-1, 1]``) to its posterior mean, normalised:
+        ``extra["image_latents_first"]`` ``(b, z, 1, h', w')``, the pipeline's ``latent_condition``."""
+        if last_images is not None:
+            raise ValueError("Wan 2.2 TI2V (expand_timesteps) is conditioned on the first frame only; got last_images "
+                             "(its pipeline ignores a last_image)")
+        vae = bb.vae
+        frames = (images * 2 - 1).unsqueeze(2)  # (b, 3, 1, h, w)
+        raw = vae.encode(frames.to(device=_device(vae), dtype=vae.dtype)).latent_dist.mode()
+        return {"image_latents_first": self.normalize_latents(vae, raw.float())}
+
+
+def _expands_timesteps(bb: VideoBackbone) -> bool:
+    """Whether the pipeline is Wan 2.2 TI2V-style: ``"expand_timesteps": true`` in its ``model_index.json``."""
+    return bool(bb.model_index.get("expand_timesteps"))
