@@ -10,6 +10,12 @@ are read back from the generated pixels with ``lit_videoalign.data.toyworld.prom
 is the distance of the tracked ball from the true physics continued from its first frames
 (``benchmarks.toyworld_alignment.trajectory_error``); the zoo's ``newton``, ``physics_learned`` and ``quality`` score
 the same videos. Every measure is also taken on the real videos of those scenes, the ceiling.
+
+With ``--first_frame_image`` (an image-to-video base such as ``builtin:toyworld-i2v``) every sample is conditioned on
+its scene's first frame (the held-out loss on each clip's own), and two more measures say whether the start is kept:
+the first-frame error (mean absolute pixel difference of frame 0 from the given image) and the colour drift (mean
+over frames of the distance between the ball's mean colour and its colour in the given image, the drift users report
+in image-to-video RL).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from benchmarks.toyworld_eval import (
     trajectory_error,
 )
 from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
-from lit_videoalign.data.toyworld import TEST_SEED_OFFSET, ToyWorld, ToyWorldDataset
+from lit_videoalign.data.toyworld import BACKGROUND, TEST_SEED_OFFSET, ToyWorld, ToyWorldDataset
 from lit_videoalign.objectives.sft import SFT
 from lit_videoalign.video_io import video_grid, write_gif
 
@@ -41,10 +47,29 @@ GIF_PROMPTS = ["a red ball falls and bounces", "a blue ball moves left and bounc
 REWARDS = ("newton", "physics_learned", "quality")
 
 
+def colour_drift(videos: torch.Tensor, images: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
+    """Per video ``(n,)``: the mean over frames of the Euclidean RGB distance between the foreground's mean colour
+    and the foreground's mean colour in the given image ``(n, c, h, w)`` (NaN where either shows no foreground)."""
+    background = torch.tensor(BACKGROUND).view(1, 1, 3, 1, 1)
+
+    def mean_colour(x: torch.Tensor) -> torch.Tensor:  # (n, t, c, h, w) -> (n, t, c)
+        mask = ((x - background).abs().sum(2, keepdim=True) > threshold).float()
+        return (x * mask).sum((3, 4)) / mask.sum((3, 4))
+
+    reference = mean_colour(images[:, None])  # (n, 1, c)
+    return (mean_colour(videos) - reference).norm(dim=2).nanmean(1)
+
+
 @torch.no_grad()
-def measures(videos: torch.Tensor, prompts: list[str], rewards: dict) -> dict[str, float]:
-    """Prompt agreement rates, mean trajectory error (px, over videos where a ball is found) and mean rewards."""
+def measures(videos: torch.Tensor, prompts: list[str], rewards: dict,
+             images: torch.Tensor | None = None) -> dict[str, float]:
+    """Prompt agreement rates, mean trajectory error (px, over videos where a ball is found) and mean rewards; given
+    the conditioning ``images``, the first-frame error and the colour drift too."""
     out = {k: v for k, v in agreement_rates(videos, prompts).items() if k != "all"}
+    if images is not None:
+        out["first_frame_error"] = (videos[:, 0] - images).abs().mean().item()
+        drift = colour_drift(videos, images)
+        out["colour_drift"] = drift[~drift.isnan()].mean().item()
     error = trajectory_error(videos)
     found = error[~error.isnan()]
     out["trajectory_error_px"] = found.mean().item() if len(found) else float("nan")
@@ -55,8 +80,9 @@ def measures(videos: torch.Tensor, prompts: list[str], rewards: dict) -> dict[st
 
 
 def evaluate(pipeline: str, prompts: list[str], rewards: dict, num_inference_steps: int,
-             guidance_scale: float) -> tuple[dict, SFT]:
-    """Held-out loss (fixed noise) and the measures of one pipeline's samples (seed ``i`` for prompt ``i``)."""
+             guidance_scale: float, images: torch.Tensor | None = None) -> tuple[dict, SFT]:
+    """Held-out loss (fixed noise) and the measures of one pipeline's samples (seed ``i`` for prompt ``i``; with
+    ``images``, image-to-video from image ``i``, and the loss on each clip conditioned on its own first frame)."""
     model = SFT(DiffusersVideoBackbone(pipeline, max_sequence_length=24),
                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
     # Held-out flow-matching loss on the two-ball-inclusive test split, fixed noise per batch.
@@ -66,11 +92,18 @@ def evaluate(pipeline: str, prompts: list[str], rewards: dict, num_inference_ste
         for start in range(0, len(held_out), 16):
             items = [held_out[i] for i in range(start, start + 16)]
             batch = {"video": torch.stack([x["video"] for x in items]), "prompt": [x["prompt"] for x in items]}
+            if images is not None:
+                batch["image"] = batch["video"][:, 0]
             losses.append(model.loss(batch, generator=torch.Generator().manual_seed(start), dropout=0.0).item())
     start = time.perf_counter()
-    samples = generate(model, prompts, list(range(len(prompts))), batch_size=16)
+    if images is None:
+        samples = generate(model, prompts, list(range(len(prompts))), batch_size=16)
+    else:
+        samples = torch.cat([generate(model, prompts[i:i + 16], list(range(i, min(i + 16, len(prompts)))),
+                                      images=images[i:i + 16]) for i in range(0, len(prompts), 16)])
     seconds = time.perf_counter() - start
-    row = {"pipeline": pipeline, "held_out_loss": sum(losses) / len(losses), **measures(samples, prompts, rewards),
+    row = {"pipeline": pipeline, "held_out_loss": sum(losses) / len(losses),
+           **measures(samples, prompts, rewards, images),
            "sampling_seconds_per_video": seconds / len(prompts)}
     return row, model
 
@@ -79,6 +112,7 @@ COLUMNS = [("held_out_loss", "held-out loss", "{:.4f}"), ("colour", "colour", "{
            ("direction", "direction", "{:.0%}"), ("falls", "falls", "{:.0%}"),
            ("trajectory_error_px", "trajectory error (px)", "{:.2f}"), ("newton", "newton", "{:.3f}"),
            ("physics_learned", "physics_learned", "{:+.2f}"), ("quality", "quality", "{:+.2f}"),
+           ("first_frame_error", "first-frame error", "{:.3f}"), ("colour_drift", "colour drift", "{:.3f}"),
            ("sampling_seconds_per_video", "s / video", "{:.2f}")]
 
 
@@ -87,7 +121,10 @@ def markdown(result: dict) -> str:
              f"{result['num_videos']} held-out one-ball prompts (test seeds), seed i for prompt i, "
              f"{result['num_inference_steps']} Euler steps, guidance {result['guidance_scale']}; held-out loss on 64 "
              f"test scenes (one or two balls) with fixed noise; agreement rates read back from the pixels; trajectory "
-             f"error over videos where a ball is found; rewards are means. {result['torch_threads']} torch threads.\n",
+             f"error over videos where a ball is found; rewards are means. {result['torch_threads']} torch threads."
+             + (" Image-to-video: each sample from its scene's first frame (first-frame error: mean |frame 0 - image|; "
+                "colour drift: mean RGB distance of the ball's colour from the image's over frames)."
+                if result.get("first_frame_image") else "") + "\n",
              "| model | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for row in [*result["models"], {"pipeline": "real videos (ceiling)", **result["real_videos"]}]:
         cells = [fmt.format(row[key]) if row.get(key) is not None else "" for key, _, fmt in COLUMNS]
@@ -102,23 +139,32 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--guidance_scale", type=float, default=2.0)
     parser.add_argument("--num_inference_steps", type=int, default=40)
     parser.add_argument("--gif", default=None, help="also write a GIF of the first pipeline's samples (a row a prompt)")
+    parser.add_argument("--first_frame_image", action="store_true",
+                        help="image-to-video: condition each sample on its held-out scene's first frame")
     add_output_argument(parser, "benchmarks/results/toyworld_base")
     args = parser.parse_args(argv)
 
     scenes = held_out_scenes(args.num_videos)
     prompts = [s.prompt for s in scenes]
     rewards = load_rewards(REWARDS)
+    images = torch.stack([s.video[0] for s in scenes]) if args.first_frame_image else None
     rows, first = [], None
     for pipeline in args.pipeline:
-        row, model = evaluate(pipeline, prompts, rewards, args.num_inference_steps, args.guidance_scale)
+        row, model = evaluate(pipeline, prompts, rewards, args.num_inference_steps, args.guidance_scale, images)
         rows.append(row)
         first = first or model
-    result = {"models": rows, "real_videos": measures(torch.stack([s.video for s in scenes]), prompts, rewards),
+    real = torch.stack([s.video for s in scenes])
+    result = {"models": rows, "real_videos": measures(real, prompts, rewards, images),
+              "first_frame_image": args.first_frame_image,
               "num_videos": len(prompts), "guidance_scale": args.guidance_scale,
               "num_inference_steps": args.num_inference_steps, "torch_threads": torch.get_num_threads()}
     write_result(result, output_path(args), markdown)
     if args.gif:
-        videos = first.generate(GIF_PROMPTS, seeds=list(range(len(GIF_PROMPTS))), sampler=SAMPLER)
+        if images is None:
+            videos = first.generate(GIF_PROMPTS, seeds=list(range(len(GIF_PROMPTS))), sampler=SAMPLER)
+        else:  # the first held-out scenes, from their first frames
+            n = len(GIF_PROMPTS)
+            videos = first.generate(prompts[:n], seeds=list(range(n)), sampler=SAMPLER, images=images[:n])
         print(f"wrote {write_gif(video_grid(videos, ncols=1), args.gif, upscale=3)}")
     return result
 

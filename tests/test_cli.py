@@ -76,7 +76,12 @@ def tiny_overrides(config: str, tmp: Path, tiny_pipeline: str, video_folder: Pat
         args += ["--model.init_args.critic_updates=1"]
     if "objectives.consistency.ConsistencyDistillation" in text:
         args += ["--model.init_args.num_inference_steps=2"]
-    if "pretrained_model_name_or_path: outputs/" in text:  # a later stage of the toy base: start from the shipped one
+    if "pretrained_model_name_or_path: outputs/toyworld-i2v-init" in text:  # the widened toy base, as its comment makes
+        from lit_videoalign.backbones.i2v_init import widen_to_image_to_video
+
+        args.append("--model.init_args.backbone.init_args.pretrained_model_name_or_path="
+                    f"{widen_to_image_to_video('builtin:toyworld-base', tmp / 'toyworld-i2v-init')}")
+    elif "pretrained_model_name_or_path: outputs/" in text:  # a later stage of the toy base: start from the shipped one
         args.append("--model.init_args.backbone.init_args.pretrained_model_name_or_path=builtin:toyworld-base")
     elif "builtin:toyworld-base" not in text:  # a real Hub model: swap in the tiny random pipeline of its family
         bb = "--model.init_args.backbone.init_args."

@@ -409,3 +409,28 @@ def test_inference_and_candidate_rewards_score_against_the_conditioning_images(i
     rejection.refresh(PROMPTS, images=images)
     for module in (dpo, rejection):
         assert torch.equal(torch.cat(module.reward.seen), images.repeat_interleave(2, dim=0)), type(module).__name__
+
+
+def test_a_text_to_video_model_widens_into_an_image_to_video_one_that_starts_equal(tmp_path, tiny_pipeline):
+    """``i2v_init`` adds the image channels with zero weights: the widened model takes images (pixel space too, as
+    the toy base) and predicts exactly what the text-to-video model did; bad sources are refused in one line."""
+    from lit_videoalign.backbones.i2v_init import main as widen
+    from lit_videoalign.errors import UsageError
+
+    for source, name in (("builtin:toyworld-base", "toy"), (tiny_pipeline, "wan")):
+        out = widen([source, str(tmp_path / name)])
+        t2v, i2v = (DiffusersVideoBackbone(p, max_sequence_length=16) for p in (source, str(out)))
+        assert not t2v.supports_images and i2v.supports_images
+        assert i2v.denoiser.config.in_channels == t2v.denoiser.config.in_channels + (4 if name == "toy" else 20)
+        shape = i2v.latent_shape(FRAMES if name == "wan" else 16, SIZE, SIZE)
+        x, sigma = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)), torch.tensor([0.6])
+        cond = t2v.encode_prompts(PROMPTS[:1])
+        with torch.no_grad():
+            plain = t2v.predict_velocity(x, sigma, cond)
+            widened = i2v.predict_velocity(x, sigma, i2v.encode_images(image(0)[0], cond, num_frames=shape[1]
+                                                                        if name == "toy" else FRAMES))
+        assert torch.equal(plain, widened), name
+    for source, message in ((str(tmp_path / "toy"), "already takes"), ("builtin:toyworld-base", "exists")):
+        with pytest.raises(UsageError, match=message):
+            widen([source, str(tmp_path / ("again" if message == "already takes" else "toy"))])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing half-written left behind

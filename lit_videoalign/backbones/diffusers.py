@@ -314,7 +314,8 @@ class DiffusersVideoBackbone(VideoBackbone):
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, ...]:
         pt, ph, pw = self.patch_size
         if self.vae is None:
-            t, h, w, c = num_frames, height, width, self.denoiser.config.in_channels
+            config = self.denoiser.config  # pixel space: the output channels (an I2V model takes more in)
+            t, h, w, c = num_frames, height, width, config.out_channels or config.in_channels
         else:
             ft, fs = self.family.vae_compression(self.vae)
             if (num_frames - 1) % ft:

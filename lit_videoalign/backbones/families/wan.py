@@ -133,11 +133,9 @@ class WanFamily(ModelFamily):
             return
         if not extra:
             return
-        if bb.vae is None:
-            raise ValueError(f"a Wan transformer with {config.in_channels} input channels for {config.out_channels} "
-                             "output channels is image-to-video and needs the pipeline's VAE; model_index.json has "
-                             "none")
-        ft, z = self.vae_compression(bb.vae)[0], self.latent_channels(bb.vae)
+        # pixel space (no VAE, the toy world): frames are their own latents, one mask channel per frame
+        ft, z = (1, config.out_channels) if bb.vae is None else (self.vae_compression(bb.vae)[0],
+                                                                self.latent_channels(bb.vae))
         if extra != ft + z:
             raise ValueError(f"the Wan transformer takes {config.in_channels} input channels for "
                              f"{config.out_channels} output channels; image-to-video expects {config.out_channels} + "
@@ -152,9 +150,10 @@ class WanFamily(ModelFamily):
 
     def encode_images(self, bb: VideoBackbone, images: Tensor, num_frames: int,
                       last_images: Tensor | None) -> dict[str, Tensor]:
-        """As ``WanImageToVideoPipeline``: the VAE encodes the video ``[image, 0, ..., 0(, last)]`` (zeros are mid-grey
-        in ``[-1, 1]``) to ``extra["image_latents"]`` ``(b, ft + z, t', h', w')``, a mask channel per pixel frame a
-        latent frame covers (1 where the frame is given) before the normalised latents; with an image encoder, its
+        """As ``WanImageToVideoPipeline``: the VAE encodes the video ``[image, 0, ..., 0(, last)]`` (zeros are mid-
+        grey in ``[-1, 1]``; in pixel space, without a VAE, those frames are the latents and each frame has one mask
+        channel) to ``extra["image_latents"]`` ``(b, ft + z, t', h', w')``, a mask channel per pixel frame a latent
+        frame covers (1 where the frame is given) before the normalised latents; with an image encoder, its
         penultimate hidden states of the image (FLF2V: of the first and last, in a row) ``(b, n or 2n, d)`` are
         ``extra["image_embeds"]``. The image encoder sees 8-bit pixels, as the pipeline sees a PIL image."""
         config, vae = bb.denoiser.config, bb.vae
@@ -168,14 +167,17 @@ class WanFamily(ModelFamily):
             raise ValueError("this Wan image-to-video model takes one image per video (no pos_embed_seq_len for a "
                              "first-last pair); got last_images")
         b, _, h, w = images.shape
-        ft = self.vae_compression(vae)[0]
+        ft = 1 if vae is None else self.vae_compression(vae)[0]
         frames = images.new_zeros(b, images.shape[1], num_frames, h, w)  # (b, c, t, h, w) in [-1, 1]
         frames[:, :, 0] = images * 2 - 1
         if last_images is not None:
             frames[:, :, -1] = last_images * 2 - 1
-        device = _device(vae)
-        raw = vae.encode(frames.to(device=device, dtype=vae.dtype)).latent_dist.mode()  # the posterior mean
-        latents = self.normalize_latents(vae, raw.float())  # (b, z, t', h', w')
+        if vae is None:  # pixel space: the frames are the latents (as encode_videos gives them)
+            device, latents = images.device, frames.float()
+        else:
+            device = _device(vae)
+            raw = vae.encode(frames.to(device=device, dtype=vae.dtype)).latent_dist.mode()  # the posterior mean
+            latents = self.normalize_latents(vae, raw.float())  # (b, z, t', h', w')
         t = latents.shape[2]
         given = torch.zeros(num_frames, device=device)
         given[0] = 1
