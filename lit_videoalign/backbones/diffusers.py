@@ -81,7 +81,7 @@ def _check_images(images: Tensor, name: str, batch: int) -> None:
 
 
 # Frame rate of the builtin pipelines' videos (the toy world is rendered and exported at 8 fps).
-BUILTIN_FPS = {"toyworld-base": 8.0}
+BUILTIN_FPS = {"toyworld-base": 8.0, "toyworld-i2v": 8.0}
 
 
 class DiffusersVideoBackbone(VideoBackbone):
