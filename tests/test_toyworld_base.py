@@ -48,3 +48,27 @@ def test_samples_are_not_static_or_empty(samples):
     motion = (samples[:, 1:] - samples[:, :-1]).abs().mean((1, 2, 3, 4))
     assert (motion > 1e-3).all()
     assert torch.isfinite(samples).all()
+
+
+def test_the_image_to_video_base_starts_from_the_given_frame():
+    """``builtin:toyworld-i2v`` conditions on the first frame: each sample's frame 0 is much closer to its own given
+    frame than to the other's (two held-out scenes, their prompts swapped, so the prompt cannot be the cue): the ball
+    starts where the given frame has it."""
+    from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
+    from lit_videoalign.data.toyworld import TEST_SEED_OFFSET, ToyWorld
+    from lit_videoalign.objectives.sft import SFT
+
+    world = ToyWorld(max_balls=1)
+    scenes = [world.example(TEST_SEED_OFFSET + i) for i in (3, 4)]
+    images = torch.stack([s.video[0] for s in scenes])  # (2, 3, 32, 32)
+    model = SFT(DiffusersVideoBackbone("builtin:toyworld-i2v", max_sequence_length=24), num_inference_steps=10)
+    assert model.backbone.supports_images and model.backbone.fps == 8.0
+    videos = model.generate([scenes[1].prompt, scenes[0].prompt], seeds=[0, 1], images=images, sampler="euler")
+    from lit_videoalign.data.toyworld import observe
+
+    start = [observe(x[None]).centroid[0] for x in images]  # (x, y) of each given ball, px
+    generated = [observe(v[:1]).centroid[0] for v in videos]
+    own = [float((g - s).norm()) for g, s in zip(generated, start)]
+    other = [float((g - s).norm()) for g, s in zip(generated, start[::-1])]
+    gap = float((start[0] - start[1]).norm())
+    assert gap > 5 and all(o < 2 and x > gap / 2 for o, x in zip(own, other)), (own, other, gap)

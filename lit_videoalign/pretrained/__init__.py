@@ -1,6 +1,7 @@
 """Pipelines shipped inside the package, loadable offline as ``builtin:NAME``.
 
-``toyworld-base`` is the tiny pixel-space Wan text-to-video model pretrained on the toy world; its README says how.
+``toyworld-base`` is the tiny pixel-space Wan text-to-video model pretrained on the toy world; ``toyworld-i2v`` is
+it widened into an image-to-video model and fine-tuned on first frames. Their READMEs say how.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from pathlib import Path
 
 PRETRAINED_DIR = Path(__file__).resolve().parent
 TOYWORLD_BASE = PRETRAINED_DIR / "toyworld-base"
+TOYWORLD_I2V = PRETRAINED_DIR / "toyworld-i2v"
 
 # Architecture of the toy-world base: a real Wan 2.1 transformer at a tiny size, in pixel space (no VAE), on
 # 16x32x32 RGB clips cut into (2, 4, 4) patches: 8 * 8 * 8 = 512 tokens per video.
