@@ -83,7 +83,7 @@ def tiny_overrides(config: str, tmp: Path, tiny_pipeline: str, video_folder: Pat
                     f"{widen_to_image_to_video('builtin:toyworld-base', tmp / 'toyworld-i2v-init')}")
     elif "pretrained_model_name_or_path: outputs/" in text:  # a later stage of the toy base: start from the shipped one
         args.append("--model.init_args.backbone.init_args.pretrained_model_name_or_path=builtin:toyworld-base")
-    elif "builtin:toyworld-base" not in text:  # a real Hub model: swap in the tiny random pipeline of its family
+    elif "builtin:toyworld-" not in text:  # a real Hub model: swap in the tiny random pipeline of its family
         bb = "--model.init_args.backbone.init_args."
         args += [f"{bb}pretrained_model_name_or_path={tiny_pipeline}", f"{bb}torch_dtype=float32",
                  f"{bb}frozen_dtype=float32", f"{bb}max_sequence_length=16", "--model.init_args.num_frames=9",
