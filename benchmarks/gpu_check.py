@@ -289,13 +289,21 @@ def probe_class():
             self.sync()
             t = time.perf_counter() - self.t0
             if self.count and batch_idx == self.warmup - 1:
-                self.flops.__exit__(None, None, None)
+                self.close_flops()
             if batch_idx >= self.warmup:
                 self.times.append(t)
                 cuda = self.device.type == "cuda"
                 self.peak = torch.cuda.max_memory_allocated(self.device) if cuda else self.sampler.read()
             if time.monotonic() > self.deadline and not trainer.should_stop:
                 trainer.should_stop, self.stopped = True, True
+
+        def close_flops(self, *exc) -> None:
+            """Leave the FLOP counter's dispatch mode; a step that raised must not leave it on for what runs next."""
+            if self.flops is not None and not hasattr(self.flops, "total"):
+                self.flops.__exit__(*(exc or (None, None, None)))
+
+        def on_exception(self, trainer, pl_module, exception) -> None:
+            self.close_flops(type(exception), exception, exception.__traceback__)
 
         def on_train_end(self, trainer, pl_module) -> None:
             if self.sampler is not None:
@@ -343,7 +351,7 @@ def run_one(m: Measurement, spec: Spec, pipeline: str, device: torch.device, dea
         if m.objective == "grpo":  # one real rollout, recorded before timing; every step re-trains on it
             module.to(device=device, dtype=getattr(torch, spec.dtype))
             rollout = module.rollout([PROMPT], generator=torch.Generator().manual_seed(0))
-            module.rollout = lambda prompts, generator=None: rollout
+            module.rollout = lambda prompts, generator=None, images=None: rollout
         record["build_s"] = time.perf_counter() - start
         probe, logged = fit(module, items(module, m.objective, spec, spec.warmup + spec.steps), m, spec, device,
                             deadline, workdir)

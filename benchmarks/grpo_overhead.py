@@ -80,7 +80,7 @@ class StepTimer(L.Callback):
 
 def lightning_update(model: GRPO, rollout, prompts: list[str], repeats: int) -> list[float]:
     """Per-step seconds of ``GRPO.training_step`` in a Trainer, each step replaying ``rollout``."""
-    model.rollout = lambda _prompts, generator=None: rollout  # only the update is timed
+    model.rollout = lambda _prompts, generator=None, images=None: rollout  # only the update is timed
     timer = StepTimer()
     trainer = L.Trainer(max_steps=repeats + 1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])

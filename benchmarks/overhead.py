@@ -353,7 +353,7 @@ def run_objective(objective: str, pipeline: str, size: Size, rounds: int, warmup
     rollout = None
     if objective in ("grpo", "nft"):
         rollout = (recorded_rollout if objective == "grpo" else recorded_nft_rollout)(light, len(items))
-        light.rollout = lambda _prompts, generator=None: rollout  # only the update is timed
+        light.rollout = lambda _prompts, generator=None, images=None: rollout  # only the update is timed
     hand = HandWritten(hand_module, hand_objective, rollout)
     per_round, first_step = [], float("nan")
     for r in range(-1, rounds):  # round -1 warms both sides up (first fit, allocator, lazy imports) and is dropped

@@ -153,8 +153,8 @@ def test_generated_files_carry_the_generator_fps_for_the_next_tool(tmp_path):
 
     model = SimpleNamespace(backbone=SimpleNamespace(fps=16.0))
     _, files = generate_videos(model, ["a ball"], [0], tmp_path / "gen", gif=False,
-                               sampler=lambda m, prompts, seeds: torch.rand(len(prompts), 8, 3, 16, 16))
+                               sampler=lambda m, prompts, seeds, **_: torch.rand(len(prompts), 8, 3, 16, 16))
     assert probe_video(files[0]).fps == 16.0
     _, files = generate_videos(model, ["a ball"], [0], tmp_path / "gen24", gif=False, fps=24,
-                               sampler=lambda m, prompts, seeds: torch.rand(len(prompts), 8, 3, 16, 16))
+                               sampler=lambda m, prompts, seeds, **_: torch.rand(len(prompts), 8, 3, 16, 16))
     assert probe_video(files[0]).fps == 24.0  # an explicit --fps wins
