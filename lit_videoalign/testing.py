@@ -130,6 +130,29 @@ def tiny_wan_i2v_pipeline(path: str | os.PathLike, *, image_encoder: bool = True
     return _write_model_index(path, "WanImageToVideoPipeline", components)
 
 
+def tiny_wan22_a14b_pipeline(path: str | os.PathLike, *, i2v: bool = False, boundary_ratio: float = 0.875,
+                             seed: int = 0) -> Path:
+    """Write a tiny random Wan 2.2 A14B pipeline to ``path``, laid out as ``Wan-AI/Wan2.2-T2V-A14B-Diffusers``: two
+    experts of one architecture, ``transformer`` (high noise, ``t >= boundary_ratio * 1000``) and ``transformer_2``
+    (low noise), with different random weights. ``i2v=True``: the ``WanImageToVideoPipeline`` layout of
+    ``Wan2.2-I2V-A14B`` (36 input channels, no image encoder, boundary 0.9 in the real one)."""
+    from diffusers import WanTransformer3DModel
+
+    path = Path(path)
+    if i2v:
+        tiny_wan_i2v_pipeline(path, image_encoder=False, seed=seed)
+    else:
+        tiny_wan_pipeline(path, seed=seed)
+    config = WanTransformer3DModel.load_config(path / "transformer")
+    torch.manual_seed(seed + 1)  # another expert: other weights
+    WanTransformer3DModel.from_config(config).save_pretrained(path / "transformer_2")
+    components = json.loads((path / "model_index.json").read_text())
+    components = {k: v for k, v in components.items() if not k.startswith("_")}
+    components.update(transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=boundary_ratio,
+                      expand_timesteps=False)
+    return _write_model_index(path, "WanImageToVideoPipeline" if i2v else "WanPipeline", components)
+
+
 TINY_LTX_TRANSFORMER = dict(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
                             attention_head_dim=8, cross_attention_dim=16, num_layers=2, caption_channels=32)
 # The real LTX-Video compression (1 + 8k frames, 32x32 pixels per latent) at 8 channels; timestep-conditioned decoder.
@@ -388,11 +411,16 @@ TINY_QWEN25_CHAT_TEMPLATE = (
 # token per byte on it. Pass ``family_options={"crop_start": TINY_HUNYUAN15_CROP_START}`` to the backbone and set
 # ``pipe.prompt_template_encode_start_idx`` to it on ``HunyuanVideo15Pipeline``.
 TINY_HUNYUAN15_CROP_START = 493
+# SigLIP at toy size: 16x16 pixels in 4x4 patches -> 16 tokens of the transformer's image_embed_dim (8).
+TINY_SIGLIP = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                   patch_size=4)
 
 
-def tiny_hunyuan15_pipeline(path: str | os.PathLike, *, seed: int = 0) -> Path:
+def tiny_hunyuan15_pipeline(path: str | os.PathLike, *, i2v: bool = False, seed: int = 0) -> Path:
     """Write a complete tiny random HunyuanVideo 1.5 T2V pipeline (``HunyuanVideo15Pipeline``) to ``path``: 9x32x32
-    clips -> latents 4x3x2x2.
+    clips -> latents 4x3x2x2. ``i2v=True``: the I2V pipeline (``HunyuanVideo15ImageToVideoPipeline``): the same
+    components with ``task_type="i2v"``, plus a ``SiglipVisionModel`` image encoder and its ``SiglipImageProcessor``
+    (saved as ``feature_extractor``, the pipeline's name); a 32x32 image keeps its size (``target_size`` 32).
 
     Components: ``HunyuanVideo15Transformer3DModel``, ``AutoencoderKLHunyuanVideo15``, ``Qwen2_5_VLTextModel`` with a
     byte-level ``Qwen2Tokenizer`` (256 byte tokens, no merges, a Qwen2.5-style chat template), the ByT5 glyph encoder
@@ -418,7 +446,8 @@ def tiny_hunyuan15_pipeline(path: str | os.PathLike, *, seed: int = 0) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    HunyuanVideo15Transformer3DModel(**TINY_HUNYUAN15_TRANSFORMER).save_pretrained(path / "transformer")
+    HunyuanVideo15Transformer3DModel(**{**TINY_HUNYUAN15_TRANSFORMER, "task_type": "i2v" if i2v else "t2v"}
+                                     ).save_pretrained(path / "transformer")
     tokenizer = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(bytes_to_unicode().values())}, merges=[],
                                pad_token="<|endoftext|>", padding_side="right")
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
@@ -442,7 +471,17 @@ def tiny_hunyuan15_pipeline(path: str | os.PathLike, *, seed: int = 0) -> Path:
     AutoencoderKLHunyuanVideo15(**TINY_HUNYUAN15_VAE).save_pretrained(path / "vae")
     FlowMatchEulerDiscreteScheduler(shift=5.0).save_pretrained(path / "scheduler")
     ClassifierFreeGuidance(guidance_scale=6.0).save_pretrained(path / "guider")
-    return _write_model_index(path, "HunyuanVideo15Pipeline", {
+    images = {}
+    if i2v:
+        from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+        torch.manual_seed(seed)
+        SiglipVisionModel(SiglipVisionConfig(**TINY_SIGLIP)).save_pretrained(path / "image_encoder")
+        SiglipImageProcessor(size={"height": 16, "width": 16}).save_pretrained(path / "feature_extractor")
+        images = {"image_encoder": ["transformers", "SiglipVisionModel"],
+                  "feature_extractor": ["transformers", "SiglipImageProcessor"]}
+    name = "HunyuanVideo15ImageToVideoPipeline" if i2v else "HunyuanVideo15Pipeline"
+    return _write_model_index(path, name, {
         "transformer": ["diffusers", "HunyuanVideo15Transformer3DModel"],
         "text_encoder": ["transformers", "Qwen2_5_VLTextModel"],
         "tokenizer": ["transformers", "Qwen2Tokenizer"],
@@ -450,7 +489,7 @@ def tiny_hunyuan15_pipeline(path: str | os.PathLike, *, seed: int = 0) -> Path:
         "tokenizer_2": ["transformers", "ByT5Tokenizer"],
         "vae": ["diffusers", "AutoencoderKLHunyuanVideo15"],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "guider": ["diffusers", "ClassifierFreeGuidance"],
+        "guider": ["diffusers", "ClassifierFreeGuidance"], **images,
     })
 
 

@@ -141,19 +141,6 @@ def test_text_to_video_backbones_refuse_images_in_one_line(tiny_pipeline):
         assert type(bb).__name__ in str(err.value) and "\n" not in str(err.value)
 
 
-def test_a_two_expert_pipeline_is_refused_rather_than_half_loaded(tiny_pipeline, tmp_path):
-    import shutil
-
-    two = tmp_path / "a14b"
-    shutil.copytree(tiny_pipeline, two)
-    index = json.loads((two / "model_index.json").read_text())
-    index.update(transformer_2=index["transformer"], boundary_ratio=0.875)  # Wan 2.2 A14B's layout
-    (two / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(NotImplementedError, match="two experts") as err:
-        DiffusersVideoBackbone(str(two), max_sequence_length=16)
-    assert "\n" not in str(err.value)
-
-
 def test_bad_images_are_refused_naming_the_problem(backbone, i2v, tmp_path):
     assert backbone.supports_images
     cond = backbone.encode_prompts(PROMPTS[:1])

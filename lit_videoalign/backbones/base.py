@@ -205,3 +205,17 @@ class VideoBackbone(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    @property
+    def training_sigma_range(self) -> tuple[float, float]:
+        """The sigmas training draws from: all of ``[0, 1]`` unless part of the denoiser is frozen for part of the
+        range (Wan 2.2 A14B training one expert)."""
+        return (0.0, 1.0)
+
+    def trains_at(self, sigma: Tensor) -> Tensor:
+        """Whether a trained part of the denoiser runs at each ``sigma`` (bool, its shape): all of them by default."""
+        return torch.ones_like(sigma, dtype=torch.bool)
+
+    def parameter_groups(self, params: list[nn.Parameter]) -> list[dict]:
+        """``params`` as optimizer groups (one per expert for Wan 2.2 A14B); one group by default."""
+        return [{"params": list(params)}]

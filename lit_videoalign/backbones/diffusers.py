@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_videoalign.backbones.base import Conditioning, VideoBackbone
+from lit_videoalign.backbones.experts import EXPERTS, TwoExpertDenoiser, check_experts
 from lit_videoalign.backbones.families import (  # noqa: F401  (re-exported: their old home was this module)
     FAMILIES,
     HunyuanVideoFamily,
@@ -50,6 +51,7 @@ from lit_videoalign.backbones.loading import (  # noqa: F401  (re-exported: thei
     _load_quantized,
     _scheduler_shift,
     component_classes,
+    image_processor_name,
     load_image_encoder,
     load_scheduler,
     resolve_pretrained_path,
@@ -112,6 +114,11 @@ class DiffusersVideoBackbone(VideoBackbone):
             builtin pipeline's (toy world 8) or the family's (Wan 16, LTX its ``frame_rate``, HunyuanVideo 24).
         strict_prompts: refuse prompts longer than ``max_sequence_length`` tokens; by default they are truncated as
             the pipeline does, with one warning per backbone giving the count.
+        train_experts: for a two-expert pipeline (Wan 2.2 A14B), the experts that train: ``["high_noise"]``,
+            ``["low_noise"]`` or both (None, the default); the others stay frozen. Training sigmas are drawn from the
+            trained experts' range (:attr:`training_sigma_range`); see :mod:`lit_videoalign.backbones.experts`.
+        expert_lr: a learning rate per trained expert, e.g. ``{"low_noise": 5e-5}``, for its optimizer group; the
+            others take the optimizer's.
     """
 
     def __init__(
@@ -128,6 +135,8 @@ class DiffusersVideoBackbone(VideoBackbone):
         compile_blocks: bool = False,
         strict_prompts: bool = False,
         fps: float | None = None,
+        train_experts: list[str] | None = None,
+        expert_lr: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         if quantization is not None and quantization not in _QUANTIZATIONS:
@@ -146,24 +155,33 @@ class DiffusersVideoBackbone(VideoBackbone):
         self.model_index = index
         if not (index.get("transformer") or [None])[0]:
             raise ValueError(f"pipeline {root} lacks required components ['transformer'] in model_index.json")
-        if (index.get("transformer_2") or [None])[0]:
-            raise NotImplementedError(f"pipeline {root} has two experts (transformer and transformer_2, as Wan 2.2 "
-                                      "A14B switches at its boundary_ratio); two-expert pipelines are not supported "
-                                      "yet, and loading only the first would sample wrongly at low noise")
+        two_experts = bool((index.get("transformer_2") or [None])[0])
+        if train_experts is not None and not two_experts:
+            raise ValueError(f"train_experts={train_experts!r} names experts, but pipeline {root} has one transformer; "
+                             "only a two-expert pipeline (Wan 2.2 A14B: transformer and transformer_2) has them")
         self.family = family_for(index["transformer"][1]).with_options(family_options)
-        classes = component_classes(root, index, self.family.name, self.family.components)  # before loading any
+        components = (*self.family.components, "transformer_2") if two_experts else self.family.components
+        classes = component_classes(root, index, self.family.name, components)  # before loading any
 
         dtype, frozen = _DTYPES[torch_dtype], _DTYPES[frozen_dtype]
-        transformer_cls = classes["transformer"]
-        if reinit_denoiser:
-            config = transformer_cls.load_config(root, subfolder="transformer")
-            self.denoiser = transformer_cls.from_config(config)
-            if dtype != torch.float32:
-                self.denoiser = self.denoiser.to(dtype)
-        elif quantization is not None:
-            self.denoiser = _load_quantized(transformer_cls, root, quantization, dtype)
-        else:
-            self.denoiser = transformer_cls.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
+
+        def load_denoiser(subfolder: str) -> nn.Module:
+            transformer_cls = classes[subfolder]
+            if reinit_denoiser:
+                model = transformer_cls.from_config(transformer_cls.load_config(root, subfolder=subfolder))
+                return model.to(dtype) if dtype != torch.float32 else model
+            if quantization is not None:
+                return _load_quantized(transformer_cls, root, quantization, dtype, subfolder=subfolder)
+            return transformer_cls.from_pretrained(root, subfolder=subfolder, torch_dtype=dtype)
+
+        self.denoiser = load_denoiser("transformer")
+        if two_experts:  # Wan 2.2 A14B: high-noise transformer, low-noise transformer_2, one denoiser of the two
+            if index.get("boundary_ratio") is None:
+                raise ValueError(f"pipeline {root} has two experts (transformer, transformer_2) but no boundary_ratio "
+                                 "in model_index.json to switch between them")
+            self.denoiser = TwoExpertDenoiser(self.denoiser, load_denoiser("transformer_2"), index["boundary_ratio"],
+                                              trained=tuple(EXPERTS) if train_experts is None else train_experts)
+        self.expert_lr = self._check_expert_lr(expert_lr)
         self.default_lora_targets = self.family.lora_targets
         if gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
@@ -195,6 +213,43 @@ class DiffusersVideoBackbone(VideoBackbone):
         # from_pretrained returns modules in eval mode and Lightning keeps submodule modes as it finds them, so put
         # the denoiser in this module's mode explicitly: it trains in train mode (dropout, LoRA dropout active).
         self.train(self.training)
+
+    def _check_expert_lr(self, expert_lr: dict[str, float] | None) -> dict[str, float]:
+        if not expert_lr:
+            return {}
+        if not isinstance(self.denoiser, TwoExpertDenoiser):
+            raise ValueError(f"expert_lr={expert_lr!r} needs a two-expert pipeline (Wan 2.2 A14B); this one has one "
+                             "transformer")
+        if not isinstance(expert_lr, dict):
+            raise ValueError(f"expert_lr must map expert names to learning rates, got {expert_lr!r}")
+        names = check_experts(list(expert_lr), "expert_lr")
+        untrained = [n for n in names if n not in self.denoiser.trained]
+        bad = {k: v for k, v in expert_lr.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0}
+        if untrained or bad:
+            raise ValueError(f"expert_lr must give positive learning rates to trained experts "
+                             f"{list(self.denoiser.trained)}, got {expert_lr!r}")
+        return {k: float(v) for k, v in expert_lr.items()}
+
+    @property
+    def training_sigma_range(self) -> tuple[float, float]:
+        """Where training sigmas are drawn: the trained experts' range for Wan 2.2 A14B, else ``(0, 1)``."""
+        return self.denoiser.sigma_range if isinstance(self.denoiser, TwoExpertDenoiser) else (0.0, 1.0)
+
+    def trains_at(self, sigma: Tensor) -> Tensor:
+        """For one expert of Wan 2.2 A14B, whether that expert runs at each ``sigma`` (the pipeline's switch)."""
+        if not isinstance(self.denoiser, TwoExpertDenoiser):
+            return super().trains_at(sigma)
+        return self.denoiser.trains_at(sigma * 1000)
+
+    def parameter_groups(self, params: list[nn.Parameter]) -> list[dict]:
+        """Optimizer groups: one per trained expert of a two-expert pipeline (with its ``expert_lr``), else one."""
+        if not isinstance(self.denoiser, TwoExpertDenoiser):
+            return super().parameter_groups(params)
+        groups = self.denoiser.parameter_groups(params)
+        for group in groups:
+            if group["name"] in self.expert_lr:
+                group["lr"] = self.expert_lr[group["name"]]
+        return groups
 
     def set_timesteps_kwargs(self, num_steps: int, latent_shape: tuple[int, ...]) -> dict[str, Any]:
         """What the family's pipeline passes to ``scheduler.set_timesteps`` (LTX-Video: sigmas, ``mu``; Wan: none)."""
@@ -393,7 +448,10 @@ class DiffusersVideoBackbone(VideoBackbone):
             denoiser.fuse_lora()
             denoiser.unload_lora()
         with atomic_dir(path) as tmp:
-            denoiser.save_pretrained(tmp / "transformer", safe_serialization=True)
+            experts = {EXPERTS[n]: denoiser.expert(n) for n in EXPERTS} if isinstance(denoiser, TwoExpertDenoiser) \
+                else {"transformer": denoiser}
+            for folder, model in experts.items():  # Wan 2.2 A14B: high noise -> transformer/, low -> transformer_2/
+                model.save_pretrained(tmp / folder, safe_serialization=True)
             for te, tok in self.family.text_pairs:
                 getattr(self, te).save_pretrained(tmp / te, safe_serialization=True)
                 getattr(self, tok).save_pretrained(tmp / tok)
@@ -403,9 +461,10 @@ class DiffusersVideoBackbone(VideoBackbone):
                 self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
             if self.image_encoder is not None:
                 self.image_encoder.save_pretrained(tmp / "image_encoder", safe_serialization=True)
-                self.image_processor.save_pretrained(tmp / "image_processor")
+                self.image_processor.save_pretrained(tmp / image_processor_name(self.model_index))  # as listed
             index = dict(self.model_index)
-            index["transformer"] = ["diffusers", type(denoiser).__name__]
+            for folder, model in experts.items():
+                index[folder] = ["diffusers", type(model).__name__]
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
             for extra in ("scheduler", *self.family.copied_components):
                 src = self._root / extra

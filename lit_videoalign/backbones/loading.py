@@ -52,8 +52,8 @@ def resolve_pretrained_path(name_or_path: str, revision: str | None = None) -> P
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
     patterns = ["model_index.json", "transformer/*", "vae/*", "scheduler/*", "text_encoder/*", "tokenizer/*",
-                "text_encoder_2/*", "tokenizer_2/*", "image_encoder/*", "image_processor/*", "connectors/*",
-                "audio_vae/*", "vocoder/*", "guider/*"]
+                "text_encoder_2/*", "tokenizer_2/*", "image_encoder/*", "image_processor/*", "feature_extractor/*",
+                "connectors/*", "audio_vae/*", "vocoder/*", "guider/*"]
     try:
         return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=patterns))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
@@ -88,21 +88,35 @@ def component_classes(root: Path, index: dict, family: str, components: tuple[st
     return classes
 
 
+# What pipelines call the image encoder's processor: Wan 2.1 I2V ``image_processor``, HunyuanVideo 1.5 I2V (and most
+# diffusers pipelines) ``feature_extractor``.
+IMAGE_PROCESSOR_NAMES = ("image_processor", "feature_extractor")
+
+
+def image_processor_name(index: dict) -> str | None:
+    """The ``model_index.json`` entry of the image encoder's processor (one of :data:`IMAGE_PROCESSOR_NAMES`), or None
+    when the pipeline lists none."""
+    listed = [name for name in IMAGE_PROCESSOR_NAMES if (index.get(name) or [None])[0]]
+    return listed[0] if listed else None
+
+
 def load_image_encoder(root: Path, index: dict, dtype: torch.dtype) -> tuple[nn.Module | None, object | None]:
-    """The pipeline's image encoder and its image processor (``image_encoder/``, ``image_processor/``, as Wan 2.1 I2V
-    ships a CLIP vision tower), frozen, or ``(None, None)`` when ``model_index.json`` lists no image encoder."""
+    """The pipeline's image encoder and its image processor (``image_encoder/`` and ``image_processor/`` as Wan 2.1
+    I2V ships a CLIP vision tower, or ``feature_extractor/`` as HunyuanVideo 1.5 I2V ships SigLIP's), frozen, or
+    ``(None, None)`` when ``model_index.json`` lists no image encoder."""
     if not (index.get("image_encoder") or [None])[0]:
         return None, None
-    if not (index.get("image_processor") or [None])[0]:
-        raise ValueError(f"pipeline {root} lists an image_encoder but no image_processor in model_index.json; the "
-                         "encoder's input is made by that processor")
-    classes = {name: _component_class(*index[name]) for name in ("image_encoder", "image_processor")}
-    for name, config in (("image_encoder", "config.json"), ("image_processor", "preprocessor_config.json")):
+    processor = image_processor_name(index)
+    if processor is None:
+        raise ValueError(f"pipeline {root} lists an image_encoder but none of {list(IMAGE_PROCESSOR_NAMES)} in "
+                         "model_index.json; the encoder's input is made by that processor")
+    classes = {name: _component_class(*index[name]) for name in ("image_encoder", processor)}
+    for name, config in (("image_encoder", "config.json"), (processor, "preprocessor_config.json")):
         if not (root / name / config).is_file():
             raise FileNotFoundError(f"pipeline {root} has no {name}/{config}: model_index.json lists {name}")
     encoder = classes["image_encoder"].from_pretrained(root, subfolder="image_encoder", torch_dtype=dtype)
     encoder.requires_grad_(False).eval()
-    return encoder, classes["image_processor"].from_pretrained(root, subfolder="image_processor")
+    return encoder, classes[processor].from_pretrained(root, subfolder=processor)
 
 
 def load_scheduler(root: Path, index: dict):
@@ -138,7 +152,8 @@ def _scheduler_shift(root: Path) -> float:
 _QUANTIZATIONS = ("nf4", "fp4")
 
 
-def _load_quantized(transformer_cls: type, root: Path, quant_type: str, dtype: torch.dtype) -> nn.Module:
+def _load_quantized(transformer_cls: type, root: Path, quant_type: str, dtype: torch.dtype,
+                    subfolder: str = "transformer") -> nn.Module:
     """Load the transformer with its linear layers in 4 bits (bitsandbytes through diffusers' quantizer)."""
     from diffusers import BitsAndBytesConfig
 
@@ -146,7 +161,7 @@ def _load_quantized(transformer_cls: type, root: Path, quant_type: str, dtype: t
                                 bnb_4bit_use_double_quant=True)
     # One whole copy per process on its own device (Lightning starts one process per device, LOCAL_RANK each).
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    model = transformer_cls.from_pretrained(root, subfolder="transformer", torch_dtype=dtype,
+    model = transformer_cls.from_pretrained(root, subfolder=subfolder, torch_dtype=dtype,
                                             quantization_config=config, device_map={"": device})
     for layer in model.modules():
         # bitsandbytes >= 0.49 repacks 4-bit weights for its CPU inference kernel on the first eval-mode call; the

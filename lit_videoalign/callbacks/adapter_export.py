@@ -46,33 +46,56 @@ def save_adapter(backbone: Any, path: str | os.PathLike, adapter_name: str = "de
     """
     from peft.utils import get_peft_model_state_dict
 
-    denoiser = backbone.denoiser
-    configs = getattr(denoiser, "peft_config", {}) or {}
+    configs = getattr(backbone.denoiser, "peft_config", {}) or {}
     if adapter_name not in configs:
         raise ValueError(f"the denoiser has no LoRA adapter {adapter_name!r} (adapters: {sorted(configs)}); set "
                          "model.init_args.lora_rank, or export full weights with PipelineExport")
     cls = pipeline_class(backbone)
-    metadata = configs[adapter_name].to_dict()
-    metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in metadata.items()}
-    layers = {k: v.detach().cpu().contiguous() for k, v in
-              get_peft_model_state_dict(denoiser, adapter_name=adapter_name).items()}
     path = Path(path)
     with atomic_dir(path) as tmp:
-        cls.save_lora_weights(tmp, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata,
-                              weight_name=WEIGHT_NAME, safe_serialization=True)
+        for folder, denoiser in _adapted_experts(backbone).items():
+            metadata = denoiser.peft_config[adapter_name].to_dict()
+            metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in metadata.items()}
+            layers = {k: v.detach().cpu().contiguous() for k, v in
+                      get_peft_model_state_dict(denoiser, adapter_name=adapter_name).items()}
+            cls.save_lora_weights(tmp / folder, transformer_lora_layers=layers,
+                                  transformer_lora_adapter_metadata=metadata, weight_name=WEIGHT_NAME,
+                                  safe_serialization=True)
     return path
+
+
+def _adapted_experts(backbone: Any) -> dict[str, Any]:
+    """Subfolder -> the transformer whose adapter goes there: ``""`` for one transformer; for Wan 2.2 A14B one
+    subfolder per trained expert, ``high_noise/`` and ``low_noise/``, each its own diffusers LoRA file (load the
+    low-noise one with ``pipe.load_lora_weights(path / "low_noise", load_into_transformer_2=True)``)."""
+    from lit_videoalign.backbones.experts import TwoExpertDenoiser
+
+    denoiser = backbone.denoiser
+    if not isinstance(denoiser, TwoExpertDenoiser):
+        return {"": denoiser}
+    return {name: denoiser.expert(name) for name in denoiser.trained}
 
 
 def load_adapter(backbone: Any, path: str | os.PathLike, adapter_name: str = "default") -> None:
     """Load an adapter written by :func:`save_adapter` (or any diffusers LoRA for the family) into a backbone that
     has none yet, through diffusers' ``load_lora_adapter``; the adapter stays frozen."""
     path = Path(path)
-    if not (path / WEIGHT_NAME).is_file():
+    if not (path / WEIGHT_NAME).is_file() and not any((path / n / WEIGHT_NAME).is_file() for n in ("high_noise",
+                                                                                                   "low_noise")):
         raise FileNotFoundError(f"no {WEIGHT_NAME} in {path}")
     if adapter_name in (getattr(backbone.denoiser, "peft_config", {}) or {}):
         raise ValueError(f"the backbone already has an adapter {adapter_name!r}; load into a fresh backbone")
-    backbone.denoiser.load_lora_adapter(str(path), prefix="transformer", adapter_name=adapter_name,
-                                        weight_name=WEIGHT_NAME)
+    from lit_videoalign.backbones.experts import TwoExpertDenoiser
+
+    denoiser = backbone.denoiser
+    targets = {"": denoiser} if not isinstance(denoiser, TwoExpertDenoiser) else \
+        {name: denoiser.expert(name) for name in denoiser.trained if (path / name / WEIGHT_NAME).is_file()}
+    if not targets:
+        raise FileNotFoundError(f"no {WEIGHT_NAME} in {path}/high_noise or {path}/low_noise for the trained experts "
+                                f"{list(denoiser.trained)}")
+    for folder, model in targets.items():
+        model.load_lora_adapter(str(path / folder), prefix="transformer", adapter_name=adapter_name,
+                                weight_name=WEIGHT_NAME)
 
 
 class AdapterExport(L.Callback):

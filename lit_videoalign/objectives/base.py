@@ -158,7 +158,7 @@ class AlignmentModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError("no trainable parameters: every weight of the backbone is frozen")
-        optimizer = self.optimizer_fn(params)
+        optimizer = self.optimizer_fn(self.backbone.parameter_groups(params))
         if self.lr_scheduler_fn is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_fn(optimizer),

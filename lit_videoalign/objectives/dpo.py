@@ -403,7 +403,8 @@ class DPO(AlignmentModule):
         cond = self.with_images(self.backbone.encode_prompts(prompts), images, num_frames=num_frames)
         shift = self.backbone.default_sampling_shift if hp.sigma_shift is None else hp.sigma_shift
         sigma = sample_training_sigmas(n, mode=hp.sigma_sampling, shift=shift, generator=generator,
-                                       logit_mean=hp.logit_mean, logit_std=hp.logit_std).to(x_w.device)
+                                       logit_mean=hp.logit_mean, logit_std=hp.logit_std,
+                                       sigma_range=self.backbone.training_sigma_range).to(x_w.device)
         noise = torch.randn(x_w.shape, generator=generator, dtype=torch.float32).to(x_w)  # shared by w and l
         x0 = torch.cat([x_w, x_l])  # (2n, c, t, h, w): winners then losers
         noise2, sigma2 = torch.cat([noise, noise]), torch.cat([sigma, sigma])

@@ -52,9 +52,7 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4, valid:
                          f"got shape {tuple(rewards.shape)}")
     r = rewards.float().view(-1, group_size)  # (groups, k)
     if valid is None:
-        mean = r.mean(1, keepdim=True)
-        std = r.std(1, unbiased=False, keepdim=True)
-        return ((r - mean) / (std + eps)).flatten()
+        return ((r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + eps)).flatten()
     v = valid.view(-1, group_size).float()
     r = torch.where(v.bool(), r, torch.zeros_like(r))
     count = v.sum(1, keepdim=True).clamp(min=1)
@@ -371,12 +369,14 @@ class GRPO(AlignmentModule):
         return self.hparams.guidance_scale if g is None else g
 
     def sde_steps(self) -> list[int]:
-        """The stochastic (trainable) steps of the next rollout."""
+        """The stochastic (trainable) steps of the next rollout: of those a trained expert runs (all but for one
+        expert of Wan 2.2 A14B), all or a window that shifts every ``window_shift_every`` updates."""
         s, w = self.hparams.num_sampling_steps, self.hparams.sde_window
-        if w is None:
-            return list(range(s))
-        start = (self.num_updates // self.hparams.window_shift_every) % (s - w + 1)
-        return list(range(start, start + w))
+        steps = self.backbone.trains_at(sampling_sigmas(s, shift=self.sampling_shift)[:-1]).nonzero().flatten().tolist()
+        if len(steps) < (w or 1):
+            raise ValueError(f"the trained experts run {len(steps)} of the {s} sampling steps, < sde_window={w}")
+        start = 0 if w is None else (self.num_updates // self.hparams.window_shift_every) % (len(steps) - w + 1)
+        return steps[start:start + (w or s)]
 
     @torch.no_grad()
     def rollout(self, prompts: list[str], generator: torch.Generator | None = None,

@@ -326,7 +326,7 @@ class DiffusionNFT(AlignmentModule):
     def configure_optimizers(self):
         if self.roles is None:
             return super().configure_optimizers()
-        optimizer = self.optimizer_fn(self.roles.parameters("default"))
+        optimizer = self.optimizer_fn(self.backbone.parameter_groups(self.roles.parameters("default")))
         if self.lr_scheduler_fn is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_fn(optimizer),
@@ -434,12 +434,20 @@ class DiffusionNFT(AlignmentModule):
     def training_sigmas(self, n: int) -> Tensor:
         """``Tensor[n]`` training sigmas: points of the rollout grid (above ``sigma_min`` and 0), or drawn."""
         hp = self.hparams
+        low, high = self.backbone.training_sigma_range  # one expert of Wan 2.2 A14B: its range, after the floor
         if hp.sigma_sampling == "grid":
             grid = sampling_sigmas(hp.num_sampling_steps, shift=self.sampling_shift)[:-1]
-            grid = grid[grid > hp.sigma_min]
+            grid = grid[(grid > hp.sigma_min) & self.backbone.trains_at(grid)]
+            if not len(grid):
+                raise ValueError(f"no point of the {hp.num_sampling_steps}-step grid lies above sigma_min="
+                                 f"{hp.sigma_min} in the trained experts' sigma range {(low, high)}")
             return grid[torch.randint(len(grid), (n,))]
-        sigmas = sample_training_sigmas(n, mode=hp.sigma_sampling, shift=self.sampling_shift)
-        return hp.sigma_min + (1 - hp.sigma_min) * sigmas
+        floor = hp.sigma_min
+        if high <= floor:
+            raise ValueError(f"sigma_min={floor} leaves nothing of the trained experts' sigma range {(low, high)}")
+        raw = (max(0.0, (low - floor) / (1 - floor)), (high - floor) / (1 - floor))
+        sigmas = sample_training_sigmas(n, mode=hp.sigma_sampling, shift=self.sampling_shift, sigma_range=raw)
+        return floor + (1 - floor) * sigmas
 
     def loss(self, rollout: NFTRollout, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The update loss of samples ``idx`` at one fresh (sigma, noise) each."""

@@ -89,7 +89,8 @@ class SFT(AlignmentModule):
         cond = self.batch_conditioning(batch, dropout=hp.prompt_dropout if dropout is None else dropout)
         shift = self.backbone.default_sampling_shift if hp.sigma_shift is None else hp.sigma_shift
         sigma = sample_training_sigmas(x0.shape[0], mode=hp.sigma_sampling, shift=shift,
-                                       generator=generator, logit_mean=hp.logit_mean, logit_std=hp.logit_std)
+                                       generator=generator, logit_mean=hp.logit_mean, logit_std=hp.logit_std,
+                                       sigma_range=self.backbone.training_sigma_range)
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0)
         sigma = sigma.to(x0.device)
         x_t = add_noise(x0, noise, sigma)

@@ -56,6 +56,7 @@ def sample_training_sigmas(
     generator: torch.Generator | None = None,
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
+    sigma_range: tuple[float, float] = (0.0, 1.0),
 ) -> Tensor:
     """Draw one training sigma per sample.
 
@@ -66,12 +67,19 @@ def sample_training_sigmas(
         generator: random generator for reproducible draws.
         logit_mean: mean of the normal before the sigmoid (``logit_normal`` only).
         logit_std: standard deviation of the normal before the sigmoid (``logit_normal`` only).
+        sigma_range: ``(low, high)``: the distribution above truncated to this range (one expert of Wan 2.2 A14B),
+            drawn exactly by its inverse CDF; the full range draws as without it.
 
     Returns:
         ``Tensor[batch_size]`` in ``(0, 1)``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    low, high = sigma_range
+    if not 0 <= low < high <= 1:
+        raise ValueError(f"sigma_range must be (low, high) with 0 <= low < high <= 1, got {sigma_range}")
+    if (low, high) != (0.0, 1.0):
+        return _truncated_sigmas(batch_size, mode, shift, generator, logit_mean, logit_std, low, high)
     if mode == "uniform":
         sigma = torch.rand(batch_size, generator=generator)
     elif mode == "logit_normal":
@@ -79,6 +87,24 @@ def sample_training_sigmas(
     else:
         raise ValueError(f"unknown sigma sampling mode {mode!r}; expected one of {list(SIGMA_MODES)}")
     return shift_sigmas(sigma, shift)
+
+
+def _truncated_sigmas(n: int, mode: str, shift: float, generator: torch.Generator | None, mean: float, std: float,
+                      low: float, high: float) -> Tensor:
+    """:func:`sample_training_sigmas` conditioned on ``low <= sigma <= high``: the shift and the sigmoid are
+    increasing, so the bounds map back to bounds on the uniform (or standard normal) draw, which is drawn between
+    them by its inverse CDF."""
+    if shift <= 0:
+        raise ValueError(f"shift must be positive, got {shift}")
+    bounds = torch.tensor([low, high], dtype=torch.float64)
+    bounds = bounds / (shift - (shift - 1) * bounds)  # unshifted: the inverse of shift_sigmas
+    if mode == "logit_normal":
+        bounds = torch.special.ndtr((torch.logit(bounds) - mean) / std)  # the standard normal's CDF at the bounds
+    elif mode != "uniform":
+        raise ValueError(f"unknown sigma sampling mode {mode!r}; expected one of {list(SIGMA_MODES)}")
+    u = bounds[0] + (bounds[1] - bounds[0]) * torch.rand(n, generator=generator, dtype=torch.float64)
+    sigma = torch.sigmoid(mean + std * torch.special.ndtri(u)) if mode == "logit_normal" else u
+    return shift_sigmas(sigma, shift).clamp(low, high).float()
 
 
 def sampling_sigmas(num_steps: int, *, shift: float = 1.0) -> Tensor:

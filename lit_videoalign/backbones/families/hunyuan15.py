@@ -1,5 +1,5 @@
-"""HunyuanVideo 1.5 text-to-video (``HunyuanVideo15Pipeline``, arXiv 2511.18870) as a model family of the diffusers
-backbone."""
+"""HunyuanVideo 1.5 text-to-video and image-to-video (``HunyuanVideo15Pipeline``,
+``HunyuanVideo15ImageToVideoPipeline``, arXiv 2511.18870) as a model family of the diffusers backbone."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_videoalign.backbones.base import Conditioning, VideoBackbone  # bb: the DiffusersVideoBackbone calling
-from lit_videoalign.backbones.families.base import ModelFamily, _device, _extra
+from lit_videoalign.backbones.families.base import ModelFamily, _device, _extra, _uint8_images
 
 # Image tokens the T2V pipeline feeds the transformer as all-zero (hence masked) image embeddings: SigLIP's 27 x 27.
 T2V_IMAGE_TOKENS = 729
@@ -28,7 +28,8 @@ def _pipeline_system_message() -> str:
 
 @dataclass(frozen=True)
 class HunyuanVideo15Family(ModelFamily):
-    """HunyuanVideo 1.5 T2V (``HunyuanVideo15Pipeline``).
+    """HunyuanVideo 1.5 T2V (``HunyuanVideo15Pipeline``) and I2V (``HunyuanVideo15ImageToVideoPipeline``: a pipeline
+    with an ``image_encoder``; the same transformer layout, see :meth:`encode_images`).
 
     Prompts: each prompt (an empty one as ``" "``) goes in a chat with the pipeline's system message, through the
     tokenizer's chat template with the generation prompt, padded to ``max_sequence_length + crop_start`` tokens; the
@@ -38,10 +39,12 @@ class HunyuanVideo15Family(ModelFamily):
     finds them) into ``extra["glyph_embeds"]`` and ``extra["glyph_mask"]`` (``glyph_max_sequence_length`` tokens);
     a prompt without quotes gets zeros and an all-zero mask.
 
-    The transformer takes the noisy latents channel-concatenated with zero condition latents and a zero mask (T2V), and
-    all-zero image embeddings (which it masks out). Latents are scaled by the VAE's ``scaling_factor``; the sampler's
-    sigmas are ``linspace(1, 0, N + 1)[:-1]``, shifted by the scheduler. Guidance is classifier-free (the pipeline's
-    guider; ``guidance_scale`` of the objective), with no embedded guidance.
+    The transformer takes the noisy latents channel-concatenated with condition latents and a mask, and image
+    embeddings: for T2V all zero (the transformer masks zero image embeddings out); for I2V the image's latents in
+    latent frame 0 with a mask of ones there, and the image encoder's tokens, in both branches of guidance. Latents are
+    scaled by the VAE's ``scaling_factor``; the sampler's sigmas are ``linspace(1, 0, N + 1)[:-1]``, shifted by the
+    scheduler. Guidance is classifier-free (the pipeline's guider; ``guidance_scale`` of the objective), with no
+    embedded guidance.
 
     Options:
         crop_start: tokens of the templated system turn cut from the front (the pipeline's 108 for Qwen2.5-VL).
@@ -121,8 +124,9 @@ class HunyuanVideo15Family(ModelFamily):
 
     # transformer
     def check_backbone(self, bb: VideoBackbone) -> None:
-        """Refuse a transformer whose input is not latents + condition latents + mask; and have the VAE encode and
-        decode one video at a time, as its causal attention mask (diffusers 0.42) does not broadcast over a batch."""
+        """Refuse a transformer whose input is not latents + condition latents + mask, and an image encoder whose
+        tokens it cannot take; and have the VAE encode and decode one video at a time, as its causal attention mask
+        (diffusers 0.42) does not broadcast over a batch."""
         if bb.vae is None:
             raise ValueError(f"a {self.name} pipeline needs its VAE (AutoencoderKLHunyuanVideo15); model_index.json "
                              "lists none")
@@ -130,6 +134,15 @@ class HunyuanVideo15Family(ModelFamily):
         if config.in_channels != 2 * channels + 1:
             raise ValueError(f"{self.transformer_class} has {config.in_channels} input channels; the T2V pipeline "
                              f"feeds 2 * {channels} + 1 (latents, condition latents and mask) for this VAE")
+        if bb.image_encoder is not None:  # image-to-video
+            width = bb.image_encoder.config.hidden_size
+            if width != config.image_embed_dim:
+                raise ValueError(f"the image encoder gives tokens of width {width} but {self.transformer_class} takes "
+                                 f"image_embed_dim={config.image_embed_dim}; use the pipeline's own image_encoder")
+            if config.use_meanflow:
+                raise ValueError("this HunyuanVideo 1.5 I2V transformer has use_meanflow=True (step-distilled): its "
+                                 "pipeline feeds the next step's timestep too, which a velocity at one sigma lacks; "
+                                 "use a transformer with use_meanflow=False")
         bb.vae.use_slicing = True  # per-video: the same maths, and batches > 1 work
 
     def call_transformer(self, bb, transformer, latents, timestep, cond):
@@ -138,9 +151,45 @@ class HunyuanVideo15Family(ModelFamily):
         glyphs = _extra(cond, "glyph_embeds", self.name, "ByT5 glyph-text states, Tensor[B, L2, D2]")
         glyph_mask = _extra(cond, "glyph_mask", self.name, "ByT5 glyph-text mask, Tensor[B, L2]")
         b, c, t, h, w = latents.shape
-        zeros = latents.new_zeros(b, c + 1, t, h, w)  # T2V: no condition latents (c channels), an all-zero mask (1)
-        image_embeds = latents.new_zeros(b, T2V_IMAGE_TOKENS, transformer.config.image_embed_dim)
-        return transformer(hidden_states=torch.cat([latents, zeros], dim=1), timestep=timestep.to(latents.dtype),
+        condition = latents.new_zeros(b, c + 1, t, h, w)  # condition latents (c channels) and mask (1); T2V: zeros
+        if bb.image_encoder is None:
+            image_embeds = latents.new_zeros(b, T2V_IMAGE_TOKENS, transformer.config.image_embed_dim)
+        else:
+            if "image_latents" not in cond.extra:
+                raise ValueError("this HunyuanVideo 1.5 image-to-video pipeline needs a conditioning image per video; "
+                                 "call backbone.encode_images(images, cond, num_frames=...)")
+            first = cond.extra["image_latents"]  # (b, c, 1, h', w')
+            if first.shape != (b, c, 1, h, w):
+                raise ValueError(f"the conditioning images encode to latents {tuple(first.shape)} but the latents are "
+                                 f"{tuple(latents.shape)}; encode the images at the video's height and width")
+            image_embeds = _extra(cond, "image_embeds", self.name, "the image encoder's tokens, Tensor[B, N, D]")
+            condition[:, :c, :1] = first.to(latents.dtype)  # the image in latent frame 0, zeros after it
+            condition[:, c, 0] = 1  # the mask: latent frame 0 is given
+        return transformer(hidden_states=torch.cat([latents, condition], dim=1), timestep=timestep.to(latents.dtype),
                            encoder_hidden_states=cond.prompt_embeds, encoder_attention_mask=cond.prompt_mask,
                            encoder_hidden_states_2=glyphs, encoder_attention_mask_2=glyph_mask,
                            image_embeds=image_embeds, return_dict=False)[0]
+
+    # images: I2V (``HunyuanVideo15ImageToVideoPipeline``)
+    def supports_images(self, bb: VideoBackbone) -> bool:
+        return bb.image_encoder is not None
+
+    def encode_images(self, bb: VideoBackbone, images: Tensor, num_frames: int,
+                      last_images: Tensor | None) -> dict[str, Tensor]:
+        """As ``HunyuanVideo15ImageToVideoPipeline``: the VAE encodes each image alone (one frame in ``[-1, 1]``) to
+        its posterior mean, scaled: ``extra["image_latents"]`` ``(b, z, 1, h', w')``, which :meth:`call_transformer`
+        puts in latent frame 0 of the condition channels. The SigLIP image encoder's last hidden states of the image,
+        resized and normalised by its processor (the pipeline's ``feature_extractor``) from 8-bit pixels as from a PIL
+        image, are ``extra["image_embeds"]`` ``(b, n, d)``. Latent frames after the first carry no image, so
+        ``num_frames`` changes nothing here."""
+        if last_images is not None:
+            raise ValueError("HunyuanVideo 1.5 image-to-video is conditioned on the first frame only; got last_images "
+                             "(its pipeline takes one image)")
+        vae = bb.vae
+        frames = (images * 2 - 1).unsqueeze(2)  # (b, 3, 1, h, w)
+        raw = vae.encode(frames.to(device=_device(vae), dtype=vae.dtype)).latent_dist.mode()
+        pixels = bb.image_processor(images=_uint8_images(images), do_resize=True, do_convert_rgb=True,
+                                    return_tensors="pt").pixel_values
+        encoder = bb.image_encoder
+        embeds = encoder(pixel_values=pixels.to(_device(encoder), encoder.dtype)).last_hidden_state  # (b, n, d)
+        return {"image_latents": self.normalize_latents(vae, raw.float()), "image_embeds": embeds}
