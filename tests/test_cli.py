@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -25,16 +26,30 @@ CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*/*.
 
 @pytest.fixture(scope="module")
 def video_folder(tmp_path_factory) -> Path:
-    """Two MP4 clips and a metadata.jsonl, as a user's dataset would look."""
+    """Two MP4 clips and a metadata.jsonl, as a user's dataset would look, plus prompt files: plain text, and JSONL
+    naming each clip's first frame (a PNG) as its conditioning image (image-to-video)."""
+    import PIL.Image
+
     root = tmp_path_factory.mktemp("videos")
     world = ToyWorld()
+    prompts = []
     with open(root / "metadata.jsonl", "w") as f:
         for i in range(2):
             ex = world.example(i)
             write_mp4(ex.video, root / f"clip{i}.mp4")
             f.write(json.dumps({"file_name": f"clip{i}.mp4", "prompt": ex.prompt}) + "\n")
+            first = (ex.video[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+            PIL.Image.fromarray(first).save(root / f"first{i}.png")
+            prompts.append(ex.prompt)
     (root / "prompts.txt").write_text("a red ball falls\na blue ball moves left\n")
+    (root / "prompts_i2v.jsonl").write_text("".join(json.dumps({"prompt": p, "image": f"first{i}.png"}) + "\n"
+                                                    for i, p in enumerate(prompts)))
     return root
+
+
+def image_to_video(text: str) -> bool:
+    """Whether a real-model config's backbone takes a conditioning image (its data then names one per example)."""
+    return "-I2V-" in text or "Wan2.2-TI2V" in text or "HunyuanVideo-1.5-Diffusers-480p_i2v" in text
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +68,8 @@ def tiny_overrides(config: str, tmp: Path, tiny_pipeline: str, video_folder: Pat
     text = (ROOT / config).read_text()
     if "PipelineExport" in text:
         args.append(f"--trainer.callbacks.init_args.dirpath={tmp / 'pipeline'}")
+    if "AdapterExport" in text:
+        args.append(f"--trainer.callbacks.init_args.dirpath={tmp / 'lora'}")
     if "toyworld.ToyWorldDataModule" in text:
         args += ["--data.init_args.batch_size=2", "--data.init_args.val_size=2"]
     if "objectives.grpo.GRPO" in text:
@@ -100,14 +117,21 @@ def tiny_overrides(config: str, tmp: Path, tiny_pipeline: str, video_folder: Pat
 
         args.append("--model.init_args.backbone.init_args.pretrained_model_name_or_path="
                     f"{tiny_wan22_ti2v_pipeline(tmp / 'wan22_ti2v')}")
+    rw = "--model.init_args.reward.init_args.rewards."
     if "reward_zoo.alignment.CLIPScore" in text:
-        rw = "--model.init_args.reward.init_args.rewards."
-        args += [f"{rw}text.init_args.model_name_or_path={tiny_clip}",
-                 f"{rw}consistency.init_args.backbone=test_resnet",
+        args.append(f"{rw}text.init_args.model_name_or_path={tiny_clip}")
+    if "reward_zoo.temporal.SubjectConsistency" in text and "reward_zoo.composite.CompositeReward" in text:
+        args += [f"{rw}consistency.init_args.backbone=test_resnet",
                  f"{rw}consistency.init_args.pretrained_backbone=false"]
+    if "reward_zoo.identity.IdentityReward" in text:  # a real frame encoder (DINOv2): timm's tiny random one
+        args += [f"{rw}identity.init_args.encoder=test_resnet", f"{rw}identity.init_args.pretrained_encoder=false",
+                 f"{rw}identity.init_args.frame_size=[32, 32]"]
     if "name_or_hub_id: checkpoints/" in text:  # converted real rewards (README, "Real rewards"): tiny random ones
         args += tiny_real_rewards(text, tmp, tiny_clip)
-    if "data.prompts.PromptFileDataModule" in text:
+    if "data.prompts.PromptFileDataModule" in text and image_to_video(text):  # prompts with conditioning images
+        args += [f"--data.init_args.train_file={video_folder / 'prompts_i2v.jsonl'}", "--data.init_args.height=32",
+                 "--data.init_args.width=32"]
+    elif "data.prompts.PromptFileDataModule" in text:
         args += [f"--data.init_args.train_file={video_folder / 'prompts.txt'}"]
     if "video_folder.VideoFolderDataModule" in text:
         args += [f"--data.init_args.root={video_folder}", "--data.init_args.num_frames=9",
@@ -122,10 +146,12 @@ def tiny_overrides(config: str, tmp: Path, tiny_pipeline: str, video_folder: Pat
         if "toyworld_pairs.ToyWorldPairsDataModule" in text:
             args += ["--data.init_args.batch_size=2", "--data.init_args.val_size=2"]
         if "data.preference.PreferenceDataModule" in text:  # the two clips of the video folder as two pairs
-            (video_folder / "pairs.jsonl").write_text("".join(json.dumps(
-                {"prompt": "a red ball falls", "chosen": f"clip{i}.mp4", "rejected": f"clip{1 - i}.mp4"}) + "\n"
-                for i in range(2)))
-            args += [f"--data.init_args.root={video_folder}", "--data.init_args.manifest=pairs.jsonl",
+            i2v = image_to_video(text)  # each pair conditioned on its chosen clip's first frame
+            manifest = "pairs_i2v.jsonl" if i2v else "pairs.jsonl"
+            (video_folder / manifest).write_text("".join(json.dumps(
+                {"prompt": "a red ball falls", "chosen": f"clip{i}.mp4", "rejected": f"clip{1 - i}.mp4",
+                 **({"image": f"first{i}.png"} if i2v else {})}) + "\n" for i in range(2)))
+            args += [f"--data.init_args.root={video_folder}", f"--data.init_args.manifest={manifest}",
                      "--data.init_args.num_frames=9", "--data.init_args.height=32", "--data.init_args.width=32",
                      "--data.init_args.batch_size=1"]
     if "hunyuanvideo-community/HunyuanVideo\n" in text or "Lightricks/LTX-Video" in text:  # the family's tiny pipeline
@@ -152,8 +178,15 @@ def tiny_overrides(config: str, tmp: Path, tiny_pipeline: str, video_folder: Pat
         from lit_videoalign.testing import TINY_HUNYUAN15_CROP_START, tiny_hunyuan15_pipeline
 
         bb = "--model.init_args.backbone.init_args."
-        args += [f"{bb}pretrained_model_name_or_path={tiny_hunyuan15_pipeline(tmp / 'hunyuan15')}",
+        i2v = "_i2v" in text  # HunyuanVideo15ImageToVideoPipeline: the tiny one with its SigLIP image encoder
+        args += [f"{bb}pretrained_model_name_or_path={tiny_hunyuan15_pipeline(tmp / 'hunyuan15', i2v=i2v)}",
                  f"{bb}family_options={json.dumps({'crop_start': TINY_HUNYUAN15_CROP_START})}"]
+    if "-A14B-" in text:  # Wan 2.2 A14B: a tiny random pair of experts (I2V: without image encoder, as the real one)
+        from lit_videoalign.testing import tiny_wan22_a14b_pipeline
+
+        pipe = tiny_wan22_a14b_pipeline(tmp / "a14b", i2v="-I2V-" in text, boundary_ratio=0.5)
+        args += [f"--model.init_args.backbone.init_args.pretrained_model_name_or_path={pipe}",
+                 "--model.init_args.backbone.init_args.max_sequence_length=16"]
     if "class_path: lightning.pytorch.strategies.ModelParallelStrategy" in text:  # FSDP2 on one in-process rank
         args += ["--trainer.devices=1", "--trainer.strategy.init_args.data_parallel_size=1"]
     if "context_parallel.ContextParallelStrategy" in text:  # one in-process rank: CP 1, no replicas
@@ -218,11 +251,41 @@ def test_there_are_configs():
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_config_fits_with_a_tiny_override(config, tmp_path, tiny_pipeline, video_folder, tiny_clip, monkeypatch):
     monkeypatch.chdir(ROOT)
-    with served_judge((ROOT / config).read_text(), tmp_path) as judge_args:
+    text = (ROOT / config).read_text()
+    given = watch_conditioning_images(monkeypatch) if image_to_video(text) else None
+    with served_judge(text, tmp_path) as judge_args:
         main(["fit", "--config", config, *tiny_overrides(config, tmp_path, tiny_pipeline, video_folder, tiny_clip),
               *judge_args])
-    if "PipelineExport" in (ROOT / config).read_text():
+    if "PipelineExport" in text:
         assert (tmp_path / "pipeline" / "model_index.json").is_file()
+    if "AdapterExport" in text:  # Wan 2.2 A14B: one diffusers LoRA file per trained expert
+        one = re.search(r"^ +train_experts: \[low_noise\]", text, re.MULTILINE)
+        experts = ["low_noise"] if one else ["high_noise", "low_noise"]
+        assert sorted(p.parent.name for p in (tmp_path / "lora").rglob("*.safetensors")) == experts
+    if given is not None:  # the data's conditioning images reached the model, and the identity reward as references
+        assert "model" in given, "an image-to-video config trained without conditioning images"
+        assert ("identity" in given) == ("reward_zoo.identity.IdentityReward" in text)
+
+
+def watch_conditioning_images(monkeypatch) -> set[str]:
+    """A set that gains "model" when the module conditions on images and "identity" when an IdentityReward is given
+    references (conditioning images), as the run goes."""
+    from lit_videoalign.objectives.base import AlignmentModule
+    from reward_zoo.identity import IdentityReward
+
+    given, with_images, identity = set(), AlignmentModule.with_images, IdentityReward.forward
+
+    def watched_with_images(self, cond, images, *args, **kwargs):
+        given.update(["model"] if images is not None else [])
+        return with_images(self, cond, images, *args, **kwargs)
+
+    def watched_identity(self, videos, prompts=None, references=None, fps=None):
+        given.update(["identity"] if references is not None else [])
+        return identity(self, videos, prompts, references, fps)
+
+    monkeypatch.setattr(AlignmentModule, "with_images", watched_with_images)
+    monkeypatch.setattr(IdentityReward, "forward", watched_identity)
+    return given
 
 
 def test_fit_then_generate_writes_mp4_and_gif(tmp_path, monkeypatch):
