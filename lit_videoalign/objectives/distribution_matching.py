@@ -302,7 +302,7 @@ class DistributionMatching:
         if self.hparams.max_grad_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm,
                                 gradient_clip_algorithm="norm")
-        optimizer.step()  # with a NaN or infinite loss or gradients the guard (AlignmentModule) skips it
+        optimizer.step()  # with a NaN or infinite loss or gradients the guard of AlignmentModule skips it
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
