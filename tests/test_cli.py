@@ -91,6 +91,9 @@ def tiny_overrides(config: str, tmp: Path, tiny_pipeline: str, video_folder: Pat
                  "--data.init_args.batch_size=1"]
     if "objectives.dmd.DMD" in text:
         args += ["--model.init_args.critic_updates=1"]
+    if "objectives.self_forcing.SelfForcing" in text:  # one critic step, a two-step teacher for the warm-up pairs
+        args += ["--model.init_args.critic_updates=1", "--model.init_args.regression_pairs=2",
+                 "--model.init_args.teacher_steps=2"]
     if "objectives.consistency.ConsistencyDistillation" in text:
         args += ["--model.init_args.num_inference_steps=2"]
     if "pretrained_model_name_or_path: outputs/toyworld-i2v-init" in text:  # the widened toy base, as its comment makes

@@ -267,6 +267,15 @@ class DiffusersVideoBackbone(VideoBackbone):
         return getattr(type(self.denoiser), "_cp_plan", None) is not None
 
     @property
+    def supports_causal(self) -> bool:
+        """Whether the denoiser can run block-causally with a KV cache (:mod:`lit_videoalign.backbones.causal`): one
+        diffusers ``WanTransformer3DModel`` (Wan 2.1, the toy world; not Wan 2.2 A14B's two experts nor TI2V's
+        per-token image timesteps)."""
+        from diffusers import WanTransformer3DModel
+
+        return isinstance(self.denoiser, WanTransformer3DModel) and not self.model_index.get("expand_timesteps")
+
+    @property
     def supports_images(self) -> bool:
         """Whether this pipeline is image-to-video (Wan 2.1 I2V / FLF2V: its transformer takes the image's latents as
         extra channels). A property, as the family and its variant are known per instance."""

@@ -225,8 +225,12 @@ class DistributionMatching:
                        context: Tensor | None = None) -> tuple[Tensor, dict]:
         """DMD loss of fresh student samples (with gradients), plus the GAN generator loss when on; ``context``
         goes to the student's sampler (clean context latents for a teacher-forced causal student)."""
-        hp = self.hparams
         x0 = self.sample_student(cond, self._noise(len(cond)), grad=True, context=context)  # (b, c, t, h, w)
+        return self.dm_loss(x0, cond, uncond)
+
+    def dm_loss(self, x0: Tensor, cond: Conditioning, uncond: Conditioning | None) -> tuple[Tensor, dict]:
+        """DMD loss of student samples ``x0`` (with their gradients), plus the GAN generator loss when on."""
+        hp = self.hparams
         sigma = self.dm_sigmas(len(x0))
         x_t = add_noise(x0.detach(), torch.randn_like(x0), sigma)
         with torch.no_grad():
@@ -271,18 +275,21 @@ class DistributionMatching:
         """CausVid's warm-up: from teacher ODE states at a random student step, regress the student onto the
         teacher's sample. Pairs are made from the first training prompts (and images) until ``regression_pairs``
         exist."""
-        hp = self.hparams
-        if self._pairs is None or len(self._pairs.prompts) < hp.regression_pairs:
-            new = self.teacher_ode(prompts, images)
-            self._pairs = new if self._pairs is None else self._pairs.cat(new)
-        pairs = self._pairs
-        idx = torch.randperm(len(pairs.prompts))[:len(prompts)]
+        pairs, idx = self.ode_pairs_for(prompts, images)
         j = torch.randint(0, pairs.states.shape[1], (len(idx),))
         x = pairs.states[idx, j].to(self.device)
         sigma = self.student_grid()[j].to(self.device)
         cond = self.with_images(self.backbone.encode_prompts([pairs.prompts[i] for i in idx.tolist()]),
                                 None if pairs.images is None else pairs.images[idx])
         return F.mse_loss(self.student_x0(x, sigma, cond).float(), pairs.x0[idx].to(self.device).float())
+
+    def ode_pairs_for(self, prompts: list[str], images: Tensor | None = None) -> tuple[ODEPairs, Tensor]:
+        """The teacher ODE pairs, grown from these prompts (and images) until ``regression_pairs`` exist, and the
+        indices of ``len(prompts)`` of them drawn at random for one warm-up step."""
+        if self._pairs is None or len(self._pairs.prompts) < self.hparams.regression_pairs:
+            new = self.teacher_ode(prompts, images)
+            self._pairs = new if self._pairs is None else self._pairs.cat(new)
+        return self._pairs, torch.randperm(len(self._pairs.prompts))[:len(prompts)]
 
     # -- optimisation -----------------------------------------------------------------------------------------------
     @override
