@@ -3,6 +3,8 @@
     videoalign configs                                   # the shipped configs, usable by name from any folder
     videoalign fit --config toyworld/sft                 # a shipped config (or any YAML file: --config my.yaml)
     videoalign generate --config configs/toyworld/sft.yaml --prompts "a red ball falls" --output_dir outputs/gen
+    videoalign generate --config configs/toyworld/self_forcing.yaml --ckpt_path last.ckpt --prompts "a red ball falls" \
+        --stream --num_frames 64 --kv_window_chunks 3 --sink_chunks 1               # a causal student, past its length
     videoalign evaluate --videos outputs/gen --output_dir outputs/eval                      # score a video folder
     videoalign evaluate --config configs/toyworld/sft.yaml --ckpt_path last.ckpt --prompts_file prompts.txt \
         --baseline_ckpt_path base.ckpt --output_dir outputs/eval                           # two models, win rates
@@ -42,7 +44,7 @@ from lit_videoalign.subcommands import (  # noqa: F401  (re-exported: their old 
     remove_run_folders,
 )
 
-EXTRA_SUBCOMMANDS = {"generate": {"model", "datamodule", "prompts", "seeds", "images"},
+EXTRA_SUBCOMMANDS = {"generate": {"model", "datamodule", "prompts", "seeds", "images", "stream"},
                      "evaluate": {"model", "datamodule", "prompts", "seeds", "rewards"},
                      "precompute": {"model", "datamodule"}}
 _PROMPTS = (str, "prompts, one video each (and/or --prompts_file)")
@@ -53,6 +55,9 @@ MULTI_VALUE_ARGS = {"generate": {"prompts": _PROMPTS, "seeds": _SEEDS,
                     "evaluate": {"prompts": _PROMPTS, "seeds": _SEEDS,
                                  "rewards": (str, "reward names, hf-hub:org/repo ids or folders (default: the "
                                                   "toy-world set)")}}
+# Switches that also work bare (``--stream`` is ``--stream true``), added by hand: subcommand -> name -> help.
+SWITCH_ARGS = {"generate": {"stream": "generate chunk by chunk with a causal student (SelfForcing), writing frames as "
+                                      "they are produced; also past the trained length (--num_frames)"}}
 # Subcommands whose model is optional (``evaluate`` can score a folder of videos without any model).
 OPTIONAL_MODEL = {"evaluate"}
 
@@ -105,6 +110,9 @@ class VideoAlignCLI(MethodSubcommandsCLI):
         else:
             parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         self._add_multi_value_args(parser, subcommand)
+        for name, help_text in SWITCH_ARGS.get(subcommand, {}).items():
+            parser.add_argument(f"--{name}", type=bool, nargs="?", const=True, default=False, help=help_text)
+            self._subcommand_method_arguments[subcommand].append(name)
         return parser
 
     @override
@@ -155,6 +163,10 @@ class VideoAlignCLI(MethodSubcommandsCLI):
         noise_search_nfe: int | None = None,
         reward_guidance: float = 0.0,
         images: list[str] | None = None,
+        stream: bool = False,
+        num_frames: int | None = None,
+        kv_window_chunks: int | None = None,
+        sink_chunks: int | None = None,
     ) -> list[Path]:
         """Generate videos for prompts and seeds: one MP4 per video (and a GIF preview in ``previews/``) and a
         ``metadata.jsonl`` manifest that lists them all, so ``reward-zoo score --videos DIR`` and ``evaluate --videos``
@@ -164,6 +176,10 @@ class VideoAlignCLI(MethodSubcommandsCLI):
         the weights: ``--best_of_n N`` keeps the best of N seeds, ``--noise_search_nfe B`` searches initial noises
         within B denoiser evaluations per video, ``--reward_guidance S`` nudges every step up the reward's gradient.
         The scores and denoiser evaluations spent go to ``inference.json`` beside the videos.
+
+        With ``--stream`` a causal student (SelfForcing) generates chunk by chunk and each MP4 grows as its chunks
+        are produced (:mod:`lit_videoalign.streaming`), also past the trained length (``--num_frames``), with a rolling
+        KV cache of the last ``--kv_window_chunks`` chunks and, with ``--sink_chunks``, the first ones kept for good.
 
         Args:
             prompts: prompts to generate (and/or use ``prompts_file``).
@@ -186,8 +202,34 @@ class VideoAlignCLI(MethodSubcommandsCLI):
             reward_guidance: reward-gradient guidance scale (a differentiable reward is required; 0 = off).
             images: image-to-video models: one conditioning image file per prompt (or one for all), RGB,
                 centre-cropped and resized to the model's frame size.
+            stream: generate chunk by chunk with a causal student, writing frames as they are produced (no GIF
+                previews: they would hold the whole video in memory).
+            num_frames: with ``--stream``: frames per video, any whole number of chunks (default: the trained length).
+            kv_window_chunks: with ``--stream``: chunks kept in the KV cache (default: the model's; all if unset).
+            sink_chunks: with ``--stream``: first chunks kept in the KV window for good (default: the model's).
         """
         prompts, seeds = resolve_prompts(prompts, prompts_file, seeds)
+        if stream:
+            from lit_videoalign.streaming import check_stream_request, stream_videos
+
+            check_stream_request(model, num_frames, kv_window_chunks, sink_chunks)
+            others = {"--images": images, "--reward": reward, "--best_of_n": best_of_n != 1,
+                      "--noise_search_nfe": noise_search_nfe, "--reward_guidance": reward_guidance,
+                      "--guidance_scale": guidance_scale not in (None, 1.0)}  # the student's guidance is distilled in
+            if given := [name for name, on in others.items() if on]:
+                raise UsageError(f"--stream cannot be combined with {given[0]}; a causal student streams text-to-video "
+                                 "with its own sampler")
+            if ckpt_path is not None:
+                load_weights(model, ckpt_path)
+            model.to(resolve_device(device))
+            files = stream_videos(model, prompts, seeds, output_dir, num_frames=num_frames,
+                                  window_chunks=kv_window_chunks, sink_chunks=sink_chunks,
+                                  num_inference_steps=num_inference_steps, batch_size=batch_size, fps=fps)
+            print(f"wrote {len(files)} files and metadata.jsonl to {output_dir}")
+            return files
+        if given := [f"--{name}" for name, value in [("num_frames", num_frames), ("kv_window_chunks", kv_window_chunks),
+                                                     ("sink_chunks", sink_chunks)] if value is not None]:
+            raise UsageError(f"{given[0]} is only used with --stream")
         hp = model.hparams
         conditioning = load_images(images, len(prompts), hp.height, hp.width)
         check_sampler_name(sampler)

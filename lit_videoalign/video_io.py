@@ -144,6 +144,98 @@ def write_mp4(video: Tensor, path: str | os.PathLike, fps: int = 8, upscale: int
     return Path(path)
 
 
+class StreamingMP4Writer:
+    """An MP4 written a few frames at a time, for videos that are generated as a stream (``generate --stream``).
+
+    Each :meth:`write` encodes its frames and flushes them to a temporary file beside ``path``, so the file grows as
+    the video is produced; :meth:`commit` finishes it and renames it onto ``path`` (atomic, as every writer here), and
+    :meth:`discard` removes it. The encoding is :func:`write_mp4`'s (H.264 yuv444p, crf 8) without encoder look-ahead
+    (``zerolatency``), so frames leave the encoder as they arrive, in a fragmented MP4, which players read while it
+    grows. The muxer closes a frame's fragment when the next frame comes, so all frames but the newest are on disk
+    after each write. As a context manager it commits on success and discards on error.
+
+    Args:
+        path: the final file.
+        fps: frames per second.
+        upscale: nearest-neighbour upscaling factor, for viewing tiny videos.
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: int = 8, upscale: int = 1) -> None:
+        self.path, self.fps, self.upscale = Path(path), fps, upscale
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=self.path.suffix, dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)  # the growing file
+        self.num_frames = 0
+        self._container = self._stream = None
+        self._closed = False
+
+    def write(self, frames: Tensor) -> None:
+        """Encode frames ``[T, C, H, W]`` in ``[0, 1]`` (all the same size) and flush them to the temporary file."""
+        import av
+
+        if self._closed:
+            raise ValueError(f"{self.path} is closed; cannot write more frames")
+        array = to_uint8_frames(frames)  # (t, h, w, c)
+        if self.upscale > 1:
+            array = array.repeat(self.upscale, axis=1).repeat(self.upscale, axis=2)
+        t, h, w, _ = array.shape
+        if self._stream is None:
+            if h % 2 or w % 2:
+                raise ValueError(f"H.264 needs even frame sizes, got {h}x{w}; pass upscale=2")
+            # empty_moov + a fragment per frame: the file is playable at every point; flush_packets: no I/O buffering
+            self._container = av.open(str(self.tmp), mode="w", format="mp4", options={
+                "movflags": "empty_moov+default_base_moof+frag_every_frame", "flush_packets": "1"})
+            self._stream = self._container.add_stream("libx264", rate=self.fps)
+            self._stream.width, self._stream.height, self._stream.pix_fmt = w, h, "yuv444p"
+            self._stream.options = {"crf": "8", "tune": "zerolatency"}
+        elif (h, w) != (self._stream.height, self._stream.width):
+            raise ValueError(f"frames of {h}x{w} for {self.path}, expected {self._stream.height}x{self._stream.width} "
+                             "as before")
+        for frame in array:
+            self._container.mux(self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        self.num_frames += t
+
+    def close(self) -> None:
+        """Flush the encoder and finish the file, still under its temporary name."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._container is not None:
+            try:
+                self._container.mux(self._stream.encode())
+            finally:
+                self._container.close()
+
+    def commit(self) -> Path:
+        """Finish the file and rename it onto ``path``."""
+        self.close()
+        if not self.num_frames:
+            self.discard()
+            raise ValueError(f"no frames were written for {self.path}; expected at least one")
+        make_shareable(self.tmp)
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        """Remove the temporary file (a failed stream leaves nothing behind)."""
+        try:
+            self.close()
+        except Exception:  # an encoder left in a bad state by the error being cleaned up after
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> StreamingMP4Writer:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.discard()
+
+
 def read_video(path: str | os.PathLike, num_frames: int | None = None) -> Tensor:
     """Decode a video file with PyAV into ``[T, C, H, W]`` float32 in ``[0, 1]``.
 

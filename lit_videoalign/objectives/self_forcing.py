@@ -215,7 +215,8 @@ class SelfForcing(DistributionMatching, AlignmentModule):
                     eps = torch.randn_like(x0) if hp.student_sampler == "renoise" else None
                     x = next_sample(x, x0.detach(), grid[i], grid[i + 1], hp.student_sampler, eps)
             out.append(x0)
-            self._commit(x0 if context is None else context[:, :, j * cf:(j + 1) * cf].to(x0), j, embeds, cache)
+            if j < len(exits) - 1:  # the last chunk's keys and values would serve no later chunk
+                self._commit(x0 if context is None else context[:, :, j * cf:(j + 1) * cf].to(x0), j, embeds, cache)
         return torch.cat(out, dim=2)  # (b, c, frames, h, w)
 
     # -- losses -----------------------------------------------------------------------------------------------------
@@ -279,7 +280,8 @@ class SelfForcing(DistributionMatching, AlignmentModule):
                 if i < len(grid) - 2:
                     eps = draw_noise(x0, generator) if hp.student_sampler == "renoise" else None
                     x = next_sample(x, x0, grid[i], grid[i + 1], hp.student_sampler, eps)
-            self._commit(x0, j, embeds, cache)
+            if j < noise.shape[2] // cf - 1:  # the last chunk's keys and values would serve no later chunk
+                self._commit(x0, j, embeds, cache)
             yield x0
 
     @override
