@@ -94,6 +94,9 @@ BENCHMARKS = (
     Benchmark("reward_hacking", "GRPO on a deliberately hackable proxy (quality's visual head), pointwise against "
               "win-rate advantages: held-out physics, trajectory error, diversity, and the two head to head",
               ("--quick",), "--output"),
+    Benchmark("toyworld_i2v_alignment", "identity-preserving image-to-video alignment (NFT, online DPO) from the I2V "
+              "base: held-out identity, physics, trajectory error, colour drift, first-frame error and diversity "
+              "paired with the base; a GIF of reference, base and aligned", ("--quick",), "--output"),
     Benchmark("context_parallel", "context parallelism (Ulysses, gloo, 2 processes) against one process: step time "
               "and saved-activation memory per rank", ("--heads", "2", "--head_dim", "16", "--frames", "2",
                                                         "--latent_size", "16", "--warmup", "0", "--repeats", "1"),

@@ -109,10 +109,15 @@ class NFECounter:
             h.remove()
 
 
-def generate(model, prompts: list[str], seeds: list[int], batch_size: int = 16, **gen_kwargs) -> Tensor:
-    """``model.generate`` over ``prompts`` (prompt ``i`` from seed ``i``) in batches: videos ``(n, t, c, h, w)``."""
+def generate(model, prompts: list[str], seeds: list[int], batch_size: int = 16, images: Tensor | None = None,
+             **gen_kwargs) -> Tensor:
+    """``model.generate`` over ``prompts`` (prompt ``i`` from seed ``i``; image-to-video from ``images[i]`` when
+    given) in batches: videos ``(n, t, c, h, w)``."""
     gen_kwargs.setdefault("sampler", SAMPLER)
-    return torch.cat([model.generate(prompts[i:i + batch_size], seeds=seeds[i:i + batch_size], **gen_kwargs)
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; expected one image per prompt")
+    return torch.cat([model.generate(prompts[i:i + batch_size], seeds=seeds[i:i + batch_size], **gen_kwargs,
+                                     **({} if images is None else {"images": images[i:i + batch_size]}))
                       for i in range(0, len(prompts), batch_size)])
 
 
@@ -186,7 +191,7 @@ def track(videos: Tensor, min_coverage: float = 0.2) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def trajectory_error(videos: Tensor, fit_frames: int = 4, restitutions: list[float] = RESTITUTIONS,
-                     min_area: float = 2.0) -> Tensor:
+                     min_area: float = 2.0, per_frame: bool = False) -> Tensor:
     """Mean distance in pixels ``(b,)`` between each video's tracked ball and the true toy-world physics from its start.
 
     The initial state is the least-squares fit, on the first ``fit_frames`` frames, of ``x = x0 + vx s`` and
@@ -194,7 +199,8 @@ def trajectory_error(videos: Tensor, fit_frames: int = 4, restitutions: list[flo
     frame per time step) and the ball's radius from its median area; ``lit_videoalign.data.toyworld.simulate`` then
     carries it forward with floor bounces and elastic side walls. A scene's restitution is drawn per ball, so the
     error is the smallest over ``restitutions`` (the world's range). NaN where no ball is found (mean area below
-    ``min_area`` pixels).
+    ``min_area`` pixels). ``per_frame``: the distances ``(b, t - fit_frames)`` of each frame after the fit instead
+    (of the restitution with the smallest mean), for error-over-length curves.
     """
     b, t, c, h, w = videos.shape
     if not 2 <= fit_frames < t:
@@ -209,18 +215,36 @@ def trajectory_error(videos: Tensor, fit_frames: int = 4, restitutions: list[flo
     errors = []
     for i in range(b):
         if not area[i].mean() >= min_area:
-            errors.append(float("nan"))
+            errors.append(torch.full((t - fit_frames,), float("nan")))
             continue
         r = math.sqrt(float(area[i].median()) / math.pi)
         (x0, y0), (vx, vy) = coef[i].tolist()
         x0, y0 = min(max(x0, r - 0.5), w - 0.5 - r), min(max(y0, r - 0.5), h - 0.5 - r)
-        best = float("inf")
+        best = None
         for e in restitutions:
             scene = Scene((Ball("red", r, x0, y0, vx, vy, e),), gravity, t, h, w)
             true = simulate(scene).positions[:, 0]  # (t, 2)
-            best = min(best, (true[fit_frames:] - pos[i, fit_frames:]).norm(dim=-1).mean().item())
+            dist = (true[fit_frames:] - pos[i, fit_frames:]).norm(dim=-1).float()  # (t - fit_frames,)
+            best = dist if best is None or dist.mean() < best.mean() else best
         errors.append(best)
-    return torch.tensor(errors)
+    errors = torch.stack(errors)  # (b, t - fit_frames)
+    return errors if per_frame else errors.mean(1)
+
+
+def trajectory_curve(videos: Tensor, fit_frames: int = 4) -> list[float]:
+    """Mean tracking error against the true physics per frame index (NaN for the fitted frames), over the videos
+    whose ball is found: the error-over-length curve of a set of long videos."""
+    per_frame = trajectory_error(videos, fit_frames, per_frame=True)  # (b, t - fit_frames)
+    found = per_frame[torch.isfinite(per_frame).all(1)]
+    return [float("nan")] * fit_frames + found.mean(0).tolist()
+
+
+def evaluate_length(videos: Tensor, prompts: list[str], rewards: dict, window: int, fit_frames: int = 4) -> dict:
+    """The trajectory error of whole (possibly streamed, longer than trained) videos ``(b, t, c, h, w)`` and the
+    rewards and prompt agreement of their last ``window`` frames (the length the rewards were trained on)."""
+    row = score(videos[:, -window:], prompts, rewards)
+    add_trajectory(row, videos, fit_frames)
+    return row
 
 
 def add_trajectory(row: dict, videos: Tensor, fit_frames: int) -> None:
@@ -229,6 +253,28 @@ def add_trajectory(row: dict, videos: Tensor, fit_frames: int) -> None:
     row["trajectory_error_per_video"] = err
     row["trajectory_error"], row["trajectory_error_sem"] = mean_se(err)
     row["tracked"] = sum(math.isfinite(e) for e in err) / len(err)
+
+
+# -- image-to-video: is the given first frame kept? -------------------------------------------------------------------
+def held_out_images(n: int) -> Tensor:
+    """The first frames ``(n, c, h, w)`` of :func:`held_out_scenes`: the held-out conditioning images, in order."""
+    return torch.stack([scene.video[0] for scene in held_out_scenes(n)])
+
+
+@torch.no_grad()
+def add_image_measures(row: dict, videos: Tensor, images: Tensor, identity) -> None:
+    """Add, per video against its conditioning image (mean, ``_sem``, ``_per_video``): ``identity`` (the ``identity``
+    reward's overall score with the image as its reference), ``colour_drift`` (the mean over frames of the ball's
+    colour distance from the image's, :func:`benchmarks.toyworld_base.colour_drift`) and ``first_frame_error`` (mean
+    absolute pixel difference of frame 0 from the image)."""
+    from benchmarks.toyworld_base import colour_drift  # toyworld_base imports this module
+
+    values = {"identity": identity(videos, None, references=images)["overall"].float(),
+              "colour_drift": colour_drift(videos.float(), images.float()),
+              "first_frame_error": (videos[:, 0] - images).abs().flatten(1).mean(1).float()}
+    for key, v in values.items():
+        row[f"{key}_per_video"] = v.tolist()
+        row[key], row[f"{key}_sem"] = mean_se(row[f"{key}_per_video"])
 
 
 # -- sample diversity -------------------------------------------------------------------------------------------------
@@ -251,12 +297,14 @@ def add_diversity(row: dict, groups: list[Tensor]) -> None:
     row["diversity"], row["diversity_sem"] = mean_se(per_prompt)
 
 
-def diversity_videos(model, prompts: list[str], per_prompt: int, batch_size: int) -> list[Tensor]:
-    """``per_prompt`` videos of each prompt, from seeds apart from the per-prompt ones (:data:`DIVERSITY_SEED_OFFSET`):
-    one group ``(per_prompt, t, c, h, w)`` per prompt."""
+def diversity_videos(model, prompts: list[str], per_prompt: int, batch_size: int,
+                     images: Tensor | None = None) -> list[Tensor]:
+    """``per_prompt`` videos of each prompt (image-to-video: all from that prompt's image), from seeds apart from the
+    per-prompt ones (:data:`DIVERSITY_SEED_OFFSET`): one group ``(per_prompt, t, c, h, w)`` per prompt."""
     div_prompts = [p for p in prompts for _ in range(per_prompt)]
     div_seeds = [DIVERSITY_SEED_OFFSET + i for i in range(len(div_prompts))]
-    return list(generate(model, div_prompts, div_seeds, batch_size).split(per_prompt))
+    div_images = None if images is None else images[:len(prompts)].repeat_interleave(per_prompt, dim=0)
+    return list(generate(model, div_prompts, div_seeds, batch_size, images=div_images).split(per_prompt))
 
 
 def same_prompt_scenes(world: ToyWorld, prompts: list[str], per_prompt: int) -> dict[str, Tensor]:

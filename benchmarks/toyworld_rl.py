@@ -18,6 +18,13 @@ train CFG-free: 20 steps without guidance, half the denoiser calls), and is meas
 its default guided sampling (same prompt, same seed) with a 95 % interval. Writes ``OUTPUT.json``, ``OUTPUT.md`` and
 ``OUTPUT.png``; each run's own record goes to ``OUTPUT_runs/`` first, so runs can be added to a table later
 (``--merge_only``). The measures are :mod:`benchmarks.toyworld_eval`'s.
+
+Image-to-video (``--first_frame_image``, with I2V methods such as ``nft_i2v`` and ``--base_method dpo_i2v``): every
+held-out prompt is sampled from its held-out scene's first frame, and each model is also measured against that image
+(``identity``, ``colour_drift``, ``first_frame_error``; :func:`benchmarks.toyworld_eval.add_image_measures`).
+``--base_method`` names the config the base is built and sampled with (default GRPO's, the text-to-video base);
+``--save_weights`` keeps each run's last trainable weights in ``OUTPUT_runs/`` (``benchmarks.toyworld_i2v_alignment``
+samples its GIF from them).
 """
 
 from __future__ import annotations
@@ -33,24 +40,30 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import write_result
+from benchmarks import mean_se, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = {  # name -> (config, CLI overrides)
     "grpo": ("configs/toyworld/grpo.yaml", []),
     "nft": ("configs/toyworld/nft.yaml", []),
     "awm": ("configs/toyworld/nft.yaml", ["--model.init_args.loss_type=awm"]),
+    # Image-to-video on builtin:toyworld-i2v. Online DPO is measured at its rollouts' 20 Euler steps with guidance 2
+    # (its config's sampler has 40), the sampler of the text-to-video base: as a base, it is the I2V base's.
+    "nft_i2v": ("configs/toyworld/nft_i2v.yaml", []),
+    "dpo_i2v": ("configs/toyworld/dpo_i2v.yaml", ["--model.init_args.num_inference_steps=20"]),
 }
 BASE = "base"  # the shipped base at the GRPO config's (default, guided) sampler: the reference of every change
 KEYS = ("physics_learned", "quality", "newton", "trajectory_error")
+I2V_KEYS = ("identity", "colour_drift", "first_frame_error")  # measured against the conditioning image
 GRPO_README_GAIN = 0.51  # held-out physics_learned of GRPO in the README (base v1, 160 steps): the issue's bar
 
 
 # -- one run (a worker process) ---------------------------------------------------------------------------------------
-def build(method: str, seed: int, root: Path):
+def build(method: str, seed: int, root: Path, base_method: str = "grpo"):
+    """The model, data and trainer of ``method`` (the base: ``base_method``'s, never trained) from its config."""
     from lit_videoalign.cli import VideoAlignCLI
 
-    config, overrides = METHODS["grpo" if method == BASE else method]
+    config, overrides = METHODS[base_method if method == BASE else method]
     cli = VideoAlignCLI(args=["--config", str(ROOT / config), *overrides, f"--seed_everything={seed}",
                               "--trainer.max_steps=1000000", f"--trainer.default_root_dir={root}",
                               "--trainer.val_check_interval=null", "--trainer.limit_val_batches=0",
@@ -87,18 +100,29 @@ def snapshot_callback(every: float, total: float):
 
 @torch.no_grad()
 def measure(model, prompts: list[str], seeds: list[int], diversity_prompts: int, diversity_seeds: int,
-            batch_size: int, fit_frames: int) -> dict:
-    from benchmarks.toyworld_eval import add_diversity, add_trajectory, diversity_videos, evaluate, load_rewards
+            batch_size: int, fit_frames: int, images: torch.Tensor | None = None) -> dict:
+    """The held-out measures of one copy (image-to-video from ``images``, and measured against them, when given)."""
+    from benchmarks.toyworld_eval import (
+        add_diversity,
+        add_image_measures,
+        add_trajectory,
+        diversity_videos,
+        evaluate,
+        load_reward,
+        load_rewards,
+    )
 
     rewards = load_rewards(("physics_learned", "quality", "newton"))
-    row, videos = evaluate(model, prompts, seeds, rewards, batch_size, return_videos=True)
+    row, videos = evaluate(model, prompts, seeds, rewards, batch_size, return_videos=True, images=images)
     add_trajectory(row, videos, fit_frames)
-    add_diversity(row, diversity_videos(model, prompts[:diversity_prompts], diversity_seeds, batch_size))
+    if images is not None:
+        add_image_measures(row, videos, images, load_reward("identity"))
+    add_diversity(row, diversity_videos(model, prompts[:diversity_prompts], diversity_seeds, batch_size, images))
     return row
 
 
 def worker(args: argparse.Namespace) -> dict:
-    from benchmarks.toyworld_eval import held_out_scenes
+    from benchmarks.toyworld_eval import held_out_images, held_out_scenes
 
     torch.set_num_threads(args.threads)
     method, seed = args.worker
@@ -106,13 +130,14 @@ def worker(args: argparse.Namespace) -> dict:
     minutes = 0.0 if method == BASE else dict(args.minutes).get(method, args.default_minutes)
     every = dict(args.eval_every).get(method, args.default_eval_every)
     root = Path(args.output).parent / f"{Path(args.output).name}_runs" / f"{method}_seed{seed}"
-    model, data, trainer = build(method, seed, root)
+    model, data, trainer = build(method, seed, root, args.base_method)
     snaps = snapshot_callback(every, minutes)
     if minutes > 0:
         trainer.callbacks.append(snaps)
         trainer.fit(model, datamodule=data)
     prompts = [scene.prompt for scene in held_out_scenes(args.num_prompts)]
     seeds = list(range(args.num_prompts))
+    images = held_out_images(args.num_prompts) if args.first_frame_image else None
     points = []
     for snap in snaps.copies if minutes > 0 else [{"cpu_minutes": 0.0, "step": 0, "weights": {}}]:
         named = dict(model.named_parameters())
@@ -120,15 +145,20 @@ def worker(args: argparse.Namespace) -> dict:
             named[name].data.copy_(value)
         start = time.perf_counter()
         row = measure(model, prompts, seeds, args.diversity_prompts, args.diversity_seeds, args.batch_size,
-                      args.fit_frames)
+                      args.fit_frames, images)
         row.update(cpu_minutes=snap["cpu_minutes"], step=snap["step"], eval_seconds=time.perf_counter() - start)
         points.append(row)
         print(f"{method} seed {seed}: {snap['cpu_minutes']:.2f} CPU-min, step {snap['step']}: physics_learned "
               f"{row['physics_learned']:+.3f}, quality {row['quality']:+.3f}", flush=True)
     record = {"method": method, "seed": seed, "points": points,
               "sampler": {"steps": model.hparams.num_inference_steps, "guidance": model.hparams.guidance_scale},
-              "config": METHODS["grpo" if method == BASE else method]}
+              "config": METHODS[args.base_method if method == BASE else method]}
     root.parent.mkdir(parents=True, exist_ok=True)
+    if args.save_weights and minutes > 0:  # the last copy's trainable weights (those measured last)
+        from safetensors.torch import save_file
+
+        save_file({n: w.contiguous() for n, w in snaps.copies[-1]["weights"].items()},
+                  root.parent / f"{method}_seed{seed}.safetensors")
     (root.parent / f"{method}_seed{seed}.json").write_text(json.dumps(record) + "\n")
     return record
 
@@ -143,6 +173,7 @@ def paired(point: dict, base: dict, key: str) -> tuple[float, float]:
 
 def summarise(records: list[dict]) -> dict:
     base = next(r for r in records if r["method"] == BASE)["points"][0]
+    keys = (*KEYS, *[k for k in I2V_KEYS if f"{k}_per_video" in base])  # image-to-video runs measure more
     runs = []
     for rec in records:
         if rec["method"] == BASE:
@@ -151,11 +182,22 @@ def summarise(records: list[dict]) -> dict:
         for p in rec["points"]:
             point = {"cpu_minutes": p["cpu_minutes"], "step": p["step"], "diversity": p["diversity"],
                      "diversity_change_pct": 100 * (p["diversity"] - base["diversity"]) / base["diversity"]}
-            for key in KEYS:
+            for key in keys:
                 point[key], point[f"{key}_ci95"] = paired(p, base, key)
+            if "diversity_per_prompt" in p and "diversity_per_prompt" in base:  # paired per prompt, in % of the base
+                change = [100 * (a - b) / base["diversity"]
+                          for a, b in zip(p["diversity_per_prompt"], base["diversity_per_prompt"])]
+                point["diversity_change_pct_ci95"] = 1.96 * mean_se(change)[1]
             points.append(point)
         runs.append({"method": rec["method"], "seed": rec["seed"], "sampler": rec["sampler"], "points": points})
-    return {"base": {k: base[k] for k in (*KEYS, "diversity")}, "runs": runs}
+    return {"base": {k: base[k] for k in (*keys, "diversity")}, "runs": runs, "keys": list(keys)}
+
+
+COLUMN = {"trajectory_error": "traj. err. (px)", "colour_drift": "colour drift",
+          "first_frame_error": "first-frame err."}
+PANELS = {"identity": "held-out identity (cosine) - base", "colour_drift": "colour drift - base, lower is better",
+          "physics_learned": "held-out physics_learned (logit) - base", "quality": "held-out quality (logit) - base",
+          "trajectory_error": "trajectory error (px) - base, lower is better"}
 
 
 def first_reaching(run: dict, key: str, value: float) -> float | None:
@@ -165,6 +207,7 @@ def first_reaching(run: dict, key: str, value: float) -> float | None:
 def markdown(result: dict) -> str:
     s = result["summary"]
     b = s["base"]
+    keys = s.get("keys", KEYS)
     lines = [
         "# Online RL on the toy world: held-out scores against training CPU-minutes",
         "",
@@ -176,14 +219,14 @@ def markdown(result: dict) -> str:
         f"{b['diversity']:.4f}); 95 % intervals. CPU-minutes are training only, one torch thread. Diversity over "
         f"{result['diversity_prompts']} prompts x {result['diversity_seeds']} seeds.",
         "",
-        "| method | seed | sampler (steps, CFG) | CPU-min | steps | physics_learned | quality | newton "
-        "| traj. err. (px) | diversity |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | seed | sampler (steps, CFG) | CPU-min | steps | "
+        + " | ".join(COLUMN.get(k, k) for k in keys) + " | diversity |",
+        "|---|---|---|---|---|" + "---|" * (len(keys) + 1),
     ]
     for run in s["runs"]:
         sampler = f"{run['sampler']['steps']}, {run['sampler']['guidance']:g}"
         for p in run["points"]:
-            cells = [f"{p[k]:+.3f} ({p[k] - p[k + '_ci95']:+.3f} to {p[k] + p[k + '_ci95']:+.3f})" for k in KEYS]
+            cells = [f"{p[k]:+.3f} ({p[k] - p[k + '_ci95']:+.3f} to {p[k] + p[k + '_ci95']:+.3f})" for k in keys]
             lines.append(f"| {run['method']} | {run['seed']} | {sampler} | {p['cpu_minutes']:.1f} | {p['step']} | "
                          + " | ".join(cells) + f" | {p['diversity_change_pct']:+.1f} % |")
     lines += ["", "## Targets", ""]
@@ -230,14 +273,17 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"grpo": "tab:blue", "nft": "tab:green", "awm": "tab:orange"}
+    colours = {"grpo": "tab:blue", "nft": "tab:green", "awm": "tab:orange", "nft_i2v": "tab:green",
+               "dpo_i2v": "tab:purple"}
     others = iter(["tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"] * 4)
     for run in summary["runs"]:  # --variant methods: the next free colour each
         colours.setdefault(run["method"], next(others))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key, title in zip(axes, ("physics_learned", "quality", "trajectory_error"),
-                              ("held-out physics_learned (logit) - base", "held-out quality (logit) - base",
-                               "trajectory error (px) - base, lower is better")):
+    keys = summary.get("keys", KEYS)
+    panels = ["identity", "colour_drift", "physics_learned", "trajectory_error"] if "identity" in keys else \
+        ["physics_learned", "quality", "trajectory_error"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6))
+    for ax, key in zip(axes, panels):
+        title = PANELS[key]
         for run in summary["runs"]:
             x = [0.0] + [p["cpu_minutes"] for p in run["points"]]
             y = [float("nan")] + [p[key] for p in run["points"]]
@@ -286,12 +332,19 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
+    parser.add_argument("--base_method", default="grpo",
+                        help="the method or --variant whose config builds and samples the base (never trained)")
+    parser.add_argument("--first_frame_image", action="store_true",
+                        help="image-to-video: sample each held-out prompt from its scene's first frame, and measure "
+                             "identity, colour drift and first-frame error against it")
+    parser.add_argument("--save_weights", action="store_true",
+                        help="keep each run's last trainable weights as OUTPUT_runs/METHOD_seedSEED.safetensors")
     parser.add_argument("--merge_only", action="store_true", help="only build the table from OUTPUT_runs/*.json")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "toyworld_rl"))
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     METHODS.update(dict(args.variant))
-    unknown = [m for m in args.methods if m not in METHODS]
+    unknown = [m for m in [*args.methods, args.base_method] if m not in METHODS]
     if unknown:
         raise SystemExit(f"error: unknown method(s) {unknown}; expected one of {sorted(METHODS)} or a --variant")
     if args.worker:
