@@ -46,12 +46,12 @@ def _ftfy_free_prompt_cleaning(monkeypatch):
 
 
 @pytest.mark.parametrize("i2v", [False, True])
-@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
-def test_sampling_equals_the_diffusers_two_expert_pipeline(a14b, tmp_path, guidance_scale, i2v):
+@pytest.mark.parametrize("guidance_scale,guidance_scale_2", [(1.0, None), (3.0, None), (3.0, 1.5)])
+def test_sampling_equals_the_diffusers_two_expert_pipeline(a14b, tmp_path, guidance_scale, guidance_scale_2, i2v):
     from diffusers import WanImageToVideoPipeline, WanPipeline
 
     path = a14b if not i2v else str(tiny_wan22_a14b_pipeline(tmp_path / "i2v", i2v=True, boundary_ratio=0.9))
-    bb = backbone(path)
+    bb = backbone(path, guidance_scale_2=guidance_scale_2)
     assert isinstance(bb.denoiser, TwoExpertDenoiser) and bb.supports_images == i2v
     noise = torch.randn(2, *LATENT, generator=torch.Generator().manual_seed(1))
     pixels = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
@@ -68,8 +68,8 @@ def test_sampling_equals_the_diffusers_two_expert_pipeline(a14b, tmp_path, guida
     pipe.set_progress_bar_config(disable=True)
     extra = {"image": _pil(img)} if i2v else {}
     theirs = pipe(prompt=PROMPTS, negative_prompt="", latents=noise, num_frames=FRAMES, height=SIZE, width=SIZE,
-                  num_inference_steps=steps, guidance_scale=guidance_scale, max_sequence_length=TEXT,
-                  output_type="latent", **extra).frames
+                  num_inference_steps=steps, guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2,
+                  max_sequence_length=TEXT, output_type="latent", **extra).frames
     # float32 rounding only: measured max |diff| <= 1e-6 on latents of max |x| ~4 (torch 2.14.1, diffusers 0.42.1)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4 * theirs.abs().max().item())
     # and the second expert mattered: with the high-noise expert everywhere the result is another one
@@ -267,6 +267,8 @@ def test_bad_expert_settings_are_refused_in_one_line(a14b, tmp_path):
         backbone(str(tiny_wan_pipeline(tmp_path / "one")), train_experts=["low_noise"])
     with pytest.raises(ValueError, match="expert_lr must give positive learning rates to trained experts"):
         backbone(a14b, train_experts=["low_noise"], expert_lr={"high_noise": 1e-4})
+    with pytest.raises(ValueError, match="guidance_scale_2=2.0 must be a non-negative number for a two-expert"):
+        backbone(str(tiny_wan_pipeline(tmp_path / "one_more")), guidance_scale_2=2.0)
     with pytest.raises(ValueError, match="sigma_range must be"):
         sample_training_sigmas(2, sigma_range=(0.5, 0.5))
     broken = tmp_path / "broken"

@@ -212,6 +212,11 @@ class VideoBackbone(nn.Module):
         range (Wan 2.2 A14B training one expert)."""
         return (0.0, 1.0)
 
+    def guidance_at(self, sigma: Tensor, guidance_scale: float) -> float | Tensor:
+        """The classifier-free guidance scale at each sample's ``sigma``: ``guidance_scale`` everywhere by default
+        (Wan 2.2 A14B may give its low-noise expert its own, ``guidance_scale_2``)."""
+        return guidance_scale
+
     def trains_at(self, sigma: Tensor) -> Tensor:
         """Whether a trained part of the denoiser runs at each ``sigma`` (bool, its shape): all of them by default."""
         return torch.ones_like(sigma, dtype=torch.bool)

@@ -119,6 +119,8 @@ class DiffusersVideoBackbone(VideoBackbone):
             trained experts' range (:attr:`training_sigma_range`); see :mod:`lit_videoalign.backbones.experts`.
         expert_lr: a learning rate per trained expert, e.g. ``{"low_noise": 5e-5}``, for its optimizer group; the
             others take the optimizer's.
+        guidance_scale_2: for a two-expert pipeline, the guidance scale of the low-noise expert's steps (the
+            pipeline's ``guidance_scale_2``); None uses the one guidance scale for both, as diffusers does.
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class DiffusersVideoBackbone(VideoBackbone):
         fps: float | None = None,
         train_experts: list[str] | None = None,
         expert_lr: dict[str, float] | None = None,
+        guidance_scale_2: float | None = None,
     ) -> None:
         super().__init__()
         if quantization is not None and quantization not in _QUANTIZATIONS:
@@ -182,6 +185,12 @@ class DiffusersVideoBackbone(VideoBackbone):
             self.denoiser = TwoExpertDenoiser(self.denoiser, load_denoiser("transformer_2"), index["boundary_ratio"],
                                               trained=tuple(EXPERTS) if train_experts is None else train_experts)
         self.expert_lr = self._check_expert_lr(expert_lr)
+        if guidance_scale_2 is not None and (not two_experts or isinstance(guidance_scale_2, bool)
+                                             or not isinstance(guidance_scale_2, (int, float)) or guidance_scale_2 < 0):
+            raise ValueError(f"guidance_scale_2={guidance_scale_2!r} must be a non-negative number for a two-expert "
+                             "pipeline (Wan 2.2 A14B's low-noise expert); this pipeline has "
+                             f"{'two experts' if two_experts else 'one transformer'}")
+        self.guidance_scale_2 = guidance_scale_2
         self.default_lora_targets = self.family.lora_targets
         if gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
@@ -234,6 +243,14 @@ class DiffusersVideoBackbone(VideoBackbone):
     def training_sigma_range(self) -> tuple[float, float]:
         """Where training sigmas are drawn: the trained experts' range for Wan 2.2 A14B, else ``(0, 1)``."""
         return self.denoiser.sigma_range if isinstance(self.denoiser, TwoExpertDenoiser) else (0.0, 1.0)
+
+    def guidance_at(self, sigma: Tensor, guidance_scale: float) -> float | Tensor:
+        """With ``guidance_scale_2``, that scale where the low-noise expert runs (``sigma`` below the boundary), as
+        ``WanPipeline`` does; ``guidance_scale`` elsewhere."""
+        if self.guidance_scale_2 is None:
+            return guidance_scale
+        low = ~self.denoiser.high_noise_at(sigma * 1000)
+        return torch.where(low, float(self.guidance_scale_2), float(guidance_scale))
 
     def trains_at(self, sigma: Tensor) -> Tensor:
         """For one expert of Wan 2.2 A14B, whether that expert runs at each ``sigma`` (the pipeline's switch)."""

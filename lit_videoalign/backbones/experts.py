@@ -93,9 +93,13 @@ class TwoExpertDenoiser(nn.Module):
         high = 1.0 if "high_noise" in self.trained else self.boundary_ratio
         return low, high
 
+    def high_noise_at(self, timestep: Tensor) -> Tensor:
+        """Whether the high-noise expert runs at each ``timestep`` (bool, its shape): ``t >= boundary``."""
+        return timestep >= self.boundary_timestep
+
     def trains_at(self, timestep: Tensor) -> Tensor:
         """Whether a trained expert runs at each ``timestep`` (bool, its shape)."""
-        high = timestep >= self.boundary_timestep
+        high = self.high_noise_at(timestep)
         return torch.where(high, "high_noise" in self.trained, "low_noise" in self.trained)
 
     def enable_gradient_checkpointing(self) -> None:
@@ -109,7 +113,7 @@ class TwoExpertDenoiser(nn.Module):
         if timestep.ndim != 1 or timestep.shape[0] != hidden_states.shape[0]:
             raise ValueError(f"the two-expert denoiser picks an expert per sample and needs one timestep per sample "
                              f"({hidden_states.shape[0]},), got shape {tuple(timestep.shape)}")
-        high = timestep >= self.boundary_timestep  # (b,), as WanPipeline: t >= boundary runs the high-noise expert
+        high = self.high_noise_at(timestep)  # (b,), as WanPipeline: t >= boundary runs the high-noise expert
         if bool(high.all()) or not bool(high.any()):
             expert = self.high_noise if bool(high.all()) else self.low_noise
             return expert(hidden_states=hidden_states, timestep=timestep, **kwargs)

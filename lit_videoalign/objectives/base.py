@@ -462,7 +462,10 @@ class AlignmentModule(L.LightningModule):
 
         def velocity(x: Tensor, s: Tensor) -> Tensor:
             v_c, v_u = self.backbone.predict_velocity(torch.cat([x, x]), torch.cat([s, s]), both).chunk(2)
-            return v_u + guidance_scale * (v_c - v_u)
+            scale = self.backbone.guidance_at(s, guidance_scale)  # Wan 2.2 A14B: guidance_scale_2 at low noise
+            if isinstance(scale, Tensor):
+                scale = scale.to(v_c.dtype).view(-1, *[1] * (v_c.ndim - 1))
+            return v_u + scale * (v_c - v_u)
 
         return velocity
 
