@@ -97,6 +97,10 @@ BENCHMARKS = (
     Benchmark("toyworld_i2v_alignment", "identity-preserving image-to-video alignment (NFT, online DPO) from the I2V "
               "base: held-out identity, physics, trajectory error, colour drift, first-frame error and diversity "
               "paired with the base; a GIF of reference, base and aligned", ("--quick",), "--output"),
+    Benchmark("toyworld_autoregressive", "causal students (Self-Forcing, teacher forcing) against the bidirectional "
+              "teacher at 1x, 2x and 4x the trained length (streamed): trajectory error and its growth, rewards of "
+              "the stream's end, fps, time to first frame", (), "--output",
+              needs="--student NAME=CONFIG:WEIGHTS (repeatable) of a causal SelfForcing student"),
     Benchmark("context_parallel", "context parallelism (Ulysses, gloo, 2 processes) against one process: step time "
               "and saved-activation memory per rank", ("--heads", "2", "--head_dim", "16", "--frames", "2",
                                                         "--latent_size", "16", "--warmup", "0", "--repeats", "1"),
