@@ -19,8 +19,9 @@ On ``--num_prompts`` held-out single-ball prompts (test seeds, one video each, t
   (at 1x, the whole video), which is what a viewer of the stream's end sees;
 - frames per second and time to first frame on this CPU (one video, one thread, best of ``--timing_repeats``).
 
-Writes ``OUTPUT.json``, ``OUTPUT.md`` and ``OUTPUT.png`` (mean tracking error per frame index over the 4x videos, the
-error-over-length curve) for ``--output OUTPUT``.
+Writes ``OUTPUT.json``, ``OUTPUT.md``, ``OUTPUT.png`` (mean tracking error per frame index over the longest videos, the
+error-over-length curve) and ``OUTPUT.gif`` (the longest videos of the first prompts, one row per model) for
+``--output OUTPUT``.
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ from benchmarks.toyworld_eval import (
 )
 from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
 from lit_videoalign.objectives.sft import SFT
+from lit_videoalign.video_io import video_grid, write_gif
 
 ROOT = Path(__file__).resolve().parent.parent
 REWARDS = ("physics_learned", "newton", "quality")
 TRAINED_FRAMES = 16
+GIF_VIDEOS = 4  # held-out prompts per model in the GIF of the longest videos
 
 
 def teacher(steps: int, guidance: float) -> SFT:
@@ -103,6 +106,7 @@ def run(args: argparse.Namespace) -> dict:
     rewards = load_rewards(REWARDS)
     rows: dict[str, dict] = {}
     curves: dict[str, list[float]] = {}
+    clips: list[torch.Tensor] = []  # per model, its first GIF_VIDEOS longest videos: one GIF row each
     for name, model in models.items():
         rows[name] = {}
         for factor in args.lengths:
@@ -113,6 +117,7 @@ def run(args: argparse.Namespace) -> dict:
             rows[name][f"{factor}x"] = evaluate_length(videos, prompts, rewards, TRAINED_FRAMES, args.fit_frames)
             if factor == max(args.lengths):
                 curves[name] = trajectory_curve(videos, args.fit_frames)
+                clips.append(videos[:GIF_VIDEOS])
         rows[name]["timing"] = timing(model, TRAINED_FRAMES, args.window_chunks, args.sink_chunks,
                                       args.timing_repeats)
         print(f"{name}: " + ", ".join(f"{k} traj {v['trajectory_error']:.2f}" for k, v in rows[name].items()
@@ -124,7 +129,11 @@ def run(args: argparse.Namespace) -> dict:
         lengths = [k for k in row if k != "timing"]
         row["growth"] = row[lengths[-1]]["trajectory_error"] - row[lengths[0]]["trajectory_error"]
         row["speedup_vs_teacher"] = row["timing"]["fps"] / rows["teacher"]["timing"]["fps"]
+    gif = Path(args.output).with_suffix(".gif")
+    gif.parent.mkdir(parents=True, exist_ok=True)
+    write_gif(video_grid(torch.cat(clips), ncols=GIF_VIDEOS), gif, upscale=3)
     return {"command": "python -m benchmarks.toyworld_autoregressive " + " ".join(args.argv), "rows": rows,
+            "gif": str(gif), "gif_rows": list(models),
             "curves": curves, "lengths": [f"{f}x" for f in args.lengths], "num_videos": len(prompts),
             "machine": machine(), "window_chunks": args.window_chunks, "sink_chunks": args.sink_chunks,
             "teacher_steps": args.teacher_steps}

@@ -20,3 +20,4 @@ def test_quick_run_writes_the_table_the_curve_and_timings(tmp_path):
     assert first_frame < rows["sf"]["timing"]["seconds_per_video"]  # the stream's first chunk comes before the end
     assert rows["teacher"]["timing"]["time_to_first_frame_s"] == rows["teacher"]["timing"]["seconds_per_video"]
     assert out.with_suffix(".png").stat().st_size > 0 and "| sf |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".gif").stat().st_size > 0 and result["gif_rows"] == ["teacher", "sf"]
