@@ -18,6 +18,8 @@ from lit_videoalign.schedules.flow import add_noise, velocity_target
 from lit_videoalign.testing import tiny_wan22_ti2v_pipeline, tiny_wan_i2v_pipeline
 from lit_videoalign.video_io import write_mp4
 
+pytestmark = pytest.mark.usefixtures("ftfy_free_prompt_cleaning")  # its tests run WanImageToVideoPipeline
+
 PROMPTS = ["a red ball falls", "a blue ball moves left"]
 FRAMES, SIZE, LATENT = 9, 64, (48, 3, 4, 4)  # 16x16 pixels per latent, 2x2 latents per token: 2x2 tokens a frame
 TEXT = 16  # prompt tokens (TI2V takes no image tokens, so any length works)
@@ -33,17 +35,6 @@ def backbone(ti2v) -> DiffusersVideoBackbone:
     return DiffusersVideoBackbone(ti2v, max_sequence_length=TEXT)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _ftfy_free_prompt_cleaning():
-    """diffusers 0.42.1's I2V pipeline calls ``ftfy`` unguarded when cleaning prompts; without ftfy, clean prompts the
-    T2V pipeline's way (our ASCII prompts are unchanged either way)."""
-    from diffusers.pipelines.wan import pipeline_wan, pipeline_wan_i2v
-    from diffusers.utils import is_ftfy_available
-
-    with pytest.MonkeyPatch.context() as patch:
-        if not is_ftfy_available():
-            patch.setattr(pipeline_wan_i2v, "basic_clean", pipeline_wan.basic_clean)
-        yield
 
 
 def image(seed: int):

@@ -21,6 +21,8 @@ from lit_videoalign.objectives.sft import SFT
 from lit_videoalign.schedules.flow import sample_training_sigmas, sampling_sigmas
 from lit_videoalign.testing import Brightness, tiny_wan22_a14b_pipeline, tiny_wan_pipeline
 
+pytestmark = pytest.mark.usefixtures("ftfy_free_prompt_cleaning")  # its tests run WanImageToVideoPipeline
+
 PROMPTS = ["a red ball falls", "a blue ball moves left"]
 FRAMES, SIZE, LATENT, TEXT = 9, 32, (16, 3, 4, 4), 16
 BOUNDARY = 0.875
@@ -35,14 +37,6 @@ def backbone(path: str, **kwargs) -> DiffusersVideoBackbone:
     return DiffusersVideoBackbone(path, max_sequence_length=TEXT, **kwargs)
 
 
-@pytest.fixture(autouse=True)
-def _ftfy_free_prompt_cleaning(monkeypatch):
-    """diffusers 0.42.1's I2V pipeline calls ``ftfy`` unguarded; without it, clean prompts the T2V pipeline's way."""
-    from diffusers.pipelines.wan import pipeline_wan, pipeline_wan_i2v
-    from diffusers.utils import is_ftfy_available
-
-    if not is_ftfy_available():
-        monkeypatch.setattr(pipeline_wan_i2v, "basic_clean", pipeline_wan.basic_clean)
 
 
 @pytest.mark.parametrize("i2v", [False, True])
