@@ -147,8 +147,14 @@ def test_shared_base_lora_and_the_reward_term_train_the_adapters_alone(tiny_pixe
         assert any(not torch.equal(adapters[n], after[n]) for n in adapters if role in n), f"{role} did not train"
 
 
-def test_the_warm_up_regresses_each_chunk_at_its_own_sigma(tiny_pixel_pipeline):
-    m = model(tiny_pixel_pipeline, regression_steps=50, regression_pairs=2, optimizer=adam(3e-3))
+@pytest.mark.parametrize("clean_context", [False, True])
+def test_the_warm_up_regresses_each_chunk_at_its_own_sigma(tiny_pixel_pipeline, clean_context, monkeypatch):
+    m = model(tiny_pixel_pipeline, regression_steps=50, regression_pairs=2, optimizer=adam(3e-3),
+              regression_clean_context=clean_context)
+    seen = []
+    full = m.causal.forward_full
+    monkeypatch.setattr(m.causal, "forward_full", lambda x, sigmas, *a, **k: seen.append(sigmas) or full(x, sigmas,
+                                                                                                        *a, **k))
     with torch.no_grad():
         first = m.regression_loss(PROMPTS).item()
     torch.manual_seed(0)
@@ -160,6 +166,10 @@ def test_the_warm_up_regresses_each_chunk_at_its_own_sigma(tiny_pixel_pipeline):
     with torch.no_grad():
         last = sum(m.regression_loss(PROMPTS).item() for _ in range(4)) / 4
     assert last < 0.7 * first
+    sigmas = torch.cat(seen)  # (calls * b, chunks)
+    clean = sigmas == 0
+    assert bool(clean.any()) == clean_context  # sigma 0 only as a clean prefix: never after a noisy chunk
+    assert not bool((clean[:, 1:] & ~clean[:, :-1]).any())
 
 
 def test_resume_is_exact(tiny_pixel_pipeline, tmp_path):

@@ -80,6 +80,8 @@ class SelfForcing(DistributionMatching, AlignmentModule):
             forcing: the batch's real clean chunks, which the batch must then carry as ``"video"`` or ``"latents"``).
         kv_window_chunks: chunks kept in the KV cache when streaming (None: all); ``sink_chunks`` of them are the
             first chunks, kept for good (a frame sink, LongLive).
+        regression_clean_context: in the warm-up, give each sample a clean prefix of a random number of chunks (the
+            teacher's sample at sigma 0), the context the student has at inference (:meth:`regression_loss`).
         reward_weight: weight of ``-reward`` of the decoded rollout in the student's loss (Reward Forcing style; the
             reward must be differentiable); 0 uses ``reward`` for validation only.
         Others: as :class:`~lit_videoalign.objectives.dmd.DMD` (critic, GAN, warm-up, teacher guidance).
@@ -113,6 +115,7 @@ class SelfForcing(DistributionMatching, AlignmentModule):
         regression_steps: int = 0,
         regression_pairs: int = 64,
         teacher_steps: int = 40,
+        regression_clean_context: bool = False,
         reward_weight: float = 0.0,
         max_grad_norm: float | None = 1.0,
         reward: RewardModel | None = None,
@@ -240,13 +243,18 @@ class SelfForcing(DistributionMatching, AlignmentModule):
     @override
     def regression_loss(self, prompts: list[str], images: Tensor | None = None) -> Tensor:
         """CausVid's initialisation: from the teacher's ODE states, a random student sigma *per chunk*, regress the
-        causal student's whole-clip x0 onto the teacher's sample."""
+        causal student's whole-clip x0 onto the teacher's sample. With ``regression_clean_context`` each sample's first
+        ``m`` chunks (``m`` uniform in ``[0, chunks)``) are the teacher's clean sample at sigma 0 instead, so the
+        student also learns from the clean context it meets at inference (there the cache holds finished chunks)."""
         pairs, idx = self.ode_pairs_for(prompts, images)
         n, k = len(idx), pairs.states.shape[1]
         chunks = self.causal.num_chunks(pairs.states.shape[3])
         j = torch.randint(0, k, (n, chunks))  # (b, chunks) student steps
+        if self.hparams.regression_clean_context:  # step k of the grid is sigma 0: the clean sample itself
+            prefix = torch.randint(0, chunks, (n, 1))
+            j = torch.where(torch.arange(chunks)[None] < prefix, k, j)
         per_frame = j.repeat_interleave(self.hparams.chunk_frames, dim=1)  # (b, frames)
-        states = pairs.states[idx]  # (b, k, c, frames, h, w)
+        states = torch.cat([pairs.states[idx], pairs.x0[idx][:, None]], dim=1)  # (b, k + 1, c, frames, h, w)
         x = torch.stack([states[b, per_frame[b], :, torch.arange(per_frame.shape[1])] for b in range(n)])
         x = x.permute(0, 2, 1, 3, 4).to(self.device)  # (b, frames, c, h, w) -> (b, c, frames, h, w)
         sigma = self.student_grid()[j].to(self.device)  # (b, chunks)
