@@ -41,7 +41,7 @@ from lit_videoalign.schedules.flow import (
     shift_sigmas,
     velocity_target,
 )
-from lit_videoalign.schedules.samplers import predicted_x0
+from lit_videoalign.schedules.samplers import SAMPLER_MODES, predicted_x0
 from reward_zoo.base import RewardModel
 
 
@@ -90,6 +90,19 @@ def check_distillation_args(*, lora_rank: int | None, shared_base: bool, critic_
                          f"got {regression_steps}, {regression_pairs}, {teacher_steps}")
     if reward is not None and not isinstance(reward, RewardModel):
         raise TypeError(f"reward must be a reward_zoo RewardModel or None, got {type(reward).__name__}")
+
+
+def check_student(student_sigmas: list[float] | None, num_inference_steps: int, student_sampler: str) -> None:
+    """Refuse a student grid that is not one strictly decreasing sigma in (0, 1] per step, or an unknown sampler."""
+    if student_sigmas is not None:
+        s = list(student_sigmas)
+        if len(s) != num_inference_steps:
+            raise ValueError(f"student_sigmas has {len(s)} values but num_inference_steps={num_inference_steps}; "
+                             "give one starting sigma per student step")
+        if not (0 < s[-1] and s[0] <= 1 and all(b < a for a, b in zip(s[:-1], s[1:]))):
+            raise ValueError(f"student_sigmas must be strictly decreasing in (0, 1], got {s}")
+    if student_sampler not in SAMPLER_MODES:
+        raise ValueError(f"student_sampler must be one of {list(SAMPLER_MODES)}, got {student_sampler!r}")
 
 
 class DistributionMatching:
@@ -171,6 +184,14 @@ class DistributionMatching:
     def _noise(self, n: int) -> Tensor:
         hp = self.hparams
         return torch.randn((n, *self.backbone.latent_shape(hp.num_frames, hp.height, hp.width)), device=self.device)
+
+    def student_grid(self, num_steps: int | None = None) -> Tensor:
+        """The student's sigmas (for a causal student, each chunk's), ``K + 1`` values ending at 0: ``student_sigmas``,
+        or ``num_steps`` (default ``num_inference_steps``) steps of the sampling grid."""
+        hp = self.hparams
+        if num_steps is None and hp.student_sigmas is not None:
+            return torch.tensor([*hp.student_sigmas, 0.0], dtype=torch.float32)
+        return sampling_sigmas(num_steps or hp.num_inference_steps, shift=self.sampling_shift)
 
     def student_context(self, batch: dict) -> Tensor | None:
         """What the student's sampler is given besides noise: nothing here (a causal student under teacher forcing

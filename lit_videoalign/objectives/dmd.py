@@ -36,15 +36,14 @@ from lit_videoalign.objectives.distribution_matching import (  # noqa: F401  (OD
     DistributionMatching,
     ODEPairs,
     check_distillation_args,
+    check_student,
 )
 from lit_videoalign.objectives.gan import gan_discriminator_loss, gan_generator_loss  # noqa: F401  (old home)
 from lit_videoalign.objectives.losses import (  # noqa: F401  (dmd_generator_loss's old home was here)
     dmd_generator_loss,
     negative_conditioning,
 )
-from lit_videoalign.schedules.flow import sampling_sigmas
 from lit_videoalign.schedules.samplers import (
-    SAMPLER_MODES,
     Generators,
     multistep_sample,
     next_sample,
@@ -137,15 +136,7 @@ class DMD(DistributionMatching, AlignmentModule):
                                 regression_pairs=regression_pairs, teacher_steps=teacher_steps, reward=reward)
         self.requires_reference = lora_rank is None  # the teacher: a frozen copy unless the base is kept under LoRA
         super().__init__(*args, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, **kwargs)
-        if student_sigmas is not None:
-            s = list(student_sigmas)
-            if len(s) != num_inference_steps:
-                raise ValueError(f"student_sigmas has {len(s)} values but num_inference_steps={num_inference_steps}; "
-                                 "give one starting sigma per student step")
-            if not (0 < s[-1] and s[0] <= 1 and all(b < a for a, b in zip(s[:-1], s[1:]))):
-                raise ValueError(f"student_sigmas must be strictly decreasing in (0, 1], got {s}")
-        if student_sampler not in SAMPLER_MODES:
-            raise ValueError(f"student_sampler must be one of {list(SAMPLER_MODES)}, got {student_sampler!r}")
+        check_student(student_sigmas, num_inference_steps, student_sampler)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "critic_optimizer", "reward"])
         self.automatic_optimization = False
         self.critic_optimizer_fn = critic_optimizer
@@ -153,13 +144,6 @@ class DMD(DistributionMatching, AlignmentModule):
         self.setup_roles(shared_base, critic_lora_rank, gan_weight, gan_feature_dim, gan_hidden_dim)
 
     # -- the student's sampler --------------------------------------------------------------------------------------
-    def student_grid(self, num_steps: int | None = None) -> Tensor:
-        """The student's sigmas, ``K + 1`` values ending at 0."""
-        hp = self.hparams
-        if num_steps is None and hp.student_sigmas is not None:
-            return torch.tensor([*hp.student_sigmas, 0.0], dtype=torch.float32)
-        return sampling_sigmas(num_steps or hp.num_inference_steps, shift=self.sampling_shift)
-
     def student_x0(self, x: Tensor, sigma: Tensor, cond: Conditioning, uncond: Conditioning | None = None,
                    guidance_scale: float = 1.0) -> Tensor:
         """The student's x0 prediction ``x - sigma * v`` (with gradients when enabled)."""

@@ -30,9 +30,12 @@ from typing_extensions import override
 from lit_videoalign.backbones.base import Conditioning
 from lit_videoalign.backbones.causal import CausalWan, KVCache
 from lit_videoalign.objectives.base import AlignmentModule
-from lit_videoalign.objectives.distribution_matching import DistributionMatching, check_distillation_args
-from lit_videoalign.schedules.flow import sampling_sigmas
-from lit_videoalign.schedules.samplers import SAMPLER_MODES, Generators, draw_noise, next_sample, predicted_x0
+from lit_videoalign.objectives.distribution_matching import (
+    DistributionMatching,
+    check_distillation_args,
+    check_student,
+)
+from lit_videoalign.schedules.samplers import Generators, draw_noise, next_sample, predicted_x0
 from reward_zoo.base import RewardModel
 
 CONTEXTS = ("self", "teacher")
@@ -130,17 +133,12 @@ class SelfForcing(DistributionMatching, AlignmentModule):
                                 regression_pairs=regression_pairs, teacher_steps=teacher_steps, reward=reward)
         if context not in CONTEXTS:
             raise ValueError(f"context must be one of {list(CONTEXTS)}, got {context!r}")
-        if student_sampler not in SAMPLER_MODES:
-            raise ValueError(f"student_sampler must be one of {list(SAMPLER_MODES)}, got {student_sampler!r}")
+        check_student(student_sigmas, num_inference_steps, student_sampler)
         if reward_weight < 0 or (reward_weight and reward is None):
             raise ValueError(f"reward_weight={reward_weight} must be >= 0, and > 0 needs a reward")
         if reward_weight and not reward.differentiable:
             raise ValueError(f"reward_weight={reward_weight} back-propagates through the reward, but "
                              f"{type(reward).__name__} is not differentiable")
-        if student_sigmas is not None and (len(student_sigmas) != num_inference_steps or not all(
-                b < a for a, b in zip(student_sigmas[:-1], student_sigmas[1:])) or not 0 < student_sigmas[-1] <= 1):
-            raise ValueError(f"student_sigmas must be {num_inference_steps} strictly decreasing values in (0, 1], got "
-                             f"{student_sigmas}")
         self.requires_reference = lora_rank is None
         super().__init__(*args, num_inference_steps=num_inference_steps, guidance_scale=1.0, **kwargs)
         hp_frames = self.backbone.latent_shape(self.hparams.num_frames, self.hparams.height, self.hparams.width)[1]
@@ -162,13 +160,6 @@ class SelfForcing(DistributionMatching, AlignmentModule):
         self.causal = CausalWan(self.backbone.denoiser, chunk_frames)
 
     # -- the student ----------------------------------------------------------------------------------------------
-    def student_grid(self, num_steps: int | None = None) -> Tensor:
-        """Each chunk's sigmas, ``K + 1`` values ending at 0."""
-        hp = self.hparams
-        if num_steps is None and hp.student_sigmas is not None:
-            return torch.tensor([*hp.student_sigmas, 0.0], dtype=torch.float32)
-        return sampling_sigmas(num_steps or hp.num_inference_steps, shift=self.sampling_shift)
-
     def _embeds(self, cond: Conditioning) -> Tensor:
         return cond.prompt_embeds.to(self.backbone.denoiser.dtype)
 
