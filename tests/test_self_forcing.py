@@ -1,7 +1,8 @@
 """Self-Forcing on the tiny pixel-space Wan: the student's rollout is chunk by chunk with a KV cache exactly as its
 sampler, earlier chunks never depend on later ones, gradients reach only each chunk's exit step, teacher forcing puts
 the real chunks in the cache, training moves the student and the critic and never the teacher, the warm-up regresses
-onto teacher ODE pairs, resume is exact, and bad settings are refused in one line."""
+onto teacher ODE pairs, the diffusion-forcing warm-up learns real clips at its own learning rate, resume is exact, and
+bad settings are refused in one line."""
 
 import lightning as L
 import pytest
@@ -10,7 +11,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_videoalign.backbones.diffusers import DiffusersVideoBackbone
 from lit_videoalign.data.resumable import ResumableDataLoader
-from lit_videoalign.objectives.self_forcing import SelfForcing, check_streaming, chunk_exit_steps
+from lit_videoalign.objectives.self_forcing import (
+    SelfForcing,
+    check_streaming,
+    chunk_exit_steps,
+    diffusion_forcing_loss,
+    diffusion_forcing_sigmas,
+)
 from lit_videoalign.testing import Brightness
 
 PROMPTS = ["a red ball falls", "a blue ball moves left"]
@@ -172,13 +179,77 @@ def test_the_warm_up_regresses_each_chunk_at_its_own_sigma(tiny_pixel_pipeline, 
     assert not bool((clean[:, 1:] & ~clean[:, :-1]).any())
 
 
-def test_resume_is_exact(tiny_pixel_pipeline, tmp_path):
-    fit(model(tiny_pixel_pipeline), 4, root=tmp_path / "full")
-    fit(model(tiny_pixel_pipeline), 4, root=tmp_path / "resumed", ckpt_path=tmp_path / "full" / "step=2.ckpt")
-    full, resumed = (torch.load(tmp_path / d / "step=4.ckpt", weights_only=True) for d in ("full", "resumed"))
+def test_diffusion_forcing_draws_a_clean_prefix_and_regresses_only_noisy_chunks():
+    g = torch.Generator().manual_seed(0)
+    sigmas = diffusion_forcing_sigmas(512, 4, shift=3.0, generator=g)  # (b, chunks)
+    clean = sigmas == 0
+    assert sigmas.shape == (512, 4) and bool((sigmas >= 0).all()) and bool((sigmas < 1).all())
+    assert not bool((clean[:, 1:] & ~clean[:, :-1]).any())  # clean chunks only as a prefix
+    assert not bool(clean.all(dim=1).any())  # at least the last chunk is noisy
+    prefix = clean.sum(dim=1)
+    assert all(bool((prefix == m).any()) for m in range(4))  # every prefix length is drawn
+    assert sigmas[~clean].median() > 0.5  # shift 3 pushes the noisy chunks' sigmas up
+    v, target = torch.randn(2, 3, 8, 4, 4), torch.randn(2, 3, 8, 4, 4)
+    s = torch.tensor([[0.0, 0.5], [0.3, 0.7]])  # sample 0's first chunk (frames 0-3) is clean
+    loss = diffusion_forcing_loss(v, target, s)
+    by_frame = (v - target).pow(2).mean(dim=(1, 3, 4))
+    torch.testing.assert_close(loss, torch.cat([by_frame[0, 4:], by_frame[1]]).mean())
+    v2 = v.clone()
+    v2[0, :, :4] += 10.0  # a clean chunk's prediction carries no loss
+    torch.testing.assert_close(diffusion_forcing_loss(v2, target, s), loss)
+    with pytest.raises(ValueError, match="every chunk is clean"):
+        diffusion_forcing_loss(v, target, torch.zeros(2, 2))
+
+
+def test_the_diffusion_forcing_warm_up_learns_real_clips_at_its_own_lr(tiny_pixel_pipeline, monkeypatch):
+    m = model(tiny_pixel_pipeline, warmup="diffusion_forcing", regression_steps=3, warmup_lr=5e-3,
+              optimizer=adam(1e-4))
+    batch = next(iter(loader(2, videos=True)))
+    seen = []
+    full = m.causal.forward_full
+    monkeypatch.setattr(m.causal, "forward_full", lambda x, sigmas, *a, **k: seen.append(sigmas) or full(x, sigmas,
+                                                                                                        *a, **k))
+
+    @torch.no_grad()
+    def held_loss():  # the same noise and sigmas each time
+        torch.manual_seed(1)
+        return sum(m.diffusion_forcing_loss(batch, batch["prompt"]).item() for _ in range(8)) / 8
+
+    first = held_loss()
+    opt = torch.optim.AdamW([p for p in m.backbone.denoiser.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(30):
+        opt.zero_grad()
+        m.diffusion_forcing_loss(batch, batch["prompt"]).backward()
+        opt.step()
+    assert held_loss() < 0.8 * first
+    assert any(bool((s == 0).any()) for s in seen) and all(bool((s > 0).any(dim=1).all()) for s in seen)
+
+    m = model(tiny_pixel_pipeline, warmup="diffusion_forcing", regression_steps=2, warmup_lr=5e-3,
+              optimizer=adam(1e-4))
+    lrs = []
+    step = m._step
+    monkeypatch.setattr(m, "_step", lambda opt, loss: (lrs.append(opt.param_groups[0]["lr"]), step(opt, loss)))
+    fit(m, 8, data=loader(8, videos=True))  # 4 batches: 2 warm-up, then distribution matching
+    assert lrs[1::2] == [5e-3, 5e-3, 1e-4, 1e-4]  # per batch: the critic's step, then the student's
+    assert set(lrs[0::2]) == {1e-4}
+    m = model(tiny_pixel_pipeline, warmup="diffusion_forcing", regression_steps=2)
+    with pytest.raises(ValueError, match="warmup='diffusion_forcing' trains on real clips: the batch needs 'video'"):
+        fit(m, 3)
+
+
+@pytest.mark.parametrize("warmup", [None, "diffusion_forcing"])
+def test_resume_is_exact(tiny_pixel_pipeline, tmp_path, warmup):
+    # with a warm-up: resumed inside it (at its own learning rate), then past its end (back to the optimizer's)
+    options = {} if warmup is None else dict(warmup=warmup, regression_steps=2, warmup_lr=5e-3)
+    steps, data = (4, loader) if warmup is None else (6, lambda: loader(8, videos=True))
+    fit(model(tiny_pixel_pipeline, **options), steps, data(), root=tmp_path / "full")
+    fit(model(tiny_pixel_pipeline, **options), steps, data(), root=tmp_path / "resumed",
+        ckpt_path=tmp_path / "full" / "step=2.ckpt")
+    full, resumed = (torch.load(tmp_path / d / f"step={steps}.ckpt", weights_only=True) for d in ("full", "resumed"))
     assert full["state_dict"].keys() == resumed["state_dict"].keys()
     assert all(torch.equal(full["state_dict"][k], resumed["state_dict"][k]) for k in full["state_dict"])
-    assert full["self_forcing_state"]["generator_updates"] == 2
+    assert full["self_forcing_state"]["generator_updates"] == steps // 2
+    assert [g["lr"] for g in resumed["optimizer_states"][0]["param_groups"]] == [1e-3]
 
 
 def test_bad_settings_are_refused_in_one_line(tiny_pixel_pipeline, tmp_path):
@@ -188,7 +259,11 @@ def test_bad_settings_are_refused_in_one_line(tiny_pixel_pipeline, tmp_path):
            "kv_window_chunks=0: the KV window must hold at least one chunk": dict(kv_window_chunks=0),
            "sink_chunks=2 must be 0, or smaller than kv_window_chunks=2": dict(kv_window_chunks=2, sink_chunks=2),
            "context must be one of": dict(context="clean"),
-           "reward_weight=1.0 must be >= 0, and > 0 needs a reward": dict(reward_weight=1.0)}
+           "reward_weight=1.0 must be >= 0, and > 0 needs a reward": dict(reward_weight=1.0),
+           "warmup must be one of": dict(warmup="causvid"),
+           "regression_clean_context applies to warmup: ode": dict(warmup="diffusion_forcing",
+                                                                   regression_clean_context=True),
+           "warmup_lr=0.0 must be positive": dict(warmup_lr=0.0)}
     for message, kwargs in bad.items():
         with pytest.raises(ValueError, match=message) as err:
             model(tiny_pixel_pipeline, **kwargs)

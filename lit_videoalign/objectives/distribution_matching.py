@@ -304,6 +304,20 @@ class DistributionMatching:
                                 None if pairs.images is None else pairs.images[idx])
         return F.mse_loss(self.student_x0(x, sigma, cond).float(), pairs.x0[idx].to(self.device).float())
 
+    def warmup_loss(self, batch: dict, prompts: list[str], images: Tensor | None = None) -> Tensor:
+        """The student's loss during the first ``regression_steps`` batches: the ODE regression here."""
+        return self.regression_loss(prompts, images)
+
+    def set_warmup_lr(self, optimizer, warming: bool) -> None:
+        """With a ``warmup_lr`` hyperparameter, run the student's optimizer at it during the warm-up and at its own
+        learning rate afterwards (kept in each parameter group, so it survives a resume)."""
+        warmup_lr = self.hparams.get("warmup_lr")
+        if warmup_lr is None:
+            return
+        for group in optimizer.param_groups:
+            group.setdefault("after_warmup_lr", group["lr"])
+            group["lr"] = warmup_lr if warming else group["after_warmup_lr"]
+
     def ode_pairs_for(self, prompts: list[str], images: Tensor | None = None) -> tuple[ODEPairs, Tensor]:
         """The teacher ODE pairs, grown from these prompts (and images) until ``regression_pairs`` exist, and the
         indices of ``len(prompts)`` of them drawn at random for one warm-up step."""
@@ -350,8 +364,10 @@ class DistributionMatching:
                 critic_loss, critic_stats = self.critic_loss(x0, cond, real)
                 self._step(opt_c, critic_loss)
 
-        if self.generator_updates < hp.regression_steps:
-            loss = self.regression_loss(prompts, images)
+        warming = self.generator_updates < hp.regression_steps
+        self.set_warmup_lr(opt_g, warming)
+        if warming:
+            loss = self.warmup_loss(batch, prompts, images)
             stats = {"regression_loss": loss.detach()}
         else:
             loss, stats = self.generator_loss(cond, uncond, context)

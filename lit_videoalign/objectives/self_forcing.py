@@ -35,10 +35,12 @@ from lit_videoalign.objectives.distribution_matching import (
     check_distillation_args,
     check_student,
 )
+from lit_videoalign.schedules.flow import sample_training_sigmas, velocity_target
 from lit_videoalign.schedules.samplers import Generators, draw_noise, next_sample, predicted_x0
 from reward_zoo.base import RewardModel
 
 CONTEXTS = ("self", "teacher")
+WARMUPS = ("ode", "diffusion_forcing")
 
 
 # -- pure parts ------------------------------------------------------------------------------------------------------
@@ -48,6 +50,33 @@ def chunk_exit_steps(num_chunks: int, num_steps: int, generator: torch.Generator
     if num_chunks < 1 or num_steps < 1:
         raise ValueError(f"need num_chunks >= 1 and num_steps >= 1, got {num_chunks}, {num_steps}")
     return torch.randint(num_steps, (num_chunks,), generator=generator).tolist()
+
+
+def diffusion_forcing_sigmas(batch_size: int, num_chunks: int, shift: float = 1.0,
+                             generator: torch.Generator | None = None) -> Tensor:
+    """Per-chunk flow times of the diffusion-forcing warm-up (Chen et al., arXiv 2407.01392), ``(b, num_chunks)``: a
+    clean prefix (sigma 0) of ``m`` chunks, ``m`` uniform in ``[0, num_chunks)``, the context a causal student meets at
+    inference; every later chunk at its own logit-normal, shifted sigma, the base's training distribution."""
+    if batch_size < 1 or num_chunks < 1:
+        raise ValueError(f"need batch_size >= 1 and num_chunks >= 1, got {batch_size}, {num_chunks}")
+    sigmas = sample_training_sigmas(batch_size * num_chunks, mode="logit_normal", shift=shift, generator=generator)
+    prefix = torch.randint(0, num_chunks, (batch_size, 1), generator=generator)
+    clean = torch.arange(num_chunks)[None] < prefix  # (b, chunks)
+    return torch.where(clean, 0.0, sigmas.view(batch_size, num_chunks))
+
+
+def diffusion_forcing_loss(velocity: Tensor, target: Tensor, sigmas: Tensor) -> Tensor:
+    """Flow matching over the noisy chunks only: ``velocity``/``target`` (b, c, frames, h, w), ``sigmas`` (b, chunks).
+    A clean chunk (sigma 0) is context; its velocity target (the noise) is not in its input, so it carries no loss."""
+    b, chunks = sigmas.shape
+    if velocity.shape != target.shape or velocity.shape[0] != b or velocity.shape[2] % chunks:
+        raise ValueError(f"velocity {tuple(velocity.shape)} and target {tuple(target.shape)} must match, with frames "
+                         f"a multiple of the {chunks} chunks of sigmas {tuple(sigmas.shape)}")
+    noisy = (sigmas > 0).repeat_interleave(velocity.shape[2] // chunks, dim=1)  # (b, frames)
+    if not bool(noisy.any()):
+        raise ValueError("every chunk is clean (sigma 0): nothing to regress")
+    per_frame = (velocity.float() - target.float()).pow(2).mean(dim=(1, 3, 4))  # (b, frames)
+    return per_frame[noisy].mean()
 
 
 def check_streaming(num_frames: int, chunk_frames: int, window_chunks: int | None, sink_chunks: int) -> None:
@@ -83,8 +112,14 @@ class SelfForcing(DistributionMatching, AlignmentModule):
             forcing: the batch's real clean chunks, which the batch must then carry as ``"video"`` or ``"latents"``).
         kv_window_chunks: chunks kept in the KV cache when streaming (None: all); ``sink_chunks`` of them are the
             first chunks, kept for good (a frame sink, LongLive).
-        regression_clean_context: in the warm-up, give each sample a clean prefix of a random number of chunks (the
-            teacher's sample at sigma 0), the context the student has at inference (:meth:`regression_loss`).
+        warmup: what the first ``regression_steps`` batches train the student with: ``"ode"`` (CausVid: regression
+            onto the teacher's ODE pairs, :meth:`regression_loss`) or ``"diffusion_forcing"`` (flow matching on the
+            batch's real clips, each chunk at its own noise level after a clean prefix of random length,
+            :meth:`diffusion_forcing_loss`; the batch must carry ``"video"`` or ``"latents"``).
+        warmup_lr: the student's learning rate during the warm-up (None: its optimizer's own). Turning a bidirectional
+            model causal is a bigger change than distribution matching's fine-tuning and wants a larger step.
+        regression_clean_context: in the ODE warm-up, give each sample a clean prefix of a random number of chunks
+            (the teacher's sample at sigma 0), the context the student has at inference (:meth:`regression_loss`).
         reward_weight: weight of ``-reward`` of the decoded rollout in the student's loss (Reward Forcing style; the
             reward must be differentiable); 0 uses ``reward`` for validation only.
         Others: as :class:`~lit_videoalign.objectives.dmd.DMD` (critic, GAN, warm-up, teacher guidance).
@@ -119,6 +154,8 @@ class SelfForcing(DistributionMatching, AlignmentModule):
         regression_pairs: int = 64,
         teacher_steps: int = 40,
         regression_clean_context: bool = False,
+        warmup: str = "ode",
+        warmup_lr: float | None = None,
         reward_weight: float = 0.0,
         max_grad_norm: float | None = 1.0,
         reward: RewardModel | None = None,
@@ -134,6 +171,14 @@ class SelfForcing(DistributionMatching, AlignmentModule):
         if context not in CONTEXTS:
             raise ValueError(f"context must be one of {list(CONTEXTS)}, got {context!r}")
         check_student(student_sigmas, num_inference_steps, student_sampler)
+        if warmup not in WARMUPS:
+            raise ValueError(f"warmup must be one of {list(WARMUPS)}, got {warmup!r}")
+        if regression_clean_context and warmup != "ode":
+            raise ValueError("regression_clean_context applies to warmup: ode (diffusion forcing always draws a clean "
+                             "prefix); drop it or use warmup: ode")
+        if warmup_lr is not None and (not warmup_lr > 0 or kwargs.get("lr_scheduler") is not None):
+            raise ValueError(f"warmup_lr={warmup_lr} must be positive, and cannot be combined with an lr_scheduler "
+                             "(which sets the student's learning rate itself)")
         if reward_weight < 0 or (reward_weight and reward is None):
             raise ValueError(f"reward_weight={reward_weight} must be >= 0, and > 0 needs a reward")
         if reward_weight and not reward.differentiable:
@@ -251,6 +296,31 @@ class SelfForcing(DistributionMatching, AlignmentModule):
         sigma = self.student_grid()[j].to(self.device)  # (b, chunks)
         cond = self.backbone.encode_prompts([pairs.prompts[i] for i in idx.tolist()])
         return F.mse_loss(self.student_x0(x, sigma, cond).float(), pairs.x0[idx].to(self.device).float())
+
+    @override
+    def warmup_loss(self, batch: dict, prompts: list[str], images: Tensor | None = None) -> Tensor:
+        if self.hparams.warmup == "ode":
+            return self.regression_loss(prompts, images)
+        return self.diffusion_forcing_loss(batch, prompts)
+
+    def diffusion_forcing_loss(self, batch: dict, prompts: list[str]) -> Tensor:
+        """Diffusion forcing (arXiv 2407.01392) of the causal student on the batch's real clips: a clean prefix of
+        random length, every later chunk noised to its own sigma (:func:`diffusion_forcing_sigmas`), flow matching on
+        the noisy chunks. It teaches the causal model to continue real context, which the ODE pairs teach slowly."""
+        if "video" not in batch and "latents" not in batch:
+            raise ValueError(f"warmup='diffusion_forcing' trains on real clips: the batch needs 'video' or 'latents', "
+                             f"got keys {sorted(batch)}; serve videos (e.g. ToyWorldDataModule(prompts_only=False)) "
+                             "or use warmup: ode")
+        x0 = self.real_latents(batch).float()  # (b, c, frames, h, w)
+        sigmas = diffusion_forcing_sigmas(len(x0), self.causal.num_chunks(x0.shape[2]), self.sigma_shift)
+        sigmas = sigmas.to(self.device)  # (b, chunks)
+        per_frame = sigmas.repeat_interleave(self.hparams.chunk_frames, dim=1)[:, None, :, None, None]
+        noise = torch.randn_like(x0)
+        x_t = (1 - per_frame) * x0 + per_frame * noise
+        cond = self.backbone.encode_prompts(prompts)
+        with self.role("student"):
+            v = self.causal.forward_full(x_t.to(self.backbone.denoiser.dtype), sigmas, self._embeds(cond))
+        return diffusion_forcing_loss(v, velocity_target(x0, noise), sigmas)
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
