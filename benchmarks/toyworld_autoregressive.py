@@ -17,8 +17,8 @@ On ``--num_prompts`` held-out single-ball prompts (test seeds, one video each, t
   length, with paired 95 % intervals against the teacher, and its growth from 1x to 4x per model;
 - the held-out rewards (``physics_learned``, ``newton``, ``quality``) of the last trained-length window of each video
   (at 1x, the whole video), which is what a viewer of the stream's end sees;
-- frames per second and time to first frame on this CPU (one video, ``--threads`` torch threads, best of
-  ``--timing_repeats``).
+- frames per second and time to first frame on this CPU (one video: a stream's latency; and frames per second of
+  ``--throughput_batch`` videos at once: throughput), ``--threads`` torch threads, best of ``--timing_repeats``.
 
 Writes ``OUTPUT.json``, ``OUTPUT.md``, ``OUTPUT.png`` (mean tracking error per frame index over the longest videos, the
 error-over-length curve) and ``OUTPUT.gif`` (the longest videos of the first prompts, one row per model) for
@@ -74,12 +74,13 @@ def sample(model, prompts: list[str], seeds: list[int], frames: int, window: int
     return model.backbone.decode_latents(latents)
 
 
-def timing(model, frames: int, window: int | None, sink: int, repeats: int) -> dict:
-    """Frames per second and time to first frame (s) of one video of ``frames`` frames, best of ``repeats``."""
+def timing(model, frames: int, window: int | None, sink: int, repeats: int, batch: int = 1) -> dict:
+    """Frames per second and time to first frame (s) of ``batch`` videos of ``frames`` frames at once, best of
+    ``repeats``: one video is a stream's latency, a batch its throughput."""
     best_total, best_first = math.inf, math.inf
-    cond = model.backbone.encode_prompts(["a red ball falls"])
+    cond = model.backbone.encode_prompts(["a red ball falls"] * batch)
     for _ in range(repeats):
-        noise = model.initial_noise([0], num_frames=frames)
+        noise = model.initial_noise(list(range(batch)), num_frames=frames)
         start = time.perf_counter()
         with torch.no_grad():
             if hasattr(model, "stream_latents"):
@@ -93,7 +94,8 @@ def timing(model, frames: int, window: int | None, sink: int, repeats: int) -> d
         total = time.perf_counter() - start
         best_total = min(best_total, total)
         best_first = min(best_first, first if first is not None else total)  # a bidirectional model: all at once
-    return {"fps": frames / best_total, "time_to_first_frame_s": best_first, "seconds_per_video": best_total}
+    return {"fps": batch * frames / best_total, "time_to_first_frame_s": best_first, "seconds_per_video": best_total,
+            "videos": batch}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -121,15 +123,18 @@ def run(args: argparse.Namespace) -> dict:
                 clips.append(videos[:GIF_VIDEOS])
         rows[name]["timing"] = timing(model, TRAINED_FRAMES, args.window_chunks, args.sink_chunks,
                                       args.timing_repeats)
+        rows[name]["throughput"] = timing(model, TRAINED_FRAMES, args.window_chunks, args.sink_chunks,
+                                          args.timing_repeats, args.throughput_batch)
         print(f"{name}: " + ", ".join(f"{k} traj {v['trajectory_error']:.2f}" for k, v in rows[name].items()
-                                      if k != "timing"), flush=True)
+                                      if k not in ("timing", "throughput")), flush=True)
     for name, row in rows.items():
         for length, cells in row.items():
-            if length != "timing" and name != "teacher":
+            if length not in ("timing", "throughput") and name != "teacher":
                 cells["trajectory_error_vs_teacher"] = paired_ci95(cells, rows["teacher"][length], "trajectory_error")
-        lengths = [k for k in row if k != "timing"]
+        lengths = [k for k in row if k not in ("timing", "throughput")]
         row["growth"] = row[lengths[-1]]["trajectory_error"] - row[lengths[0]]["trajectory_error"]
         row["speedup_vs_teacher"] = row["timing"]["fps"] / rows["teacher"]["timing"]["fps"]
+        row["throughput_speedup_vs_teacher"] = row["throughput"]["fps"] / rows["teacher"]["throughput"]["fps"]
     gif = Path(args.output).with_suffix(".gif")
     gif.parent.mkdir(parents=True, exist_ok=True)
     write_gif(video_grid(torch.cat(clips), ncols=GIF_VIDEOS), gif, upscale=2)
@@ -137,7 +142,7 @@ def run(args: argparse.Namespace) -> dict:
             "gif": str(gif), "gif_rows": list(models),
             "curves": curves, "lengths": [f"{f}x" for f in args.lengths], "num_videos": len(prompts),
             "machine": machine(), "window_chunks": args.window_chunks, "sink_chunks": args.sink_chunks,
-            "teacher_steps": args.teacher_steps, "threads": args.threads}
+            "teacher_steps": args.teacher_steps, "threads": args.threads, "throughput_batch": args.throughput_batch}
 
 
 def markdown(result: dict) -> str:
@@ -149,12 +154,14 @@ def markdown(result: dict) -> str:
              "sink chunks. Trajectory error: mean distance (px) between the tracked ball and the true physics from "
              "its fitted start (lower is better), ± standard error, Δ against the teacher with a paired 95 % interval. "
              "Rewards are those of each video's last 16 frames. Growth: trajectory error at the longest minus the "
-             f"trained length. Timing on {result['machine']}, one 16-frame video, {result.get('threads', 1)} "
-             "torch thread(s).", "",
+             f"trained length. Timing on {result['machine']}, 16-frame videos: fps and first frame of one video (a "
+             "stream's latency), and fps of "
+             f"{result['throughput_batch']} videos at once (throughput).", "",
              "| model | " + " | ".join(f"traj {k} | Δ vs teacher" for k in lengths) +
              f" | growth | physics_learned ({lengths[0]} / {lengths[-1]} end) | newton ({lengths[0]} / "
-             f"{lengths[-1]} end) | fps | first frame (s) | speed-up |",
-             "|---|" + "---|---|" * len(lengths) + "---|---|---|---|---|---|"]
+             f"{lengths[-1]} end) | fps | first frame (s) | speed-up | fps ({result['throughput_batch']} videos) | "
+             "speed-up |",
+             "|---|" + "---|---|" * len(lengths) + "---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         cells = []
         for k in lengths:
@@ -164,11 +171,12 @@ def markdown(result: dict) -> str:
                       "" if delta is None else
                       f"{delta[0]:+.2f} ({delta[0] - delta[1]:+.2f}..{delta[0] + delta[1]:+.2f})"]
         first, last = row[lengths[0]], row[lengths[-1]]
-        t = row["timing"]
+        t, tp = row["timing"], row["throughput"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['growth']:+.2f} | "
                      f"{first['physics_learned']:.2f} / {last['physics_learned']:.2f} | "
                      f"{first['newton']:.3f} / {last['newton']:.3f} | {t['fps']:.1f} | "
-                     f"{t['time_to_first_frame_s']:.3f} | {row['speedup_vs_teacher']:.1f}x |")
+                     f"{t['time_to_first_frame_s']:.3f} | {row['speedup_vs_teacher']:.1f}x | {tp['fps']:.1f} | "
+                     f"{row['throughput_speedup_vs_teacher']:.1f}x |")
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
 
@@ -208,12 +216,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timing_repeats", type=int, default=3)
+    parser.add_argument("--throughput_batch", type=int, default=16, help="videos at once for the throughput")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run that measures nothing")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "toyworld_autoregressive"))
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     if args.quick:
         args.num_prompts, args.lengths, args.teacher_steps, args.timing_repeats, args.batch_size = 2, [1, 2], 2, 1, 2
+        args.throughput_batch = 2
     if sorted(args.lengths) != args.lengths or args.lengths[0] < 1:
         raise ValueError(f"--lengths must be increasing positive multiples of the trained length, got {args.lengths}")
     result = run(args)

@@ -15,6 +15,7 @@ def test_quick_run_writes_the_table_the_curve_and_timings(tmp_path):
     assert set(rows) == {"teacher", "sf"} and result["lengths"] == ["1x", "2x"]
     for row in rows.values():
         assert row["1x"]["trajectory_error_per_video"].__len__() == 2 and row["timing"]["fps"] > 0
+        assert row["throughput"]["videos"] == 2 and row["throughput"]["fps"] > 0
     assert len(result["curves"]["teacher"]) == 32  # one value per frame of the 2x videos
     first_frame = rows["sf"]["timing"]["time_to_first_frame_s"]
     assert first_frame < rows["sf"]["timing"]["seconds_per_video"]  # the stream's first chunk comes before the end
