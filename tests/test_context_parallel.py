@@ -367,8 +367,11 @@ def test_training_steps_through_lightning_match_one_process(two_process_run, tin
     assert all(r["mesh"]["sampler"] == {"num_replicas": 1, "rank": 0} for r in reports)  # CP peers share batches
     batches = STEPS // 2 if tag == "dmd" else STEPS
     assert len(single.losses) == batches and len(set(single.losses)) == batches
+    # DPO's loss scales differences of denoising errors by beta (1000): the float summation order of CP (~1e-7 in an
+    # error) shows in it as ~1e-4, so its losses get that much absolute room (weights are compared below as for all)
+    room = 2e-4 if tag == "dpo" else None
     for r in reports:  # both ranks of the CP group computed the whole sequence's loss
-        assert r[tag]["losses"] == pytest.approx(single.losses, rel=1e-4)
+        assert r[tag]["losses"] == pytest.approx(single.losses, rel=1e-4, abs=room)
     trained = load_file(two_process_run / f"{tag}.safetensors")
     state = {k: v for k, v in single.state_dict().items() if k.startswith("backbone.denoiser.")}
     trainable = {f"backbone.denoiser.{n}" for n, p in single.backbone.denoiser.named_parameters() if p.requires_grad}
