@@ -233,7 +233,7 @@ def test_the_diffusion_forcing_warm_up_learns_real_clips_at_its_own_lr(tiny_pixe
     assert lrs[1::2] == [5e-3, 5e-3, 1e-4, 1e-4]  # per batch: the critic's step, then the student's
     assert set(lrs[0::2]) == {1e-4}
     m = model(tiny_pixel_pipeline, warmup="diffusion_forcing", regression_steps=2)
-    with pytest.raises(ValueError, match="warmup='diffusion_forcing' trains on real clips: the batch needs 'video'"):
+    with pytest.raises(ValueError, match="warmup='diffusion_forcing' needs real videos in the batch"):
         fit(m, 3)
 
 

@@ -209,15 +209,15 @@ class DistributionMatching:
         u = hp.dm_sigma_min + (hp.dm_sigma_max - hp.dm_sigma_min) * torch.rand(n)
         return shift_sigmas(u, self.sigma_shift).to(self.device)
 
-    def real_latents(self, batch: dict) -> Tensor:
-        """Real clean latents for the GAN term, from the batch's ``"latents"`` or ``"video"``."""
+    def real_latents(self, batch: dict, needed_by: str) -> Tensor:
+        """Real clean latents from the batch's ``"latents"`` or ``"video"``, for ``needed_by`` (the setting that wants
+        them, named in the error when the batch has neither)."""
         if "latents" in batch:
             return batch["latents"]
         if "video" in batch:
             return self.backbone.encode_videos(batch["video"])
-        raise ValueError(f"gan_weight={self.hparams.gan_weight} needs real videos in the batch ('video' or 'latents'),"
-                         f" got keys {sorted(batch)}; serve videos (e.g. ToyWorldDataModule(prompts_only=False)) or "
-                         "set gan_weight: 0")
+        raise ValueError(f"{needed_by} needs real videos in the batch ('video' or 'latents'), got keys {sorted(batch)};"
+                         f" serve videos (e.g. ToyWorldDataModule(prompts_only=False)) or change {needed_by}")
 
     def critic_loss(self, x0: Tensor, cond: Conditioning, real: Tensor | None = None) -> tuple[Tensor, dict]:
         """Flow matching of the critic on (detached) student samples, plus the GAN classifier loss when on."""
@@ -354,7 +354,7 @@ class DistributionMatching:
         n = len(prompts)
         images = batch.get("image")  # (b, 3, h, w) for image-to-video: every role sees it
         cond, uncond = guidance_conditionings(self, prompts, images, hp.teacher_guidance_scale != 1.0)
-        real = self.real_latents(batch) if self.gan_head is not None else None
+        real = self.real_latents(batch, f"gan_weight={hp.gan_weight}") if self.gan_head is not None else None
         context = self.student_context(batch)
 
         for _ in range(hp.critic_updates):  # two time-scale: the critic keeps up with the student

@@ -228,13 +228,16 @@ class SelfForcing(DistributionMatching, AlignmentModule):
         sigmas = sigma[:, None].expand(-1, n) if sigma.ndim == 1 else sigma
         with self.role("student"):
             v = self.causal.forward_full(x.to(self.backbone.denoiser.dtype), sigmas, self._embeds(cond))
-        per_frame = sigmas.repeat_interleave(self.hparams.chunk_frames, dim=1)  # (b, frames)
-        return x - per_frame[:, None, :, None, None].to(x.dtype) * v.to(x.dtype)
+        return x - self.frame_sigmas(sigmas).to(x.dtype) * v.to(x.dtype)
+
+    def frame_sigmas(self, sigmas: Tensor) -> Tensor:
+        """Per-chunk sigmas (b, chunks) as per-frame ones shaped to broadcast against latents: (b, 1, frames, 1, 1)."""
+        return sigmas.repeat_interleave(self.hparams.chunk_frames, dim=1)[:, None, :, None, None]
 
     @override
     def student_context(self, batch: dict) -> Tensor | None:
         """Teacher forcing: the batch's real clean latents; Self-Forcing: none (the student's own chunks)."""
-        return self.real_latents(batch) if self.hparams.context == "teacher" else None
+        return self.real_latents(batch, "context='teacher'") if self.hparams.context == "teacher" else None
 
     def sample_student(self, cond: Conditioning, noise: Tensor, grad: bool = False,
                        context: Tensor | None = None) -> Tensor:
@@ -307,14 +310,10 @@ class SelfForcing(DistributionMatching, AlignmentModule):
         """Diffusion forcing (arXiv 2407.01392) of the causal student on the batch's real clips: a clean prefix of
         random length, every later chunk noised to its own sigma (:func:`diffusion_forcing_sigmas`), flow matching on
         the noisy chunks. It teaches the causal model to continue real context, which the ODE pairs teach slowly."""
-        if "video" not in batch and "latents" not in batch:
-            raise ValueError(f"warmup='diffusion_forcing' trains on real clips: the batch needs 'video' or 'latents', "
-                             f"got keys {sorted(batch)}; serve videos (e.g. ToyWorldDataModule(prompts_only=False)) "
-                             "or use warmup: ode")
-        x0 = self.real_latents(batch).float()  # (b, c, frames, h, w)
+        x0 = self.real_latents(batch, "warmup='diffusion_forcing'").float()  # (b, c, frames, h, w)
         sigmas = diffusion_forcing_sigmas(len(x0), self.causal.num_chunks(x0.shape[2]), self.sigma_shift)
         sigmas = sigmas.to(self.device)  # (b, chunks)
-        per_frame = sigmas.repeat_interleave(self.hparams.chunk_frames, dim=1)[:, None, :, None, None]
+        per_frame = self.frame_sigmas(sigmas).to(x0.dtype)
         noise = torch.randn_like(x0)
         x_t = (1 - per_frame) * x0 + per_frame * noise
         cond = self.backbone.encode_prompts(prompts)
